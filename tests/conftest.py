@@ -1,0 +1,37 @@
+"""Shared helpers: tiny CLIP configurations and randomised weights (see specs/clip_model.md section 10)."""
+import torch
+
+# CLIP constructor arguments (reference order); widths >= 128 so several heads are split and merged.
+TINY_VIT = (64, 32, 2, 128, 8, 77, 49408, 128, 2, 2)
+TINY_RN = (64, 64, (1, 2, 1, 1), 8, None, 77, 49408, 128, 2, 2)
+B32_SHAPED = (512, 224, 2, 768, 32, 77, 49408, 512, 8, 2)        # ViT-B/32 widths, 2 layers per tower
+RN50_SHAPED = (1024, 224, (1, 1, 1, 1), 64, None, 77, 49408, 512, 8, 2)  # RN50 widths, 1 block per stage
+
+
+def randomize(state_dict, seed=0):
+    """Overwrite every floating tensor so that no LayerNorm/BatchNorm is an identity and no branch is
+    zero (the reference init zeroes bn3): swapped or ignored keys then change the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in state_dict.items():
+        if not value.is_floating_point() or key == "logit_scale":
+            out[key] = value.clone()
+        elif key.endswith("running_var"):
+            out[key] = torch.rand(value.shape, generator=g) + 0.5
+        elif value.ndim >= 2:
+            out[key] = torch.randn(value.shape, generator=g) * 0.03
+        elif key.endswith(".weight"):  # LayerNorm / BatchNorm scales
+            out[key] = 1 + 0.1 * torch.randn(value.shape, generator=g)
+        else:  # biases, running means, the class embedding
+            out[key] = 0.1 * torch.randn(value.shape, generator=g)
+    return out
+
+
+def reference_clip(args, seed=0):
+    """OpenAI's reference CLIP (clip-anytorch) with randomised weights, in eval mode, and its state dict."""
+    import clip.model
+    torch.manual_seed(seed)
+    model = clip.model.CLIP(*args)
+    state_dict = randomize(model.state_dict(), seed)
+    model.load_state_dict(state_dict)
+    return model.eval(), state_dict

@@ -1,0 +1,170 @@
+"""CoOp and CoCoOp: learned context words in CLIP's text prompt, and zero-shot CLIP, their baseline.
+
+Zhou et al., "Learning to Prompt for Vision-Language Models", IJCV 2022, https://arxiv.org/abs/2109.01134
+Zhou et al., "Conditional Prompt Learning for Vision-Language Models", CVPR 2022, https://arxiv.org/abs/2203.05557
+
+Zero-shot CLIP scores an image against the text feature of a hand-written prompt per class, "a photo of a
+{class}.". CoOp replaces the words before the class name by n_ctx vectors in the token-embedding space,
+learned with cross-entropy on a few labelled images: shared by all classes (unified) or one set per class
+(`csc`), with the class name at the end, in the middle or at the front. CoCoOp adds a meta-net that turns
+each image's feature into a shift of the context vectors, so every image gets its own prompts; it
+transfers better to classes unseen in training.
+
+- Learned: `ctx` (n_ctx, D), or (C, n_ctx, D) with csc; CoCoOp adds `meta_net` E -> E/16 -> D.
+- Injected where: the prompt's token embeddings, rows 1..n_ctx (next to the class name's rows).
+- Frozen: all of CLIP.
+- Deviations: CoCoOp runs all images x classes through the text encoder in one batched pass (the
+  reference loops over images); an init phrase sets n_ctx to its token count (the reference counts words,
+  the same for "a photo of a"); text features are cached at evaluation when they do not depend on the image.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clip_model
+
+# CoOp's zero-shot ensemble (ZeroshotCLIP2): seven ImageNet templates picked by the CLIP authors
+ENSEMBLE = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+            "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
+
+@dataclass
+class Config:
+    backbone: str = "RN50"             # CoOp's paper backbone; CoCoOp uses ViT-B/16
+    template: str = "a photo of a {}."  # hand-crafted prompt; train.py sets the dataset's (CoOp's templates)
+    ensemble: bool = False             # zero-shot: average the template with CoOp's 7 ImageNet templates
+    n_ctx: int = 16                    # learned context tokens; 0 = nothing learned: zero-shot CLIP
+    ctx_init: str = ""                 # e.g. "a photo of a": context starts as its embeddings (n_ctx = its tokens)
+    csc: bool = False                  # class-specific context: one set of n_ctx vectors per class
+    class_token_position: str = "end"  # end | middle | front
+    conditional: bool = False          # CoCoOp: the meta-net shifts the context per image
+    max_prompts: int = 32768           # CoCoOp: images x classes per text-encoder pass (bounds memory)
+    epochs: int = 0                    # 0: CoOp's schedule by shots, 50 (1 shot), 100 (2-4), 200 (8+)
+    batch_size: int = 32
+    lr: float = 0.002
+    warmup_epochs: int = 1             # at constant lr 1e-5, then cosine (train.py)
+
+
+VARIANTS = {  # --method name -> the Config changes that make it
+    "zeroshot": dict(n_ctx=0),
+    "coop": dict(),
+    "cocoop": dict(conditional=True, n_ctx=4, ctx_init="a photo of a", backbone="ViT-B/16", epochs=10, batch_size=1),
+}
+
+
+class PromptLearner(nn.Module):
+    """The (C, L, D) prompt embeddings [SOT, ctx_1..ctx_n, class name, ".", EOT], cut after the last EOT."""
+
+    def __init__(self, clip, classnames, cfg):
+        super().__init__()
+        C, D = len(classnames), clip.ln_final.weight.shape[0]
+        if cfg.ctx_init:
+            init = clip_model.tokenize(cfg.ctx_init)
+            n_ctx = int(init.argmax()) - 1  # tokens between SOT and EOT
+            ctx = clip.embed_text(init)[0, 1:1 + n_ctx].detach().clone()  # (n_ctx, D)
+            ctx = ctx.repeat(C, 1, 1) if cfg.csc else ctx
+        else:
+            n_ctx = cfg.n_ctx
+            ctx = torch.randn(C, n_ctx, D) * 0.02 if cfg.csc else torch.randn(n_ctx, D) * 0.02
+        self.ctx = nn.Parameter(ctx)
+        names = [name.replace("_", " ") for name in classnames]
+        tokens = clip_model.tokenize([" ".join(["X"] * n_ctx + [name]) + "." for name in names])  # (C, 77)
+        self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (C,)
+        L = int(self.eot.max()) + 1  # positions after the last EOT are never read (causal mask)
+        with torch.no_grad():
+            embedded = clip.embed_text(tokens[:, :L])  # (C, L, D)
+        self.register_buffer("prefix", embedded[:, :1], persistent=False)  # SOT
+        self.register_buffer("suffix", embedded[:, 1 + n_ctx:], persistent=False)  # name, ".", EOT, padding
+        # middle/front: a fixed permutation of the "end" layout's rows, per class (names differ in length)
+        order = torch.arange(L).repeat(C, 1)
+        for c, name in enumerate(names):
+            ctx_rows = list(range(1, 1 + n_ctx))
+            name_rows = list(range(1 + n_ctx, n_ctx + int(clip_model.tokenize(name).argmax())))  # its tokens
+            rows = {"end": ctx_rows + name_rows, "front": name_rows + ctx_rows,
+                    "middle": ctx_rows[:n_ctx // 2] + name_rows + ctx_rows[n_ctx // 2:]}[cfg.class_token_position]
+            order[c, 1:1 + len(rows)] = torch.tensor(rows)
+        self.register_buffer("order", None if cfg.class_token_position == "end" else order, persistent=False)
+
+    def forward(self, shift=None):
+        """shift (B, D) from CoCoOp's meta-net, or None -> prompts (C, L, D), or (B, C, L, D) with a shift."""
+        C = self.prefix.shape[0]
+        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(C, -1, -1)  # (C, n_ctx, D)
+        if shift is None:
+            x = torch.cat([self.prefix, ctx, self.suffix], dim=1)  # (C, L, D)
+        else:
+            B = shift.shape[0]
+            ctx = ctx + shift[:, None, None]  # (B, C, n_ctx, D): each image shifts every class's context
+            x = torch.cat([self.prefix.expand(B, -1, -1, -1), ctx, self.suffix.expand(B, -1, -1, -1)], dim=2)
+        if self.order is None:
+            return x
+        return x.gather(-2, self.order[..., None].expand(x.shape))  # class name moved to its position
+
+
+class ZeroShotCLIP(nn.Module):
+    """Fixed text features of the hand-crafted template(s); nothing is learned."""
+
+    def __init__(self, clip, classnames, cfg):
+        super().__init__()
+        self.clip = clip
+        names = [name.replace("_", " ") for name in classnames]
+        with torch.no_grad():
+            features = [F.normalize(clip.encode_text(clip_model.tokenize([t.format(n) for n in names])), dim=-1)
+                        for t in [cfg.template] + (ENSEMBLE if cfg.ensemble else [])]
+        self.register_buffer("text_features", F.normalize(torch.stack(features).mean(0), dim=-1), persistent=False)
+
+    def forward(self, images):
+        image = F.normalize(self.clip.encode_image(images), dim=-1)
+        return self.clip.logit_scale.exp() * image @ self.text_features.t()  # (B, C)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()  # frozen CLIP: BatchNorm statistics stay as they were trained
+        return self
+
+
+class CoOp(nn.Module):
+    """CLIP with learned prompts; with cfg.conditional, CoCoOp's per-image prompts."""
+
+    def __init__(self, clip, classnames, cfg):
+        super().__init__()
+        self.clip, self.cfg = clip, cfg
+        self.prompt_learner = PromptLearner(clip, classnames, cfg)
+        E, D = clip.text_projection.shape[1], clip.ln_final.weight.shape[0]
+        self.meta_net = nn.Sequential(nn.Linear(E, E // 16), nn.ReLU(), nn.Linear(E // 16, D)) if cfg.conditional else None
+        self.cached = None  # (C, E) text features, reused while evaluating
+
+    def encode_prompts(self, prompts):
+        """(..., L, D) prompt embeddings -> (..., E) normalised text features."""
+        eot = self.prompt_learner.eot.expand(prompts.shape[:-2])
+        x = self.clip.encode_text_embeddings(prompts.flatten(0, -3), eot.flatten())
+        return F.normalize(x, dim=-1).view(*prompts.shape[:-2], -1)
+
+    def forward(self, images):
+        image = F.normalize(self.clip.encode_image(images), dim=-1)  # (B, E)
+        scale = self.clip.logit_scale.exp()
+        if self.meta_net is None:
+            text = self.cached if self.cached is not None else self.encode_prompts(self.prompt_learner())
+            self.cached = None if self.training else text
+            return scale * image @ text.t()  # (B, C)
+        logits = []  # CoCoOp: images x classes prompts, as many images per pass as max_prompts allows
+        for chunk in image.split(max(1, self.cfg.max_prompts // self.prompt_learner.prefix.shape[0])):
+            text = self.encode_prompts(self.prompt_learner(self.meta_net(chunk)))  # (b, C, E)
+            logits.append(scale * torch.einsum("be,bce->bc", chunk, text))
+        return torch.cat(logits)  # (B, C)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()  # frozen CLIP: BatchNorm statistics stay as they were trained
+        self.cached = None
+        return self
+
+
+def build(clip, classnames, cfg):
+    if cfg.class_token_position not in ("end", "middle", "front"):
+        raise ValueError(f"class_token_position={cfg.class_token_position!r}: use end, middle or front")
+    clip.requires_grad_(False)
+    if cfg.n_ctx == 0 and not cfg.ctx_init:
+        return ZeroShotCLIP(clip, classnames, cfg)
+    return CoOp(clip, classnames, cfg)

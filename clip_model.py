@@ -426,9 +426,9 @@ def download(url, root):
 def transform(n_px):
     """CLIP's test-time preprocess: PIL image -> normalised (3, n_px, n_px) tensor."""
     return T.Compose([T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n_px),
-                      _to_rgb, T.ToTensor(), T.Normalize(MEAN, STD)])
+                      to_rgb, T.ToTensor(), T.Normalize(MEAN, STD)])
 
-def _to_rgb(image):
+def to_rgb(image):
     return image.convert("RGB")  # after the crop, as the reference does (matters for RGBA and palettes)
 
 def load(name_or_path, device="cpu", download_root=None, pretrained=True, seed=0):

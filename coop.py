@@ -130,6 +130,7 @@ class CoOp(nn.Module):
     def __init__(self, clip, classnames, cfg):
         super().__init__()
         self.clip, self.cfg = clip, cfg
+        self.class_specific = cfg.csc  # then its context cannot be used on other classes
         self.prompt_learner = PromptLearner(clip, classnames, cfg)
         E, D = clip.text_projection.shape[1], clip.ln_final.weight.shape[0]
         self.meta_net = nn.Sequential(nn.Linear(E, E // 16), nn.ReLU(), nn.Linear(E // 16, D)) if cfg.conditional else None

@@ -1,0 +1,73 @@
+"""The learning-rate schedule against Dassl's, and report.py's averaging."""
+import json
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
+
+import report
+import train
+
+
+class DasslConstantWarmup(LRScheduler):
+    """Dassl's ConstantWarmupScheduler (dassl/optim/lr_scheduler.py) around its cosine successor, as CoOp
+    configures it (WARMUP_RECOUNT=True): stepped once at the end of every epoch."""
+
+    def __init__(self, optimizer, successor, warmup_epoch, cons_lr):
+        self.successor, self.warmup_epoch, self.cons_lr = successor, warmup_epoch, cons_lr
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        if self.last_epoch >= self.warmup_epoch:
+            return self.successor.get_last_lr()
+        return [self.cons_lr for _ in self.base_lrs]
+
+    def step(self, epoch=None):
+        if self.last_epoch >= self.warmup_epoch:
+            self.successor.step()
+            self._last_lr = self.successor.get_last_lr()
+        else:
+            super().step()
+
+
+@pytest.mark.parametrize("epochs,warmup,base", [(200, 1, 0.002), (10, 1, 0.0025), (50, 10, 0.01), (5, 0, 0.1)])
+def test_lr_matches_dassl_epoch_by_epoch(epochs, warmup, base):
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    scheduler = CosineAnnealingLR(optimizer, float(epochs))
+    if warmup:
+        scheduler = DasslConstantWarmup(optimizer, scheduler, warmup, 1e-5)
+    for epoch in range(epochs):
+        assert train.lr_at(epoch, base, epochs, warmup) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9)
+        optimizer.step()
+        scheduler.step()
+    if warmup:  # the hand-over: the cosine starts from the full lr the epoch after warm-up, and never reaches 0
+        assert train.lr_at(warmup, base, epochs, warmup) == base
+        assert train.lr_at(epochs - 1, base, epochs, warmup) > 0
+
+
+def test_epochs_by_shots_follow_coop():
+    cfg = train.coop.Config()
+    assert [train.epochs_for(cfg, k) for k in (1, 2, 4, 8, 16, 0)] == [50, 100, 100, 200, 200, 200]
+    assert train.epochs_for(train.coop.Config(epochs=7), 1) == 7
+
+
+def test_report_averages_seeds(tmp_path, capsys):
+    for seed, acc in [(1, 60.0), (2, 70.0)]:
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps(dict(
+            dataset="DescribableTextures", method="coop", backbone="ViT-B/16", shots=16, protocol="fewshot",
+            seed=seed, accuracy={"test": acc})))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{not json")
+    report.main([str(tmp_path)])
+    out = capsys.readouterr()
+    row = [line for line in out.out.splitlines() if "DescribableTextures" in line]
+    assert row == ["| DescribableTextures | coop | ViT-B/16 | 16 | fewshot | test | 65.00 ± 7.07 | 2 | 64.20 | "
+                   "MuDPT paper Table I |"]
+    assert "skipped" in out.err
+
+
+def test_report_without_runs_says_what_to_do(tmp_path):
+    with pytest.raises(SystemExit, match="run train.py first"):
+        report.main([str(tmp_path)])

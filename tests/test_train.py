@@ -1,0 +1,158 @@
+"""train.py end to end on the demo data with a tiny CLIP: every method, resume, eval-only, the CLI's errors,
+and the README's copy-a-method loop."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def results(folder):
+    return json.loads((Path(folder) / "results.json").read_text())
+
+
+@pytest.mark.parametrize("method", list(train.METHODS))
+def test_every_method_runs_on_demo(tmp_path, method):
+    epochs = {"cocoop": "2"}.get(method, "4")
+    done = run("--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", epochs, "--shots", "4",
+               "--batch-size", "8", "--output", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    r = results(tmp_path)
+    for key in ("method", "dataset", "protocol", "shots", "seed", "backbone", "epochs", "learned_params",
+                "frozen_params", "accuracy", "history", "time_s", "config"):
+        assert key in r, key
+    assert r["method"] == method and r["dataset"] == "demo" and r["frozen_params"] == 7_171_201
+    assert 0 <= r["accuracy"]["test"] <= 100
+    if r["learned_params"]:
+        losses = [h["loss"] for h in r["history"]]
+        assert len(losses) == int(epochs) and losses[-1] < losses[0]
+        assert (tmp_path / "checkpoint.pt").is_file()
+    else:
+        assert r["history"] == [] and r["epochs"] == 0
+    assert "epoch" in (tmp_path / "log.txt").read_text() or not r["learned_params"]
+
+
+def test_coop_learns_the_demo(tmp_path):
+    """The README's demo promise, shortened: accuracy rises well above chance (12.5 %)."""
+    r = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "40",
+                                    "--output", str(tmp_path)]))
+    assert r["history"][-1]["loss"] < 0.8 * r["history"][0]["loss"]
+    assert r["accuracy"]["test"] > 40
+
+
+def test_base_to_new_reports_harmonic_mean(tmp_path):
+    r = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "2",
+                                    "--protocol", "base2new", "--output", str(tmp_path)]))
+    base, new = r["accuracy"]["base"], r["accuracy"]["new"]
+    assert r["accuracy"]["hm"] == pytest.approx(2 * base * new / (base + new))
+
+
+def test_resume_gives_the_same_run(tmp_path):
+    args = ["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "3"]
+    whole = train.run(train.parse_args(args + ["--output", str(tmp_path / "whole")]))
+    train.run(train.parse_args(args[:-1] + ["1", "--output", str(tmp_path / "part")]))  # stopped after epoch 1...
+    ckpt = train.torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["epochs"] = 3  # ...of a 3-epoch run: make its checkpoint say so, as a killed run's would
+    train.torch.save(ckpt, tmp_path / "part" / "checkpoint.pt")
+    resumed = train.run(train.parse_args(args + ["--output", str(tmp_path / "part"), "--resume"]))
+    assert resumed["accuracy"] == whole["accuracy"]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+
+
+def test_eval_only_reproduces_accuracy(tmp_path):
+    trained = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "3",
+                                          "--output", str(tmp_path / "a")]))
+    again = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--eval-only", "--checkpoint",
+                                        str(tmp_path / "a" / "checkpoint.pt"), "--output", str(tmp_path / "b")]))
+    assert again["accuracy"] == trained["accuracy"] and again["backbone"] == "tiny"
+
+
+def test_dry_run_counts_parameters(tmp_path):
+    r = train.run(train.parse_args(["--method", "cocoop", "--data", "demo", "--backbone", "ViT-B/16", "--init",
+                                    "random", "--dry-run", "--output", str(tmp_path)]))
+    assert r["learned_params"] == 35_360 and r["frozen_params"] == 149_620_737
+    assert "accuracy" not in r and results(tmp_path)["learned_params"] == 35_360
+
+
+def test_set_overrides_config_fields(tmp_path):
+    r = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--dry-run",
+                                    "--set", "n_ctx=4", "csc=true", "class_token_position=front", "--output",
+                                    str(tmp_path)]))
+    assert r["learned_params"] == 8 * 4 * 128 and r["config"]["csc"] is True
+    assert r["config"]["template"] == "a photo of a {}."  # set from the dataset
+
+
+def test_list_and_help_config(capsys):
+    assert train.main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(re.search(rf"^{m}\s+\w+\.py", listed, re.M) for m in train.METHODS)
+    assert train.main(["--method", "cocoop", "--help-config"]) == 0
+    shown = capsys.readouterr().out
+    assert "n_ctx: int = 16" in shown and "'conditional': True" in shown
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "vpt-deep", "--data", "demo"], "unknown method 'vpt-deep'; choose one of: zeroshot coop cocoop"),
+    (["--method", "coop", "--data", "demo", "--backbone", "ViT-B/99"], "Unknown CLIP model 'ViT-B/99'"),
+    (["--method", "coop", "--data", "demo", "--backbone", "tiny", "--set", "n_tokens=4"],
+     "coop has no field 'n_tokens'; its fields are backbone, template"),
+    (["--method", "coop", "--data", "demo", "--backbone", "tiny", "--set", "n_ctx=four"], "expected a int"),
+    (["--method", "coop", "--data", "demo", "--backbone", "tiny", "--set", "class_token_position=left"],
+     "use end, middle or front"),
+    (["--method", "coop", "--data", "/nonexistent/dtd"], "no dataset folder at /nonexistent/dtd"),
+    (["--method", "coop", "--data", "demo", "--backbone", "tiny", "--shots", "50"], "use --shots 30 or less"),
+    (["--method", "coop", "--data", "demo", "--eval-only"], "--eval-only needs --checkpoint"),
+])
+def test_user_errors_are_one_clear_line(tmp_path, args, message):
+    done = run(*args, "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-made
+
+
+def test_resume_without_checkpoint_and_wrong_method(tmp_path):
+    done = run("--method", "coop", "--data", "demo", "--backbone", "tiny", "--resume", "--output", str(tmp_path))
+    assert done.returncode == 2 and "no checkpoint at" in done.stderr and "Traceback" not in done.stderr
+    assert run("--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1", "--output",
+               str(tmp_path)).returncode == 0
+    done = run("--method", "cocoop", "--data", "demo", "--eval-only", "--checkpoint", str(tmp_path / "checkpoint.pt"))
+    assert done.returncode == 2 and "holds a coop run, not cocoop: pass --method coop" in done.stderr
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    done = run("--method", "coop", "--data", "demo", "--eval-only", "--checkpoint", str(tmp_path / "junk.pt"))
+    assert done.returncode == 2 and "not a readable checkpoint" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_class_specific_context_does_not_transfer(tmp_path):
+    done = run("--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1", "--set", "csc=true",
+               "--protocol", "base2new", "--output", str(tmp_path))
+    assert done.returncode == 2 and "class-specific parameters, which do not transfer" in done.stderr
+
+
+def readme_loop():
+    text = (ROOT / "README.md").read_text()
+    return re.search(r"<!-- copy-loop -->\n```python\n(.*?)```", text, re.S).group(1)
+
+
+@pytest.mark.parametrize("module", sorted({m.__name__ for m, _ in train.METHODS.values()}))
+def test_a_copied_method_file_trains_alone(tmp_path, module):
+    """The README's promise: the method file, clip_model.py and the vocabulary, nothing else of the repo."""
+    for name in (f"{module}.py", "clip_model.py", "bpe_simple_vocab_16e6.txt.gz"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "loop.py").write_text(readme_loop().replace("import coop as method", f"import {module} as method"))
+    done = subprocess.run([sys.executable, "-s", "-E", "loop.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    losses = [float(x) for x in re.findall(r"loss ([\d.]+)", done.stdout)]
+    assert len(losses) == 30 and losses[-1] < losses[0]

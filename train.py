@@ -1,0 +1,328 @@
+"""The one training loop for every method: python train.py --method coop --data ./data/dtd --shots 16
+
+A method file gives a `Config` (its paper's defaults), `VARIANTS` (CLI name -> Config changes) and
+`build(clip, classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C), optionally with
+`extra_loss(labels, epoch)` (auxiliary terms from the last forward) and `param_groups(cfg)` (own learning
+rates), and `class_specific = True` if its learned parameters belong to the training classes. This file does the rest, the same for all: data, SGD with CoOp's warm-up + cosine schedule,
+precision, evaluation per protocol, atomic checkpoints and exact resume, results.json and log.txt.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import clip_model
+import coop
+import data
+
+METHOD_FILES = [coop]  # a new method adds its module here
+METHODS = {name: (module, changes) for module in METHOD_FILES for name, changes in module.VARIANTS.items()}
+BACKBONES = list(clip_model.CONFIGS)
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one message, without a traceback."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--method", help=" ".join(METHODS))
+    p.add_argument("--data", help="dataset folder (CoOp layout, or class-per-subfolder), or 'demo'")
+    p.add_argument("--shots", type=int, default=16, help="images per class for training; 0 = all")
+    p.add_argument("--backbone", help=f"default: the method's paper backbone; one of {' '.join(BACKBONES)} or a .pt")
+    p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
+                   help="random: build the backbone with random weights, no download (tests, dry runs)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--protocol", default="fewshot", help=" | ".join(data.PROTOCOLS))
+    p.add_argument("--eval-data", nargs="*", default=[], help="target datasets for cross / dg")
+    p.add_argument("--output", help="default: runs/<data>/<method>/<backbone>/shots<K>[-<protocol>]/seed<S>")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, no training")
+    p.add_argument("--checkpoint", help="checkpoint.pt of a finished run, for --eval-only")
+    p.add_argument("--dry-run", action="store_true", help="build data and model, write results.json, stop")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--workers", type=int, help="data-loading processes (default 8 on CUDA, 0 on CPU)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a field of the method's Config")
+    p.add_argument("--list", action="store_true", help="list the methods")
+    p.add_argument("--help-config", action="store_true", help="show the method's Config fields and defaults")
+    return p.parse_args(argv)
+
+
+def make_config(args):
+    """The method's Config: paper defaults, then the variant, then --set, then the explicit flags."""
+    if args.method not in METHODS:
+        raise UserError(f"unknown method {args.method!r}; choose one of: {' '.join(METHODS)}")
+    module, changes = METHODS[args.method]
+    cfg = dataclasses.replace(module.Config(), **changes)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in {f.name for f in dataclasses.fields(cfg)}:
+            raise UserError(f"--set {item}: {args.method} has no field {key!r}; its fields are "
+                            f"{', '.join(f.name for f in dataclasses.fields(cfg))} (see --help-config)")
+        cfg = dataclasses.replace(cfg, **{key: parse_value(getattr(cfg, key), value, key)})
+    flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "backbone": args.backbone}
+    return module, dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+
+
+def parse_value(default, text, key):
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise UserError(f"--set {key}={text}: expected true or false")
+        return text.lower() in ("true", "1", "yes")
+    try:
+        return type(default)(text) if default is not None else text
+    except ValueError:
+        raise UserError(f"--set {key}={text}: expected a {type(default).__name__}") from None
+
+
+def epochs_for(cfg, shots):
+    """cfg.epochs, or 0 = CoOp's schedule by shots: 50 (1 shot), 100 (2 and 4), 200 (8, 16, all)."""
+    return cfg.epochs or {1: 50, 2: 100, 4: 100}.get(shots, 200)
+
+
+def lr_at(epoch, base_lr, epochs, warmup_epochs):
+    """Dassl's constant warm-up then cosine (WARMUP_RECOUNT): the cosine restarts at 0 after warm-up, over
+    `epochs` steps, so the last epoch's lr is cos at (epochs - 1 - warmup) / epochs, not 0."""
+    if epoch < warmup_epochs:
+        return 1e-5
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
+def learned_state(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def save_atomic(write, path):
+    """write(tmp) then rename: a crash leaves the previous file, never half of a new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, path):
+    save_atomic(lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)), path)
+
+
+def load_checkpoint(path, method):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a downloaded file cannot run code
+        assert isinstance(ckpt, dict) and {"method", "learned", "config", "epoch"} <= ckpt.keys()
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}: train first (without --resume), or pass the right path") from None
+    except Exception:
+        raise UserError(f"{path} is not a readable checkpoint of this project (truncated or another file): "
+                        "delete it and train again") from None
+    if ckpt["method"] != method:
+        raise UserError(f"{path} holds a {ckpt['method']} run, not {method}: pass --method {ckpt['method']}")
+    return ckpt
+
+
+class Runner:
+    """One run: the model built for the task's classes, and the same method rebuilt for other class sets."""
+
+    def __init__(self, args, module, cfg, task):
+        self.args, self.module, self.cfg, self.task = args, module, cfg, task
+        self.device = torch.device(args.device)
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and args.device == "cuda")
+        self.precision = "bf16" if bf16 else "fp32"
+        self.autocast = lambda: torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16)
+        self.workers = args.workers if args.workers is not None else (8 if args.device == "cuda" else 0)
+        self.clip, _ = clip_model.load(cfg.backbone, device=args.device, pretrained=args.init == "pretrained",
+                                       seed=args.seed)
+        self.n_px = self.clip.visual.input_resolution
+        torch.manual_seed(args.seed)  # the method's own initialisation
+        self.model = self.build(task.classnames, task.template)
+
+    def build(self, classnames, template):
+        cfg = dataclasses.replace(self.cfg, template=template) if hasattr(self.cfg, "template") else self.cfg
+        try:
+            return self.module.build(self.clip, classnames, cfg).to(self.device)
+        except ValueError as e:  # a Config value the method rejects
+            raise UserError(f"{self.args.method}: {e}") from None
+
+    def load_learned(self, model, learned, where):
+        try:
+            missing, unexpected = model.load_state_dict({k: v.to(self.device) for k, v in learned.items()}, strict=False)
+        except RuntimeError:  # shapes differ: class-specific parameters, or another backbone
+            missing = unexpected = ["(shapes differ)"]
+        missing = [k for k in missing if k in dict(model.named_parameters()) and model.get_parameter(k).requires_grad]
+        if missing or unexpected:
+            raise UserError(f"the parameters from {where} do not fit {self.args.method} on {self.cfg.backbone} "
+                            f"with {len(self.task.classnames)} classes (class-specific context on other classes, "
+                            f"or another backbone or config): {(missing + unexpected)[:3]}")
+
+    def model_for(self, evalset):
+        """The trained model, or the method rebuilt for another class set with the learned parameters."""
+        if (evalset.classnames, evalset.template) == (self.task.classnames, self.task.template):
+            return self.model
+        if getattr(self.model, "class_specific", False):
+            raise UserError(f"{self.args.method} learned class-specific parameters, which do not transfer to the "
+                            f"classes of {evalset.name}: evaluate it on its own classes (--protocol fewshot)")
+        model = self.build(evalset.classnames, evalset.template)
+        self.load_learned(model, learned_state(self.model), "training")
+        return model
+
+    @torch.no_grad()
+    def evaluate(self, evalset):
+        model = self.model_for(evalset).eval()
+        loader = data.loader(evalset.test, clip_model.transform(self.n_px), 100, train=False,
+                             workers=self.workers, device=self.args.device)
+        correct = 0
+        for images, labels in loader:
+            with self.autocast():
+                logits = model(images.to(self.device, non_blocking=True))
+            if evalset.class_subset is not None:
+                logits = logits[:, evalset.class_subset]
+            correct += (logits.argmax(-1).cpu() == labels).sum().item()
+        return 100 * correct / len(evalset.test)
+
+
+def run(args):
+    module, cfg = make_config(args)
+    if args.eval_only:
+        if not args.checkpoint:
+            raise UserError("--eval-only needs --checkpoint PATH (the checkpoint.pt of a finished run)")
+        ckpt = load_checkpoint(args.checkpoint, args.method)
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k != "template"})
+    shots = 0 if args.eval_only else args.shots
+    task = data.make_task(args.data, args.protocol, shots, args.seed, args.eval_data)
+    epochs = 0 if args.eval_only else epochs_for(cfg, shots)
+    out = Path(args.output or Path("runs", Path(args.data).name, args.method, cfg.backbone.replace("/", "-"),
+                                   f"shots{args.shots}" + ("" if args.protocol == "fewshot" else f"-{args.protocol}"),
+                                   f"seed{args.seed}"))
+    runner = Runner(args, module, cfg, task)  # before creating the folder: a bad backbone leaves nothing behind
+    model = runner.model
+    if args.eval_only:
+        runner.load_learned(model, ckpt["learned"], args.checkpoint)
+    elif not task.train:
+        raise UserError(f"{task.dataset} has no training split: evaluate on it with --eval-data or --eval-only")
+    learned = [p for p in model.parameters() if p.requires_grad]
+    n_learned = sum(p.numel() for p in learned)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    epochs = epochs if learned else 0  # nothing to learn: zero-shot
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "log.txt", "a")
+
+    def log(line):
+        print(line, flush=True)
+        print(line, file=log_file, flush=True)
+
+    log(f"{args.method} on {task.dataset} ({args.protocol}, {args.shots} shots, seed {args.seed}): {cfg.backbone}"
+        f"{' random init' if args.init == 'random' else ''}, {args.device}, {runner.precision}, "
+        f"{n_learned:,} learned / {n_frozen:,} frozen parameters, {len(task.train)} train images, {epochs} epochs")
+    results = dict(method=args.method, dataset=task.dataset, protocol=args.protocol, shots=args.shots, seed=args.seed,
+                   backbone=cfg.backbone, epochs=epochs, learned_params=n_learned, frozen_params=n_frozen,
+                   precision=runner.precision, config=dataclasses.asdict(cfg))
+    if args.dry_run:
+        write_json(results, out / "results.json")
+        log(f"dry run: wrote {out / 'results.json'}")
+        return results
+
+    start, history, started, previous = 0, [], time.time(), 0.0
+    if epochs:
+        groups = model.param_groups(cfg) if hasattr(model, "param_groups") else [{"params": learned}]
+        for group in groups:
+            group.setdefault("lr", cfg.lr)
+            group["base_lr"] = group["lr"]
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+        if args.resume:
+            ckpt = load_checkpoint(out / "checkpoint.pt", args.method)
+            if ckpt["config"] != dataclasses.asdict(cfg):
+                raise UserError(f"{out / 'checkpoint.pt'} was trained with another config; use another --output")
+            runner.load_learned(model, ckpt["learned"], out / "checkpoint.pt")
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start, history, previous = ckpt["epoch"], ckpt["history"], ckpt["time_s"]
+            log(f"resumed after epoch {start}")
+        loader = data.loader(task.train, data.train_transform(runner.n_px), cfg.batch_size, train=True,
+                             workers=runner.workers, seed=args.seed, device=args.device)
+    for epoch in range(start, epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, group["base_lr"], epochs, cfg.warmup_epochs)
+        # order and augmentation depend on (seed, epoch) only: a resumed run sees the same batches
+        torch.manual_seed(args.seed * 100_003 + epoch)
+        loader.generator.manual_seed(args.seed * 100_003 + epoch)
+        model.train()
+        tic, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        for step, (images, labels) in enumerate(loader):
+            images, labels = images.to(runner.device, non_blocking=True), labels.to(runner.device, non_blocking=True)
+            with runner.autocast():
+                logits = model(images)
+                loss = F.cross_entropy(logits.float(), labels)
+                if hasattr(model, "extra_loss"):
+                    loss = loss + model.extra_loss(labels, epoch)
+            if not torch.isfinite(loss):
+                raise UserError(f"the loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower --lr or use "
+                                f"--precision fp32; the last good checkpoint and results are in {out}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(labels)
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(-1) == labels).sum().item()
+        history.append(dict(epoch=epoch + 1, loss=loss_sum / seen, acc=100 * correct / seen,
+                            lr=optimizer.param_groups[0]["lr"], seconds=time.time() - tic))
+        this_run = time.time() - started
+        elapsed, eta = previous + this_run, this_run / (epoch + 1 - start) * (epochs - epoch - 1)
+        log(f"epoch {epoch + 1}/{epochs}  loss {loss_sum / seen:.3f}  acc {100 * correct / seen:.1f}  "
+            f"lr {history[-1]['lr']:.1e}  {seen / (time.time() - tic):.0f} img/s  "
+            f"{clock(elapsed)} elapsed  ETA {clock(eta)}")
+        state = dict(method=args.method, backbone=cfg.backbone, config=dataclasses.asdict(cfg), epoch=epoch + 1,
+                     learned=learned_state(model), optimizer=optimizer.state_dict(), history=history, time_s=elapsed)
+        save_atomic(lambda tmp: torch.save(state, tmp), out / "checkpoint.pt")
+
+    accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}
+    if args.protocol == "base2new":
+        base, new = accuracy["base"], accuracy["new"]
+        accuracy["hm"] = 2 * base * new / (base + new) if base + new else 0.0
+    results.update(accuracy=accuracy, history=history, time_s=previous + time.time() - started)
+    write_json(results, out / "results.json")
+    log("  ".join(f"{name} {acc:.2f}" for name, acc in accuracy.items()) + f"  -> {out / 'results.json'}")
+    return results
+
+
+def clock(seconds):
+    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.list:
+            for name, (module, _) in METHODS.items():
+                print(f"{name:12s} {module.__name__}.py  {module.__doc__.splitlines()[0]}")
+            return 0
+        if args.help_config:
+            module, cfg = make_config(args)
+            print(inspect.getsource(module.Config).rstrip())
+            print(f"# --method {args.method} sets: {METHODS[args.method][1] or 'nothing (the defaults above)'}")
+            return 0
+        if not args.method or not args.data:
+            raise UserError("--method and --data are required (python train.py --list shows the methods)")
+        run(args)
+    except (UserError, data.DataError, clip_model.LoadError) as e:
+        message = str(e).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the error's own line
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,7 +29,6 @@ import clip_model
 ENSEMBLE = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
             "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
 
-
 @dataclass
 class Config:
     backbone: str = "RN50"             # CoOp's paper backbone; CoCoOp uses ViT-B/16
@@ -46,13 +45,11 @@ class Config:
     lr: float = 0.002
     warmup_epochs: int = 1             # at constant lr 1e-5, then cosine (train.py)
 
-
 VARIANTS = {  # --method name -> the Config changes that make it
     "zeroshot": dict(n_ctx=0),
     "coop": dict(),
     "cocoop": dict(conditional=True, n_ctx=4, ctx_init="a photo of a", backbone="ViT-B/16", epochs=10, batch_size=1),
 }
-
 
 class PromptLearner(nn.Module):
     """The (C, L, D) prompt embeddings [SOT, ctx_1..ctx_n, class name, ".", EOT], cut after the last EOT."""
@@ -101,7 +98,6 @@ class PromptLearner(nn.Module):
             return x
         return x.gather(-2, self.order[..., None].expand(x.shape))  # class name moved to its position
 
-
 class ZeroShotCLIP(nn.Module):
     """Fixed text features of the hand-crafted template(s); nothing is learned."""
 
@@ -123,7 +119,6 @@ class ZeroShotCLIP(nn.Module):
         self.clip.eval()  # frozen CLIP: BatchNorm statistics stay as they were trained
         return self
 
-
 class CoOp(nn.Module):
     """CLIP with learned prompts; with cfg.conditional, CoCoOp's per-image prompts."""
 
@@ -133,7 +128,9 @@ class CoOp(nn.Module):
         self.class_specific = cfg.csc  # then its context cannot be used on other classes
         self.prompt_learner = PromptLearner(clip, classnames, cfg)
         E, D = clip.text_projection.shape[1], clip.ln_final.weight.shape[0]
-        self.meta_net = nn.Sequential(nn.Linear(E, E // 16), nn.ReLU(), nn.Linear(E // 16, D)) if cfg.conditional else None
+        self.meta_net = None  # CoCoOp: image feature -> shift of the context, E -> E/16 -> D
+        if cfg.conditional:
+            self.meta_net = nn.Sequential(nn.Linear(E, E // 16), nn.ReLU(), nn.Linear(E // 16, D))
         self.cached = None  # (C, E) text features, reused while evaluating
 
     def encode_prompts(self, prompts):
@@ -160,7 +157,6 @@ class CoOp(nn.Module):
         self.clip.eval()  # frozen CLIP: BatchNorm statistics stay as they were trained
         self.cached = None
         return self
-
 
 def build(clip, classnames, cfg):
     if cfg.class_token_position not in ("end", "middle", "front"):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 PAPER = Path(__file__).with_name("paper_results.csv")
 
-
 def collect(root):
     """{(dataset, method, backbone, shots, protocol, metric): [accuracy of each seed]}"""
     groups = defaultdict(list)
@@ -31,12 +30,10 @@ def collect(root):
             groups[key + (metric,)].append(value)
     return groups
 
-
 def paper_numbers(path=PAPER):
     with open(path, newline="") as f:
         return {(r["dataset"], r["method"], r["backbone"], int(r["shots"]), r["protocol"], r["metric"]):
                 (float(r["value"]), r["source"]) for r in csv.DictReader(f)}
-
 
 def table(groups, paper):
     lines = ["| dataset | method | backbone | shots | protocol | metric | ours | seeds | paper | source |",
@@ -47,7 +44,6 @@ def table(groups, paper):
         lines.append("| " + " | ".join(map(str, key)) + f" | {statistics.mean(values):.2f} ± {std:.2f} | "
                      f"{len(values)} | {'' if value is None else f'{value:.2f}'} | {source} |")
     return "\n".join(lines)
-
 
 def plot(groups, path):
     try:
@@ -75,7 +71,6 @@ def plot(groups, path):
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", help="folder holding runs (searched recursively for results.json)")
@@ -87,7 +82,6 @@ def main(argv=None):
     print(table(groups, paper_numbers()))
     if args.plot:
         plot(groups, args.plot)
-
 
 if __name__ == "__main__":
     main()

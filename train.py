@@ -1,10 +1,11 @@
 """The one training loop for every method: python train.py --method coop --data ./data/dtd --shots 16
 
 A method file gives a `Config` (its paper's defaults), `VARIANTS` (CLI name -> Config changes) and
-`build(clip, classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C), optionally with
-`extra_loss(labels, epoch)` (auxiliary terms from the last forward) and `param_groups(cfg)` (own learning
-rates), and `class_specific = True` if its learned parameters belong to the training classes. This file does the rest, the same for all: data, SGD with CoOp's warm-up + cosine schedule,
-precision, evaluation per protocol, atomic checkpoints and exact resume, results.json and log.txt.
+`build(clip, classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C). Optionally the
+module has `extra_loss(labels, epoch)` (auxiliary terms from the last forward), `param_groups(cfg)` (its
+own learning rates) and `class_specific = True` (learned parameters tied to the training classes). This
+file does the rest, the same for every method: data, SGD with CoOp's warm-up + cosine schedule, precision,
+evaluation per protocol, atomic checkpoints and exact resume, results.json and log.txt.
 """
 import argparse
 import dataclasses
@@ -26,11 +27,10 @@ import data
 METHOD_FILES = [coop]  # a new method adds its module here
 METHODS = {name: (module, changes) for module in METHOD_FILES for name, changes in module.VARIANTS.items()}
 BACKBONES = list(clip_model.CONFIGS)
-
+WARMUP_LR = 1e-5  # Dassl's WARMUP_CONS_LR, in every CoOp-family config
 
 class UserError(Exception):
     """Something the user can fix; printed as one message, without a traceback."""
-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -59,7 +59,6 @@ def parse_args(argv):
     p.add_argument("--help-config", action="store_true", help="show the method's Config fields and defaults")
     return p.parse_args(argv)
 
-
 def make_config(args):
     """The method's Config: paper defaults, then the variant, then --set, then the explicit flags."""
     if args.method not in METHODS:
@@ -75,7 +74,6 @@ def make_config(args):
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "backbone": args.backbone}
     return module, dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
 
-
 def parse_value(default, text, key):
     if isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -86,23 +84,19 @@ def parse_value(default, text, key):
     except ValueError:
         raise UserError(f"--set {key}={text}: expected a {type(default).__name__}") from None
 
-
 def epochs_for(cfg, shots):
     """cfg.epochs, or 0 = CoOp's schedule by shots: 50 (1 shot), 100 (2 and 4), 200 (8, 16, all)."""
     return cfg.epochs or {1: 50, 2: 100, 4: 100}.get(shots, 200)
-
 
 def lr_at(epoch, base_lr, epochs, warmup_epochs):
     """Dassl's constant warm-up then cosine (WARMUP_RECOUNT): the cosine restarts at 0 after warm-up, over
     `epochs` steps, so the last epoch's lr is cos at (epochs - 1 - warmup) / epochs, not 0."""
     if epoch < warmup_epochs:
-        return 1e-5
+        return WARMUP_LR
     return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
-
 
 def learned_state(model):
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-
 
 def save_atomic(write, path):
     """write(tmp) then rename: a crash leaves the previous file, never half of a new one."""
@@ -114,10 +108,8 @@ def save_atomic(write, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def write_json(obj, path):
     save_atomic(lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)), path)
-
 
 def load_checkpoint(path, method):
     try:
@@ -131,7 +123,6 @@ def load_checkpoint(path, method):
     if ckpt["method"] != method:
         raise UserError(f"{path} holds a {ckpt['method']} run, not {method}: pass --method {ckpt['method']}")
     return ckpt
-
 
 class Runner:
     """One run: the model built for the task's classes, and the same method rebuilt for other class sets."""
@@ -158,7 +149,7 @@ class Runner:
 
     def load_learned(self, model, learned, where):
         try:
-            missing, unexpected = model.load_state_dict({k: v.to(self.device) for k, v in learned.items()}, strict=False)
+            missing, unexpected = model.load_state_dict(learned, strict=False)  # copies onto the model's device
         except RuntimeError:  # shapes differ: class-specific parameters, or another backbone
             missing = unexpected = ["(shapes differ)"]
         missing = [k for k in missing if k in dict(model.named_parameters()) and model.get_parameter(k).requires_grad]
@@ -171,9 +162,6 @@ class Runner:
         """The trained model, or the method rebuilt for another class set with the learned parameters."""
         if (evalset.classnames, evalset.template) == (self.task.classnames, self.task.template):
             return self.model
-        if getattr(self.model, "class_specific", False):
-            raise UserError(f"{self.args.method} learned class-specific parameters, which do not transfer to the "
-                            f"classes of {evalset.name}: evaluate it on its own classes (--protocol fewshot)")
         model = self.build(evalset.classnames, evalset.template)
         self.load_learned(model, learned_state(self.model), "training")
         return model
@@ -191,7 +179,6 @@ class Runner:
                 logits = logits[:, evalset.class_subset]
             correct += (logits.argmax(-1).cpu() == labels).sum().item()
         return 100 * correct / len(evalset.test)
-
 
 def run(args):
     module, cfg = make_config(args)
@@ -212,16 +199,20 @@ def run(args):
         runner.load_learned(model, ckpt["learned"], args.checkpoint)
     elif not task.train:
         raise UserError(f"{task.dataset} has no training split: evaluate on it with --eval-data or --eval-only")
+    if getattr(model, "class_specific", False) and any(
+            (e.classnames, e.template) != (task.classnames, task.template) for e in task.evals):
+        raise UserError(f"{args.method} with this config learns class-specific parameters, which do not transfer "
+                        f"to other classes: use --protocol fewshot, or a config without them")
     learned = [p for p in model.parameters() if p.requires_grad]
     n_learned = sum(p.numel() for p in learned)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     epochs = epochs if learned else 0  # nothing to learn: zero-shot
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "a")
 
     def log(line):
         print(line, flush=True)
-        print(line, file=log_file, flush=True)
+        with open(out / "log.txt", "a") as f:
+            print(line, file=f)
 
     log(f"{args.method} on {task.dataset} ({args.protocol}, {args.shots} shots, seed {args.seed}): {cfg.backbone}"
         f"{' random init' if args.init == 'random' else ''}, {args.device}, {runner.precision}, "
@@ -295,10 +286,8 @@ def run(args):
     log("  ".join(f"{name} {acc:.2f}" for name, acc in accuracy.items()) + f"  -> {out / 'results.json'}")
     return results
 
-
 def clock(seconds):
     return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -322,7 +311,6 @@ def main(argv=None):
         print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -138,6 +138,7 @@ def test_class_specific_context_does_not_transfer(tmp_path):
     done = run("--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1", "--set", "csc=true",
                "--protocol", "base2new", "--output", str(tmp_path))
     assert done.returncode == 2 and "class-specific parameters, which do not transfer" in done.stderr
+    assert not (tmp_path / "checkpoint.pt").exists()  # refused before training
 
 
 def readme_loop():

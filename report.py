@@ -61,11 +61,13 @@ def plot(groups, path):
         sys.exit("--plot: no few-shot runs to plot")
     fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
+        ticks = set()
         for (d, method, backbone), points in sorted(curves.items()):
             if d == dataset:
                 shots = sorted(points)
                 ax.plot(shots, [points[s] for s in shots], marker="o", label=f"{method} ({backbone})")
-        ax.set(title=dataset, xlabel="shots per class", ylabel="top-1 accuracy (%)", xscale="symlog")
+                ticks.update(shots)
+        ax.set(title=dataset, xticks=sorted(ticks), xlabel="shots per class", ylabel="top-1 accuracy (%)", xscale="symlog")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -71,3 +71,20 @@ def test_report_averages_seeds(tmp_path, capsys):
 def test_report_without_runs_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="run train.py first"):
         report.main([str(tmp_path)])
+
+
+def test_report_plot_draws_or_says_what_to_install(tmp_path, capsys):
+    for shots, acc in [(1, 40.0), (16, 70.0)]:
+        run = tmp_path / f"shots{shots}"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps(dict(
+            dataset="demo", method="coop", backbone="tiny", shots=shots, protocol="fewshot", seed=1,
+            accuracy={"test": acc})))
+    try:
+        import matplotlib  # noqa: F401  (an optional extra)
+    except ImportError:
+        with pytest.raises(SystemExit, match="--plot needs matplotlib: pip install matplotlib"):
+            report.main([str(tmp_path), "--plot", str(tmp_path / "shots.png")])
+    else:
+        report.main([str(tmp_path), "--plot", str(tmp_path / "shots.png")])
+        assert (tmp_path / "shots.png").read_bytes()[:4] == b"\x89PNG"

@@ -67,7 +67,8 @@ def plot(groups, path):
                 shots = sorted(points)
                 ax.plot(shots, [points[s] for s in shots], marker="o", label=f"{method} ({backbone})")
                 ticks.update(shots)
-        ax.set(title=dataset, xticks=sorted(ticks), xlabel="shots per class", ylabel="top-1 accuracy (%)", xscale="symlog")
+        ax.set(title=dataset, xlabel="shots per class", ylabel="top-1 accuracy (%)", xscale="symlog",
+               xticks=sorted(ticks))
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

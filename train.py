@@ -23,8 +23,9 @@ import torch.nn.functional as F
 import clip_model
 import coop
 import data
+import vpt
 
-METHOD_FILES = [coop]  # a new method adds its module here
+METHOD_FILES = [coop, vpt]  # a new method adds its module here
 METHODS = {name: (module, changes) for module in METHOD_FILES for name, changes in module.VARIANTS.items()}
 BACKBONES = list(clip_model.CONFIGS)
 WARMUP_LR = 1e-5  # Dassl's WARMUP_CONS_LR, in every CoOp-family config
@@ -228,8 +229,9 @@ def run(args):
     start, history, started, previous = 0, [], time.time(), 0.0
     if epochs:
         groups = model.param_groups(cfg) if hasattr(model, "param_groups") else [{"params": learned}]
-        for group in groups:
+        for group in groups:  # a group may bring its own lr and warm-up (CAVPT: visual 10 epochs, text 1)
             group.setdefault("lr", cfg.lr)
+            group.setdefault("warmup_epochs", cfg.warmup_epochs)
             group["base_lr"] = group["lr"]
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
         if args.resume:
@@ -244,7 +246,7 @@ def run(args):
                              workers=runner.workers, seed=args.seed, device=args.device)
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch, group["base_lr"], epochs, cfg.warmup_epochs)
+            group["lr"] = lr_at(epoch, group["base_lr"], epochs, group["warmup_epochs"])
         # order and augmentation depend on (seed, epoch) only: a resumed run sees the same batches
         torch.manual_seed(args.seed * 100_003 + epoch)
         loader.generator.manual_seed(args.seed * 100_003 + epoch)

@@ -1,0 +1,107 @@
+"""VPT-CLIP shallow / deep and VLP on a tiny random CLIP: identity, placement, counts, gradients, learning."""
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip_model
+import vpt
+
+NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return clip_model.load("tiny")[0]
+
+
+def config(variant, **changes):
+    return replace(vpt.Config(), **{**vpt.VARIANTS[variant], **changes})
+
+
+def images(n=5, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["vpt-shallow", "vpt"])
+def test_no_prompt_tokens_is_zeroshot_clip(clip, variant):
+    model = vpt.build(clip, NAMES, config(variant, n_tokens=0))
+    expected = clip(images(), clip_model.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]))
+    torch.testing.assert_close(model(images()), expected, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("deep", [False, True])
+def test_prompt_position_in_the_sequence_does_not_matter(clip, deep):
+    """The docstring's claim: prompts after the patches (ours) = prompts right after the class token."""
+    model = vpt.build(clip, NAMES, config("vpt", deep=deep))
+    model.visual_prompts.prompts.normal_(0, 1)
+    visual, prompts, x = clip.visual, model.visual_prompts.prompts, clip.visual.embed(images())
+    n = prompts.shape[1]
+    for i, block in enumerate(visual.transformer.resblocks):
+        if i < len(prompts):
+            x = torch.cat([x[:, :1], prompts[i].expand(len(x), -1, -1), x[:, 1 + (n if i > 0 else 0):]], dim=1)
+        x = block(x)
+    torch.testing.assert_close(model.visual_prompts(visual, images()), visual.head(x), rtol=0, atol=1e-5)
+    assert (visual.head(x) - clip.encode_image(images())).abs().max() > 1e-3  # prompts change the feature
+
+
+def test_every_block_prompts_matter_when_deep(clip):
+    model = vpt.build(clip, NAMES, config("vpt"))
+    model.visual_prompts(clip.visual, images()).sum().backward()
+    grad = model.visual_prompts.prompts.grad
+    assert grad.shape == (2, 10, 128) and (grad.abs().sum((1, 2)) > 0).all()
+
+
+@pytest.mark.parametrize("variant,count", [("vpt-shallow", 7_680), ("vpt", 92_160), ("vlp", 100_352)])
+def test_parameter_counts_for_vit_b32(variant, count):
+    with torch.device("meta"):
+        clip = clip_model.CLIP(*clip_model.CONFIGS["ViT-B/32"])
+    model = vpt.build(clip, NAMES, config(variant))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count  # specs/vpt.md
+
+
+def test_resnet_is_refused(clip):
+    rn = clip_model.load("tiny-rn")[0]
+    with pytest.raises(ValueError, match="use a ViT backbone"):
+        vpt.build(rn, NAMES, config("vpt"))
+
+
+def test_vlp_has_two_learning_rates(clip):
+    model = vpt.build(clip, NAMES, config("vlp"))
+    groups = model.param_groups(model.cfg)
+    assert [(g["lr"], g["warmup_epochs"]) for g in groups] == [(0.01, 10), (0.002, 1)]
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def test_images_do_not_interact(clip):
+    model = vpt.build(clip, NAMES, config("vlp")).eval()
+    model.visual_prompts.prompts.normal_(0, 1)
+    x = images(4)
+    torch.testing.assert_close(model(x), torch.cat([model(x[i:i + 1]) for i in range(4)]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(vpt.VARIANTS))
+def test_training_moves_only_prompts(clip, variant):
+    clip = copy.deepcopy(clip)
+    before = copy.deepcopy(clip.state_dict())
+    torch.manual_seed(0)
+    model = vpt.build(clip, NAMES, config(variant))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0, momentum=0.9)
+    x, y = images(8), torch.arange(8) % len(NAMES)
+    losses = []
+    for _ in range(15):
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in clip.parameters())

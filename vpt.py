@@ -1,0 +1,127 @@
+"""VPT on CLIP: learned visual prompt tokens in the image tower (shallow or deep), optionally with CoOp text context.
+
+Jia et al., "Visual Prompt Tuning", ECCV 2022, https://arxiv.org/abs/2203.12119, applied to CLIP as the
+baselines of Xing et al., "Dual Modality Prompt Tuning for Vision-Language Pre-Trained Model" (CAVPT),
+https://arxiv.org/abs/2208.08340: VPT-CLIP-Shallow, VPT-CLIP-Deep and VLP-CLIP-Deep.
+
+The image tower's token sequence gets n extra learned vectors. Shallow VPT inserts them once, before the
+first block, and they travel through the whole ViT. Deep VPT gives every block its own n vectors: before
+block i the n outputs of the previous block's prompts are dropped and block i's prompts take their place.
+The class token, read out at the end, attends to the prompts in every block, so the prompts steer the
+image feature without touching any weight of CLIP. The text side is the dataset's hand-crafted prompt
+(frozen), or for VLP a CoOp context of 16 learned word vectors, trained at CoOp's own learning rate.
+
+- Learned: `prompts` (layers, n, W) with layers = 1 (shallow) or L (deep); VLP adds `ctx` (16, D).
+- Injected where: appended after the patch tokens of the image sequence (official code; the ViT has no
+  mask and positions are added before insertion, so the place does not change any number); VLP's
+  context replaces the placeholder rows of "X X ... X {class}." in the text prompt.
+- Frozen: all of CLIP.
+- Deviations: the official VPT config runs 100 epochs, the paper 200 (we follow the paper); the official
+  VLP code switches the visual warm-up to 1 epoch on ImageNet only (we keep 10 everywhere).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clip_model
+
+
+@dataclass
+class Config:
+    backbone: str = "ViT-B/32"          # the CAVPT paper's backbone for every experiment
+    template: str = "a photo of a {}."  # hand-crafted text prompt; train.py sets the dataset's
+    n_tokens: int = 10                  # visual prompt tokens (per block when deep)
+    deep: bool = True                   # fresh prompts before every block; False = shallow (input only)
+    text_ctx: int = 0                   # VLP: learned CoOp context tokens in the text prompt (0 = template)
+    epochs: int = 200
+    batch_size: int = 32
+    lr: float = 0.01                    # visual prompts (official VPT config)
+    warmup_epochs: int = 10             # visual prompts: constant 1e-5 for the first 10 epochs
+    text_lr: float = 0.002              # VLP text context: CoOp's lr ...
+    text_warmup_epochs: int = 1         # ... and CoOp's warm-up
+
+
+VARIANTS = {"vpt-shallow": dict(deep=False), "vpt": dict(), "vlp": dict(text_ctx=16)}
+
+
+class VisualPrompts(nn.Module):
+    """Prompt tokens in the ViT: (layers, n, W), layers = 1 for shallow, every block for deep."""
+
+    def __init__(self, clip, cfg):
+        super().__init__()
+        W, L = clip.visual.conv1.out_channels, len(clip.visual.transformer.resblocks)
+        self.prompts = nn.Parameter(torch.randn(L if cfg.deep else 1, cfg.n_tokens, W) * 0.02)
+
+    def forward(self, visual, images):
+        x = visual.embed(images)  # (B, 1+N, W): class token, patches, positions, ln_pre
+        n = self.prompts.shape[1]
+        for i, block in enumerate(visual.transformer.resblocks):
+            if i < len(self.prompts):  # deep: every block; shallow: block 0 only, then they stay
+                x = x[:, :x.shape[1] - n] if i > 0 else x  # drop the previous block's prompt outputs
+                x = torch.cat([x, self.prompts[i].expand(x.shape[0], -1, -1)], dim=1)  # (B, 1+N+n, W)
+            x = block(x)
+        return visual.head(x)  # (B, E): the class token
+
+
+class TextContext(nn.Module):
+    """CoOp's unified context: "X X ... X {class}." with the X rows learned, N(0, 0.02) at init."""
+
+    def __init__(self, clip, classnames, n_ctx):
+        super().__init__()
+        self.ctx = nn.Parameter(torch.randn(n_ctx, clip.ln_final.weight.shape[0]) * 0.02)  # (n, D)
+        tokens = clip_model.tokenize([" ".join(["X"] * n_ctx + [c.replace("_", " ")]) + "." for c in classnames])
+        self.register_buffer("eot", tokens.argmax(-1), persistent=False)
+        with torch.no_grad():
+            embedded = clip.embed_text(tokens[:, :int(self.eot.max()) + 1])  # cut after the last EOT
+        self.register_buffer("prefix", embedded[:, :1], persistent=False)  # SOT
+        self.register_buffer("suffix", embedded[:, 1 + n_ctx:], persistent=False)  # class, ".", EOT
+
+    def forward(self, clip):
+        ctx = self.ctx.expand(len(self.prefix), -1, -1)
+        return clip.encode_text_embeddings(torch.cat([self.prefix, ctx, self.suffix], dim=1), self.eot)
+
+
+class VPTCLIP(nn.Module):
+    def __init__(self, clip, classnames, cfg):
+        super().__init__()
+        self.clip, self.cfg = clip, cfg
+        self.visual_prompts = VisualPrompts(clip, cfg)
+        self.text_context = TextContext(clip, classnames, cfg.text_ctx) if cfg.text_ctx else None
+        with torch.no_grad():  # the hand-crafted side is frozen: its features are computed once
+            template = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])
+            self.register_buffer("template_features", F.normalize(clip.encode_text(template), dim=-1), persistent=False)
+        self.cached = None  # VLP's text features, reused while evaluating
+
+    def text_features(self):
+        if self.text_context is None:
+            return self.template_features
+        text = self.cached if self.cached is not None else F.normalize(self.text_context(self.clip), dim=-1)
+        self.cached = None if self.training else text
+        return text  # (C, E)
+
+    def forward(self, images):
+        image = F.normalize(self.visual_prompts(self.clip.visual, images), dim=-1)  # (B, E)
+        return self.clip.logit_scale.exp() * image @ self.text_features().t()  # (B, C)
+
+    def param_groups(self, cfg):
+        groups = [{"params": [self.visual_prompts.prompts], "lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs}]
+        if self.text_context is not None:
+            groups.append({"params": [self.text_context.ctx], "lr": cfg.text_lr,
+                           "warmup_epochs": cfg.text_warmup_epochs})
+        return groups
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()
+        self.cached = None
+        return self
+
+
+def build(clip, classnames, cfg):
+    if not isinstance(clip.visual, clip_model.VisionTransformer):
+        raise ValueError("visual prompts need a transformer image tower: use a ViT backbone (ViT-B/32, ViT-B/16, "
+                         "ViT-L/14, tiny)")
+    clip.requires_grad_(False)
+    return VPTCLIP(clip, classnames, cfg)

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 import clip_model
 import coop
 import data
+import mudpt
 import vpt
 
-METHOD_FILES = [coop, vpt]  # a new method adds its module here
+METHOD_FILES = [coop, vpt, mudpt]  # a new method adds its module here
 METHODS = {name: (module, changes) for module in METHOD_FILES for name, changes in module.VARIANTS.items()}
 BACKBONES = list(clip_model.CONFIGS)
 WARMUP_LR = 1e-5  # Dassl's WARMUP_CONS_LR, in every CoOp-family config

@@ -52,8 +52,9 @@ def test_coop_learns_the_demo(tmp_path):
     assert r["accuracy"]["test"] > 40
 
 
-def test_base_to_new_reports_harmonic_mean(tmp_path):
-    r = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "2",
+@pytest.mark.parametrize("method", ["coop", "mudpt", "ivlp"])
+def test_base_to_new_reports_harmonic_mean(tmp_path, method):
+    r = train.run(train.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", "2",
                                     "--protocol", "base2new", "--output", str(tmp_path)]))
     base, new = r["accuracy"]["base"], r["accuracy"]["new"]
     assert r["accuracy"]["hm"] == pytest.approx(2 * base * new / (base + new))

@@ -1,0 +1,146 @@
+"""MuDPT: deep prompts in both CLIP towers, fused across the two modalities by an Injection Model.
+
+Miao et al., "MuDPT: Multi-modal Deep-symphysis Prompt Tuning for Large Pre-trained Vision-Language
+Models", ICME 2023, https://arxiv.org/abs/2306.11400. Official code: github.com/YzM1a0/MuDPT.
+
+Prompting only one tower moves its features away from the other tower's, and CLIP was trained to keep
+the two aligned. MuDPT prompts both, deeply: the first `depth` blocks of the text tower get n learned
+word vectors (the first set replaces the words "a photo of a" before the class name, the later sets
+replace the outputs of the previous block at those rows), and the same blocks of the image tower get n
+learned tokens next to the patches. The Injection Model ties the two sets together before every block:
+each modality's prompts are added to a linear projection of the other modality's prompts for that
+block ("deep-symphysis"), so the text and image prompts are learned as one system, not two. With the
+Injection Model off this is IVLP, the independent deep vision-language prompts MuDPT improves on.
+
+- Learned: text prompts (depth, n, D), image prompts (depth, n, W), and the Injection Model: text -> image
+  D -> W and image -> text W -> D linear maps (one pair for all deep blocks, plus a D -> W map for block 0).
+- Injected where: text prompts at rows 1..n of "[SOT] X X X X {class}. [EOT]" before blocks 0..depth-1;
+  image prompts appended after the patches before block 0 (through `ln_pre`, as the code does) and
+  replacing the previous block's prompt outputs before blocks 1..depth-1; from block `depth` on, the
+  prompt outputs of block depth-1 travel on like any token.
+- Frozen: all of CLIP.
+- Deviations (the paper's Fig. 4 and Eqs. 6-7 are lost; we follow the code that produced its numbers):
+  `injection="shared"` is the code (one map per direction for blocks 1..depth-1, and block 0's image
+  prompts get the projected block-0 text prompts); `injection="per_layer"` is a separate pair of maps per
+  block 1..depth-1 and no fusion at block 0 (the project spec's reading, 5x the parameters);
+  `injection="off"` is IVLP. The code maps image -> text into the joint width E; we map into the text
+  width D (E = D in every OpenAI ViT, so nothing changes). The official script uses depth 9 (default
+  here); the paper's text says 12: `--set depth=12`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clip_model
+
+
+@dataclass
+class Config:
+    backbone: str = "ViT-B/16"     # the paper's backbone
+    n_tokens: int = 4              # prompt tokens per block, both towers
+    depth: int = 9                 # prompted blocks (official script; the paper's text: 12), at most all
+    ctx_init: str = "a photo of a"  # first text prompts start as these words' embeddings if their tokens = n
+    injection: str = "shared"      # shared (official code) | per_layer (a pair of maps per block) | off (IVLP)
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 0.0025
+    warmup_epochs: int = 1         # at constant 1e-5, then cosine
+
+
+VARIANTS = {"mudpt": dict(), "ivlp": dict(injection="off")}
+
+
+class InjectionModel(nn.Module):
+    """Fuses the two towers' prompts: image_i + A(text_i) and text_i + B(image_i) for blocks i >= 1."""
+
+    def __init__(self, D, W, depth, per_layer):
+        super().__init__()
+        maps = depth - 1 if per_layer else 1
+        self.text_to_image = nn.ModuleList(nn.Linear(D, W) for _ in range(maps))  # A
+        self.image_to_text = nn.ModuleList(nn.Linear(W, D) for _ in range(maps))  # B
+        self.first = None if per_layer else nn.Linear(D, W)  # the code also feeds block-0 text into image
+
+    def forward(self, text, image):
+        """text (depth, n, D), image (depth, n, W) -> fused prompts of the same shapes."""
+        if len(self.text_to_image) == 1:  # one map for every deep block: apply it to all at once
+            to_image, to_text = self.text_to_image[0](text[1:]), self.image_to_text[0](image[1:])
+        else:
+            to_image = torch.stack([A(t) for A, t in zip(self.text_to_image, text[1:])])  # (depth-1, n, W)
+            to_text = torch.stack([B(v) for B, v in zip(self.image_to_text, image[1:])])  # (depth-1, n, D)
+        first = image[:1] + self.first(text[:1]) if self.first is not None else image[:1]
+        return torch.cat([text[:1], text[1:] + to_text]), torch.cat([first, image[1:] + to_image])
+
+
+class MuDPT(nn.Module):
+    def __init__(self, clip, classnames, cfg):
+        super().__init__()
+        blocks = min(len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks))
+        self.clip, n, J = clip, cfg.n_tokens, min(cfg.depth, blocks)  # a small model has fewer blocks
+        D, W = clip.ln_final.weight.shape[0], clip.visual.conv1.out_channels
+        device = clip.token_embedding.weight.device
+        text = torch.randn(J, n, D, device=device) * 0.02
+        init = clip_model.tokenize(cfg.ctx_init)
+        if cfg.ctx_init and int(init.argmax()) - 1 == n:  # as many words' tokens as prompt tokens
+            text[0] = clip.embed_text(init)[0, 1:1 + n].detach()
+        self.text_prompts = nn.Parameter(text)  # (J, n, D)
+        self.image_prompts = nn.Parameter(torch.randn(J, n, W, device=device) * 0.02)  # (J, n, W)
+        self.injection = None if cfg.injection == "off" else InjectionModel(D, W, J, cfg.injection == "per_layer")
+        tokens = clip_model.tokenize([" ".join(["X"] * n + [c.replace("_", " ")]) + "." for c in classnames])
+        self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (C,): never moves
+        with torch.no_grad():
+            self.register_buffer("embedded", clip.embed_text(tokens[:, :int(self.eot.max()) + 1]), persistent=False)
+        self.cached = None  # (C, E) text features, reused while evaluating: they do not depend on the image
+
+    def prompts(self):
+        if self.injection is None:
+            return self.text_prompts, self.image_prompts
+        return self.injection(self.text_prompts, self.image_prompts)
+
+    def encode_text(self, prompts):
+        """Deep text prompts (J, n, D) -> (C, E): rows 1..n replaced before each of the first J blocks."""
+        x, n, L = self.embedded, prompts.shape[1], self.embedded.shape[1]  # (C, L, D), cut after the last EOT
+        x = torch.cat([x[:, :1], prompts[0].expand(len(x), -1, -1), x[:, 1 + n:]], dim=1)  # input prompts
+        x = x + self.clip.positional_embedding[:L]  # positions for the input only, as in CLIP (and the code)
+        mask = clip_model.causal_mask(L, x.device)
+        for i, block in enumerate(self.clip.transformer.resblocks):
+            if 0 < i < len(prompts):  # overwrite the previous block's outputs at the prompt rows
+                x = torch.cat([x[:, :1], prompts[i].expand(len(x), -1, -1), x[:, 1 + n:]], dim=1)
+            x = block(x, mask)
+        return self.clip.text_head(x, self.eot)
+
+    def encode_image(self, images, prompts):
+        """Deep image prompts (J, n, W) -> (B, E): appended before block 0, replaced before blocks < J."""
+        visual, n = self.clip.visual, prompts.shape[1]
+        x = visual.embed(images)  # (B, 1+N, W)
+        for i, block in enumerate(visual.transformer.resblocks):
+            if i < len(prompts):
+                p = visual.ln_pre(prompts[0]) if i == 0 else prompts[i]  # the code adds them before ln_pre
+                x = torch.cat([x[:, :x.shape[1] - (n if i else 0)], p.expand(len(x), -1, -1)], dim=1)
+            x = block(x)  # (B, 1+N+n, W)
+        return visual.head(x)
+
+    def forward(self, images):
+        text_prompts, image_prompts = self.prompts()
+        image = F.normalize(self.encode_image(images, image_prompts), dim=-1)  # (B, E)
+        text = self.cached if self.cached is not None else F.normalize(self.encode_text(text_prompts), dim=-1)
+        self.cached = None if self.training else text
+        return self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()  # frozen CLIP
+        self.cached = None
+        return self
+
+
+def build(clip, classnames, cfg):
+    if not isinstance(clip.visual, clip_model.VisionTransformer):
+        raise ValueError("MuDPT prompts the image transformer: use a ViT backbone (ViT-B/16, ViT-B/32, ViT-L/14, tiny)")
+    if cfg.injection not in ("shared", "per_layer", "off"):
+        raise ValueError(f"injection={cfg.injection!r}: use shared, per_layer or off")
+    if cfg.depth < 1 or cfg.n_tokens < 1:
+        raise ValueError(f"depth={cfg.depth}, n_tokens={cfg.n_tokens}: both must be at least 1")
+    clip.requires_grad_(False)
+    return MuDPT(clip, classnames, cfg)

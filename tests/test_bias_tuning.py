@@ -1,0 +1,81 @@
+"""Bias tuning on a tiny random CLIP: zero-shot at init, where the biases go, counts, gradients, learning."""
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bias_tuning
+import clip_model
+
+NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return clip_model.load("tiny")[0]
+
+
+def images(n=5, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_zero_biases_are_zeroshot_clip(clip):
+    model = bias_tuning.build(clip, NAMES, bias_tuning.Config(template="a photo of a {}."))
+    expected = clip(images(), clip_model.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]))
+    torch.testing.assert_close(model(images()), expected, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_bias_is_added_to_every_token_after_every_block(clip):
+    model = bias_tuning.build(clip, NAMES, bias_tuning.Config())
+    model.image_bias.normal_(0, 1)
+    model.text_bias.normal_(0, 1)
+    x = clip.visual.embed(images())
+    for block, b in zip(clip.visual.transformer.resblocks, model.image_bias):
+        x = block(x) + b
+    torch.testing.assert_close(model.encode_image(images()), clip.visual.head(x), rtol=0, atol=1e-5)
+    tokens = model.tokens
+    x = clip.embed_text(tokens) + clip.positional_embedding  # all 77 positions, by hand
+    for block, b in zip(clip.transformer.resblocks, model.text_bias):
+        x = block(x, clip_model.causal_mask(77)) + b
+    torch.testing.assert_close(model.encode_text(), clip.text_head(x, tokens.argmax(-1)), rtol=0, atol=1e-5)
+
+
+def test_parameter_count_for_vit_b16():
+    with torch.device("meta"):
+        clip = clip_model.CLIP(*clip_model.CONFIGS["ViT-B/16"])
+    count = lambda **c: sum(p.numel() for p in bias_tuning.build(clip, NAMES, bias_tuning.Config(**c)).parameters()
+                            if p.requires_grad)
+    assert count() == 12 * 768 + 12 * 512 == 15_360
+    assert count(visual=False) == 12 * 512 and count(text=False) == 12 * 768
+
+
+def test_resnet_needs_visual_false(clip):
+    rn = clip_model.load("tiny-rn")[0]
+    with pytest.raises(ValueError, match="--set visual=false"):
+        bias_tuning.build(rn, NAMES, bias_tuning.Config())
+    model = bias_tuning.build(rn, NAMES, bias_tuning.Config(visual=False))
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_only_biases_learn(clip):
+    clip = copy.deepcopy(clip)
+    before = copy.deepcopy(clip.state_dict())
+    model = bias_tuning.build(clip, NAMES, bias_tuning.Config())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    x, y = images(8), torch.arange(8) % len(NAMES)
+    losses = []
+    for _ in range(15):
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"text_bias", "image_bias"}
+    assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in clip.parameters())

@@ -220,9 +220,9 @@ def run(args):
     log(f"{args.method} on {task.dataset} ({args.protocol}, {args.shots} shots, seed {args.seed}): {cfg.backbone}"
         f"{' random init' if args.init == 'random' else ''}, {args.device}, {runner.precision}, "
         f"{n_learned:,} learned / {n_frozen:,} frozen parameters, {len(task.train)} train images, {epochs} epochs")
-    results = dict(method=args.method, dataset=task.dataset, protocol=args.protocol, shots=args.shots, seed=args.seed,
-                   backbone=cfg.backbone, epochs=epochs, learned_params=n_learned, frozen_params=n_frozen,
-                   precision=runner.precision, config=dataclasses.asdict(cfg))
+    results = dict(method=args.method, dataset=task.dataset, data=args.data, protocol=args.protocol, shots=args.shots,
+                   seed=args.seed, backbone=cfg.backbone, init=args.init, epochs=epochs, learned_params=n_learned,
+                   frozen_params=n_frozen, precision=runner.precision, config=dataclasses.asdict(cfg))
     if args.dry_run:
         write_json(results, out / "results.json")
         log(f"dry run: wrote {out / 'results.json'}")

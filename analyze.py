@@ -1,0 +1,278 @@
+"""What prompts do inside CLIP: attention statistics and relevancy maps, a tuned run beside zero-shot CLIP.
+
+    python analyze.py runs/dtd/mudpt/ViT-B-16/shots16/seed1            # a finished run of train.py
+    python analyze.py --method zeroshot --data ./data/dtd --backbone ViT-B/16 --out analysis/
+
+On N test images (fixed seed) it records every attention map of both towers (the explicit-probability
+path of clip_model's blocks, kept in the autograd graph) and computes, per block and head, following the
+probing paper in shared/papers/bias_tuning.txt (sections 4.2-4.3):
+- attention distance: mean over patch queries of sum_j A_ij |c_i - c_j| in pixels, over patch keys only,
+  renormalised ("w/o prompt") and not ("w/ prompt": cls and prompt keys count 0);
+- attention entropy of the patch queries over all keys (nats; uniform over L keys = ln L);
+- prompt share: attention mass the cls and the patch queries put on prompt tokens (rows after the patches,
+  where every method here appends its image prompts);
+- text: what the EOT query attends to: SOT, the context (learned or hand-written words), the class name;
+- relevancy (Chefer et al.): R = I, R <- R + mean_h(clamp(dy/dA * A, 0)) R per block, for the target logit
+  y; image relevancy = R[cls, patches] on the g x g grid, text relevancy = R[EOT, :EOT].
+It writes RUN_DIR/analysis/stats.json, relevancy_<i>.png (image | zero-shot | method) and, with matplotlib
+installed, one plot per statistic (method against zero-shot CLIP, per layer).
+"""
+import argparse
+import json
+import random
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import clip_model
+import data
+import train
+
+
+class Recorder:
+    """While active, every block of `clip` runs the explicit attention path and its maps are kept."""
+
+    def __init__(self, clip):
+        self.clip, self.maps = clip, {"image": [], "text": []}
+        self.blocks = [("text", b.attn) for b in clip.transformer.resblocks]
+        if isinstance(clip.visual, clip_model.VisionTransformer):
+            self.blocks += [("image", b.attn) for b in clip.visual.transformer.resblocks]
+
+    def __enter__(self):
+        for tower, attn in self.blocks:
+            def forward(x, mask=None, return_attn=False, run=attn.forward, tower=tower):
+                out, probs = run(x, mask, True)
+                self.maps[tower].append(probs)  # (B, H, L, L), in the graph
+                return out, probs
+            attn.forward = forward  # an instance attribute shadows the class's method
+        # position embeddings need gradients so that every map is in the graph, whatever the method learns
+        for p in (self.clip.positional_embedding, self.clip.visual.positional_embedding):
+            p.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc):
+        for _, attn in self.blocks:
+            del attn.forward
+        self.clip.requires_grad_(False)
+
+
+def attention_distance(A, grid, patch):
+    """A (B, H, L, L) with patches at rows 1..g² -> (H,) distances: renormalised over patch keys, and not."""
+    G = grid * grid
+    centres = (torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1)
+               .reshape(G, 2).float() + 0.5) * patch
+    d = torch.cdist(centres, centres)  # (G, G) pixels
+    patches = A[:, :, 1:1 + G, 1:1 + G]  # patch queries, patch keys
+    without = (patches / patches.sum(-1, keepdim=True) * d).sum(-1).mean((0, 2))
+    return without, (patches * d).sum(-1).mean((0, 2))
+
+
+def entropy(A, queries):
+    """Mean over the query rows of -sum_j A_ij ln A_ij -> (H,)."""
+    A = A[:, :, queries]
+    return -(A * A.clamp_min(1e-12).log()).sum(-1).mean((0, 2))
+
+
+def share(A, queries, keys):
+    """Mean over the query rows of the attention mass on the key rows -> (H,)."""
+    return A[:, :, queries][..., keys].sum(-1).mean((0, 2))
+
+
+def rollout(maps, grads):
+    """Chefer et al.'s relevancy: maps and grads lists of (B, H, L, L) -> R (B, L, L)."""
+    B, _, L, _ = maps[0].shape
+    R = torch.eye(L).expand(B, L, L)
+    for A, g in zip(maps, grads):
+        R = R + (g * A).clamp(min=0).mean(1) @ R
+    return R
+
+
+def load_run(args):
+    """(method module, Config, learned state or None, data path, backbone, init, seed)."""
+    if args.run:
+        run = Path(args.run)
+        try:
+            results = json.loads((run / "results.json").read_text())
+            module, _ = train.METHODS[results["method"]]
+            cfg = module.Config(**results["config"])
+            learned = train.load_checkpoint(run / "checkpoint.pt", results["method"])["learned"] \
+                if results["learned_params"] else {}
+            return results["method"], cfg, learned, results["data"], results["init"], results["seed"], run / "analysis"
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            raise train.UserError(f"{run} is not a finished run of train.py ({type(e).__name__}: {e})") from None
+    if not (args.method and args.data):
+        raise train.UserError("pass a run folder, or --method zeroshot --data D [--backbone B]")
+    if args.method not in train.METHODS:
+        raise train.UserError(f"unknown method {args.method!r}; choose one of: {' '.join(train.METHODS)}")
+    module, changes = train.METHODS[args.method]
+    cfg = replace(module.Config(), **changes, **({"backbone": args.backbone} if args.backbone else {}))
+    return args.method, cfg, {}, args.data, args.init, 1, Path(args.out or "analysis")
+
+
+def text_rows(cfg, classname, template_only=False):
+    """(context rows, class-name rows, EOT row) of the text prompt a model ran for one class; SOT is row 0.
+    Learned context ("X X ... X {class}.") when the Config has a context count, else the template's words."""
+    name = classname.replace("_", " ")
+    n = 0 if template_only else next((getattr(cfg, f) for f in ("n_tokens", "text_ctx") if getattr(cfg, f, 0)), 0)
+    if not n and not template_only and getattr(cfg, "n_ctx", 0):  # CoOp: an init phrase sets the count
+        n = int(clip_model.tokenize(cfg.ctx_init).argmax()) - 1 if cfg.ctx_init else cfg.n_ctx
+    if n:
+        text = " ".join(["X"] * n + [name]) + "."
+    else:  # a hand-crafted template: the context is the words before the class name
+        template = getattr(cfg, "template", "a photo of a {}.")
+        text, n = template.format(name), int(clip_model.tokenize(template.split("{}")[0]).argmax()) - 1
+    k = int(clip_model.tokenize(name).argmax()) - 1
+    return list(range(1, 1 + n)), list(range(1 + n, 1 + n + k)), int(clip_model.tokenize(text).argmax())
+
+
+def analyse(model, clip, cfg, images, classnames, target):
+    """One model on the images -> (stats, image relevancy (B, g, g) or None, text relevancy per image)."""
+    with torch.no_grad():
+        plain_image = F.normalize(clip.encode_image(images), dim=-1)  # for a frozen text side, below
+    model.train(False)  # also drops cached text features, so a learned text side runs and is recorded
+    with Recorder(clip) as rec, torch.enable_grad():
+        logits = model(images)
+        target = logits.argmax(-1) if target is None else target
+        y = logits.gather(1, target[:, None])[:, 0]  # (B,)
+        image_maps, text_side = rec.maps["image"], "learned" if rec.maps["text"] else "frozen"
+        if text_side == "frozen":  # the method's text features were computed at build: rerun the template
+            template = getattr(cfg, "template", "a photo of a {}.")
+            text = clip.encode_text(clip_model.tokenize([template.format(c.replace("_", " ")) for c in classnames]))
+            text_y = clip.logit_scale.exp() * (plain_image * F.normalize(text, dim=-1)[target]).sum(-1)
+        else:
+            text_y = y
+        text_maps = rec.maps["text"]
+        stats, image_relevancy = {"text_side": text_side}, None
+        if image_maps:
+            grid = int((clip.visual.positional_embedding.shape[0] - 1) ** 0.5)
+            patch, G, L = clip.visual.conv1.kernel_size[0], grid * grid, image_maps[0].shape[-1]
+            patches, prompts = list(range(1, 1 + G)), list(range(1 + G, L))
+            d = [attention_distance(A.detach(), grid, patch) for A in image_maps]
+            stats["image"] = {
+                "distance": [x[0].tolist() for x in d], "distance_with_prompts": [x[1].tolist() for x in d],
+                "entropy": [entropy(A.detach(), patches).tolist() for A in image_maps],
+                "prompt_share_cls": [share(A.detach(), [0], prompts).tolist() for A in image_maps],
+                "prompt_share_patches": [share(A.detach(), patches, prompts).tolist() for A in image_maps]}
+            grads = torch.autograd.grad(y.sum(), image_maps, retain_graph=True)  # images do not interact
+            R = rollout([A.detach() for A in image_maps], grads)
+            image_relevancy = R[:, 0, 1:1 + G].reshape(-1, grid, grid)
+        layouts = [text_rows(cfg, c, template_only=text_side == "frozen") for c in classnames]
+        eots = [e for _, _, e in layouts]
+        shares = {"sot": [], "context": [], "class": []}
+        for A in text_maps:  # (C, H, L, L): what each class's EOT query attends to, averaged over heads
+            rows = [A[c, :, e].detach().mean(0) for c, e in enumerate(eots)]  # C x (L,)
+            shares["sot"].append(sum(r[0].item() for r in rows) / len(rows))
+            shares["context"].append(sum(r[ctx].sum().item() for r, (ctx, _, _) in zip(rows, layouts)) / len(rows))
+            shares["class"].append(sum(r[name].sum().item() for r, (_, name, _) in zip(rows, layouts)) / len(rows))
+        stats["text_eot"] = shares
+        text_relevancy = []
+        for b in range(len(images)):
+            grads = torch.autograd.grad(text_y[b], text_maps, retain_graph=True)
+            c = int(target[b])
+            R = rollout([A[c:c + 1].detach() for A in text_maps], [g[c:c + 1] for g in grads])
+            text_relevancy.append(R[0, eots[c], :eots[c]].tolist())
+    return stats, image_relevancy, text_relevancy, target
+
+
+def heat(image, relevancy, size):
+    """The image blended with the relevancy (g, g) upsampled, from dark blue (0) to yellow (max)."""
+    r = F.interpolate(relevancy[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    r = (r - r.min()) / (r.max() - r.min() + 1e-12)
+    colour = torch.stack([r * 255, r * 220, (1 - r) * 160]).byte().permute(1, 2, 0).numpy()
+    return Image.blend(image.resize((size, size)).convert("RGB"), Image.fromarray(colour, "RGB"), 0.6)
+
+
+def overlay(image, zero, method, tokens, size):
+    """image | zero-shot relevancy | method relevancy, and a row of the method's text token relevancies."""
+    canvas = Image.new("RGB", (3 * size, size + 24), "white")
+    canvas.paste(image.resize((size, size)).convert("RGB"), (0, 0))
+    for k, rel in enumerate((zero, method)):
+        if rel is not None:
+            canvas.paste(heat(image, rel, size), ((k + 1) * size, 0))
+    draw, top = ImageDraw.Draw(canvas), max(tokens or [0]) or 1
+    width = 3 * size / max(len(tokens), 1)
+    for i, t in enumerate(tokens):  # darker = more relevant text token (SOT first)
+        shade = 255 - int(230 * max(t, 0) / top)
+        draw.rectangle((i * width, size + 4, (i + 1) * width - 1, size + 20), fill=(shade, shade, 255))
+    return canvas
+
+
+def plots(stats, folder):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plots skipped: pip install matplotlib"
+    curves = {"attention_distance": ("image", "distance", "patch queries, pixels"),
+              "attention_entropy": ("image", "entropy", "patch queries, nats"),
+              "prompt_share": ("image", "prompt_share_patches", "patch attention on prompts"),
+              "text_eot_attention": ("text_eot", "sot", "EOT attention on SOT")}
+    for name, (part, key, label) in curves.items():
+        fig, ax = plt.subplots(figsize=(4, 3))
+        for who in ("zeroshot", "method"):
+            values = (stats[who].get(part) or {}).get(key)
+            if values:
+                per_layer = [sum(v) / len(v) if isinstance(v, list) else v for v in values]
+                ax.plot(range(1, len(per_layer) + 1), per_layer, marker="o", label=stats[who]["name"])
+                ax.set_xticks(range(1, len(per_layer) + 1))
+        ax.set(xlabel="block", ylabel=label, title=f"{name.replace('_', ' ')} (mean over heads)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=100)
+        plt.close(fig)
+    return "plots written"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", nargs="?", help="a run folder of train.py (results.json + checkpoint.pt)")
+    p.add_argument("--images", type=int, default=8, help="test images to analyse (fixed seed)")
+    p.add_argument("--target", choices=["pred", "label"], default="pred", help="the logit relevancy explains")
+    p.add_argument("--method", help="without a run: a method, e.g. zeroshot")
+    p.add_argument("--data", help="without a run: the dataset")
+    p.add_argument("--backbone", help="without a run: the backbone")
+    p.add_argument("--init", choices=["pretrained", "random"], default="pretrained")
+    p.add_argument("--out", help="output folder (default RUN/analysis)")
+    args = p.parse_args(argv)
+    try:
+        name, cfg, learned, data_path, init, seed, out = load_run(args)
+        out = Path(args.out) if args.out else out
+        clip, preprocess = clip_model.load(cfg.backbone, pretrained=init == "pretrained", seed=seed)
+        ds = data.load_dataset(data_path)
+        items = random.Random(0).sample(ds.test, min(args.images, len(ds.test)))
+        pil = [Image.open(path).convert("RGB") for path, _ in items]
+        images = torch.stack([preprocess(im) for im in pil])
+        labels = torch.tensor([y for _, y in items])
+        module = train.METHODS[name][0]
+        model_cfg = replace(cfg, template=ds.template) if hasattr(cfg, "template") else cfg
+        model = module.build(clip, ds.classnames, model_cfg)
+        model.load_state_dict(learned, strict=False)
+        zeroshot = train.coop.build(clip, ds.classnames, train.coop.Config(n_ctx=0, template=ds.template))
+    except (train.UserError, data.DataError, clip_model.LoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    target = labels if args.target == "label" else None
+    zero_cfg = train.coop.Config(n_ctx=0, template=ds.template)
+    zero_stats, zero_image, _, _ = analyse(zeroshot, clip, zero_cfg, images, ds.classnames, target)
+    stats, image_rel, text_rel, predicted = analyse(model, clip, model_cfg, images, ds.classnames, target)
+    out.mkdir(parents=True, exist_ok=True)
+    size = max(clip.visual.input_resolution, 128)
+    for i, im in enumerate(pil):
+        panel = overlay(im, None if zero_image is None else zero_image[i], None if image_rel is None else image_rel[i],
+                        text_rel[i], size)
+        train.save_atomic(lambda tmp: panel.save(tmp, format="PNG"), out / f"relevancy_{i}.png")
+    result = {"zeroshot": {"name": "zero-shot CLIP", **zero_stats}, "method": {"name": name, **stats},
+              "images": [p for p, _ in items], "labels": labels.tolist(), "targets": predicted.tolist(),
+              "backbone": cfg.backbone, "dataset": ds.name}
+    train.write_json(result, out / "stats.json")
+    print(f"{plots(result, out)}; wrote {out / 'stats.json'} and {len(pil)} relevancy_<i>.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

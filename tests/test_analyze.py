@@ -1,0 +1,88 @@
+"""analyze.py: the statistics on hand-made attention maps with known answers, relevancy, and the CLI."""
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import analyze
+import clip_model
+import train
+
+
+def test_distance_of_self_attention_is_zero_and_uniform_is_the_grid_mean():
+    grid, patch, G = 3, 10, 9
+    eye = torch.eye(1 + G + 2)[None, None]  # cls, 9 patches, 2 prompts; every query on itself
+    assert analyze.attention_distance(eye, grid, patch)[0].item() == 0
+    uniform = torch.full((1, 2, 1 + G + 2, 1 + G + 2), 1 / (1 + G + 2))
+    centres = torch.tensor([[(i % 3 + 0.5) * 10, (i // 3 + 0.5) * 10] for i in range(9)])
+    mean_pairwise = torch.cdist(centres, centres).mean().item()
+    without, with_prompts = analyze.attention_distance(uniform, grid, patch)
+    assert without.tolist() == pytest.approx([mean_pairwise] * 2)
+    assert with_prompts.tolist() == pytest.approx([mean_pairwise * G / (1 + G + 2)] * 2)  # cls, prompts: 0
+
+
+def test_entropy_and_prompt_share():
+    L = 12
+    uniform = torch.full((2, 3, L, L), 1 / L)
+    assert analyze.entropy(uniform, list(range(1, 10))).tolist() == pytest.approx([math.log(L)] * 3)
+    assert analyze.entropy(torch.eye(L)[None, None], [1, 2]).item() == pytest.approx(0, abs=1e-6)
+    A = torch.zeros(1, 1, L, L)
+    A[..., :10] = 0.07  # 0.7 on cls + patches, 0.3 on the two prompt rows 10, 11
+    A[..., 10:] = 0.15
+    assert analyze.share(A, [0], [10, 11]).item() == pytest.approx(0.3)
+    assert analyze.share(A, list(range(1, 10)), [10, 11]).item() == pytest.approx(0.3)
+
+
+def test_rollout_of_identity_maps_is_the_identity_plus_gradient_mass():
+    A = torch.eye(4)[None, None].expand(2, 2, 4, 4)
+    R = analyze.rollout([A, A], [torch.ones_like(A), torch.zeros_like(A)])
+    assert torch.equal(R, 2 * torch.eye(4).expand(2, 4, 4))  # R = I + I·I, then + 0
+
+
+@pytest.fixture(scope="module")
+def tiny_analysis():
+    clip = clip_model.load("tiny")[0]
+    names = ["red circle", "green square", "blue triangle"]
+    cfg = train.coop.Config(n_ctx=0)
+    model = train.coop.build(clip, names, cfg)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return clip, names, cfg, model, images
+
+
+def test_relevancy_is_grid_shaped_non_negative_and_depends_on_the_target(tiny_analysis):
+    clip, names, cfg, model, images = tiny_analysis
+    stats, image_rel, text_rel, target = analyze.analyse(model, clip, cfg, images, names, torch.tensor([0, 0]))
+    assert image_rel.shape == (2, 4, 4) and (image_rel >= 0).all()
+    other = analyze.analyse(model, clip, cfg, images, names, torch.tensor([1, 1]))[1]
+    assert (other - image_rel).abs().max() > 1e-6  # another class, another map
+    assert len(text_rel) == 2 and all(r >= 0 for r in text_rel[0])
+    assert stats["text_side"] == "frozen" and len(stats["image"]["entropy"]) == 2  # per block
+    assert stats["image"]["prompt_share_cls"] == [[0.0, 0.0], [0.0, 0.0]]  # zero-shot has no prompts
+
+
+@pytest.mark.parametrize("method", ["vpt", "ivlp", "mudpt", "bias_tuning", "coop"])
+def test_cli_on_a_tiny_run_writes_json_and_pngs(tmp_path, method):
+    train.run(train.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", "1",
+                                "--batch-size", "16", "--output", str(tmp_path)]))
+    assert analyze.main([str(tmp_path), "--images", "2"]) == 0
+    stats = json.loads((tmp_path / "analysis" / "stats.json").read_text())
+    assert stats["method"]["name"] == method and len(stats["targets"]) == 2
+    blocks = len(stats["method"]["image"]["distance"])
+    assert blocks == 2 and len(stats["method"]["text_eot"]["sot"]) == 2
+    if method in ("vpt", "ivlp", "mudpt"):  # image prompts take some attention
+        assert stats["method"]["image"]["prompt_share_patches"][0][0] > 0
+    for i in range(2):
+        with Image.open(tmp_path / "analysis" / f"relevancy_{i}.png") as png:
+            assert png.format == "PNG" and png.size == (3 * 128, 128 + 24)
+
+
+def test_zeroshot_without_a_run_and_errors(tmp_path, capsys):
+    assert analyze.main(["--method", "zeroshot", "--data", "demo", "--backbone", "tiny", "--images", "1",
+                         "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "stats.json").is_file()
+    assert analyze.main([str(tmp_path / "nothing")]) == 2
+    assert "is not a finished run of train.py" in capsys.readouterr().err
+    assert analyze.main(["--method", "vpt-deep", "--data", "demo"]) == 2
+    assert "unknown method 'vpt-deep'" in capsys.readouterr().err

@@ -164,7 +164,7 @@ def analyse(model, clip, cfg, images, classnames, target):
         eots = [e for _, _, e in layouts]
         shares = {"sot": [], "context": [], "class": []}
         for A in text_maps:  # (C, H, L, L): what each class's EOT query attends to, averaged over heads
-            rows = [A[c, :, e].detach().mean(0) for c, e in enumerate(eots)]  # C x (L,)
+            rows = [A[c, :, e].detach().mean(0) for c, e in enumerate(eots)]  # C x (L,); CoCoOp: image 0
             shares["sot"].append(sum(r[0].item() for r in rows) / len(rows))
             shares["context"].append(sum(r[ctx].sum().item() for r, (ctx, _, _) in zip(rows, layouts)) / len(rows))
             shares["class"].append(sum(r[name].sum().item() for r, (_, name, _) in zip(rows, layouts)) / len(rows))
@@ -173,7 +173,8 @@ def analyse(model, clip, cfg, images, classnames, target):
         for b in range(len(images)):
             grads = torch.autograd.grad(text_y[b], text_maps, retain_graph=True)
             c = int(target[b])
-            R = rollout([A[c:c + 1].detach() for A in text_maps], [g[c:c + 1] for g in grads])
+            k = c + (b * len(classnames) if len(text_maps[0]) > len(classnames) else 0)  # CoCoOp: per image
+            R = rollout([A[k:k + 1].detach() for A in text_maps], [g[k:k + 1] for g in grads])
             text_relevancy.append(R[0, eots[c], :eots[c]].tolist())
     return stats, image_relevancy, text_relevancy, target
 

@@ -32,7 +32,6 @@ import clip_model
 import data
 import train
 
-
 class Recorder:
     """While active, every block of `clip` runs the explicit attention path and its maps are kept."""
 
@@ -59,7 +58,6 @@ class Recorder:
             del attn.forward
         self.clip.requires_grad_(False)
 
-
 def attention_distance(A, grid, patch):
     """A (B, H, L, L) with patches at rows 1..g² -> (H,) distances: renormalised over patch keys, and not."""
     G = grid * grid
@@ -70,17 +68,14 @@ def attention_distance(A, grid, patch):
     without = (patches / patches.sum(-1, keepdim=True) * d).sum(-1).mean((0, 2))
     return without, (patches * d).sum(-1).mean((0, 2))
 
-
 def entropy(A, queries):
     """Mean over the query rows of -sum_j A_ij ln A_ij -> (H,)."""
     A = A[:, :, queries]
     return -(A * A.clamp_min(1e-12).log()).sum(-1).mean((0, 2))
 
-
 def share(A, queries, keys):
     """Mean over the query rows of the attention mass on the key rows -> (H,)."""
     return A[:, :, queries][..., keys].sum(-1).mean((0, 2))
-
 
 def rollout(maps, grads):
     """Chefer et al.'s relevancy: maps and grads lists of (B, H, L, L) -> R (B, L, L)."""
@@ -89,7 +84,6 @@ def rollout(maps, grads):
     for A, g in zip(maps, grads):
         R = R + (g * A).clamp(min=0).mean(1) @ R
     return R
-
 
 def load_run(args):
     """(method module, Config, learned state or None, data path, backbone, init, seed)."""
@@ -112,7 +106,6 @@ def load_run(args):
     cfg = replace(module.Config(), **changes, **({"backbone": args.backbone} if args.backbone else {}))
     return args.method, cfg, {}, args.data, args.init, 1, Path(args.out or "analysis")
 
-
 def text_rows(cfg, classname, template_only=False):
     """(context rows, class-name rows, EOT row) of the text prompt a model ran for one class; SOT is row 0.
     Learned context ("X X ... X {class}.") when the Config has a context count, else the template's words."""
@@ -127,7 +120,6 @@ def text_rows(cfg, classname, template_only=False):
         text, n = template.format(name), int(clip_model.tokenize(template.split("{}")[0]).argmax()) - 1
     k = int(clip_model.tokenize(name).argmax()) - 1
     return list(range(1, 1 + n)), list(range(1 + n, 1 + n + k)), int(clip_model.tokenize(text).argmax())
-
 
 def analyse(model, clip, cfg, images, classnames, target):
     """One model on the images -> (stats, image relevancy (B, g, g) or None, text relevancy per image)."""
@@ -178,14 +170,12 @@ def analyse(model, clip, cfg, images, classnames, target):
             text_relevancy.append(R[0, eots[c], :eots[c]].tolist())
     return stats, image_relevancy, text_relevancy, target
 
-
 def heat(image, relevancy, size):
     """The image blended with the relevancy (g, g) upsampled, from dark blue (0) to yellow (max)."""
     r = F.interpolate(relevancy[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
     r = (r - r.min()) / (r.max() - r.min() + 1e-12)
     colour = torch.stack([r * 255, r * 220, (1 - r) * 160]).byte().permute(1, 2, 0).numpy()
     return Image.blend(image.resize((size, size)).convert("RGB"), Image.fromarray(colour, "RGB"), 0.6)
-
 
 def overlay(image, zero, method, tokens, size):
     """image | zero-shot relevancy | method relevancy, and a row of the method's text token relevancies."""
@@ -200,7 +190,6 @@ def overlay(image, zero, method, tokens, size):
         shade = 255 - int(230 * max(t, 0) / top)
         draw.rectangle((i * width, size + 4, (i + 1) * width - 1, size + 20), fill=(shade, shade, 255))
     return canvas
-
 
 def plots(stats, folder):
     try:
@@ -227,7 +216,6 @@ def plots(stats, folder):
         fig.savefig(folder / f"{name}.png", dpi=100)
         plt.close(fig)
     return "plots written"
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -273,7 +261,6 @@ def main(argv=None):
     train.write_json(result, out / "stats.json")
     print(f"{plots(result, out)}; wrote {out / 'stats.json'} and {len(pil)} relevancy_<i>.png")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

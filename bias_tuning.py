@@ -23,7 +23,6 @@ from torch import nn
 
 import clip_model
 
-
 @dataclass
 class Config:
     backbone: str = "ViT-B/16"          # the paper's backbone (its IVLP settings, section 4.1)
@@ -35,9 +34,7 @@ class Config:
     lr: float = 0.0025
     warmup_epochs: int = 1              # at constant 1e-5, then cosine
 
-
 VARIANTS = {"bias_tuning": dict()}
-
 
 class BiasTuning(nn.Module):
     def __init__(self, clip, classnames, cfg):
@@ -83,7 +80,6 @@ class BiasTuning(nn.Module):
         self.clip.eval()  # frozen CLIP (ResNet BatchNorm statistics stay as trained)
         self.cached = None
         return self
-
 
 def build(clip, classnames, cfg):
     if cfg.visual and not isinstance(clip.visual, clip_model.VisionTransformer):

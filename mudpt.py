@@ -35,7 +35,6 @@ from torch import nn
 
 import clip_model
 
-
 @dataclass
 class Config:
     backbone: str = "ViT-B/16"     # the paper's backbone
@@ -48,9 +47,7 @@ class Config:
     lr: float = 0.0025
     warmup_epochs: int = 1         # at constant 1e-5, then cosine
 
-
 VARIANTS = {"mudpt": dict(), "ivlp": dict(injection="off")}
-
 
 class InjectionModel(nn.Module):
     """Fuses the two towers' prompts: image_i + A(text_i) and text_i + B(image_i) for blocks i >= 1."""
@@ -71,7 +68,6 @@ class InjectionModel(nn.Module):
             to_text = torch.stack([B(v) for B, v in zip(self.image_to_text, image[1:])])  # (depth-1, n, D)
         first = image[:1] + self.first(text[:1]) if self.first is not None else image[:1]
         return torch.cat([text[:1], text[1:] + to_text]), torch.cat([first, image[1:] + to_image])
-
 
 class MuDPT(nn.Module):
     def __init__(self, clip, classnames, cfg):
@@ -133,7 +129,6 @@ class MuDPT(nn.Module):
         self.clip.eval()  # frozen CLIP
         self.cached = None
         return self
-
 
 def build(clip, classnames, cfg):
     if not isinstance(clip.visual, clip_model.VisionTransformer):

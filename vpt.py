@@ -27,7 +27,6 @@ from torch import nn
 
 import clip_model
 
-
 @dataclass
 class Config:
     backbone: str = "ViT-B/32"          # the CAVPT paper's backbone for every experiment
@@ -42,9 +41,7 @@ class Config:
     text_lr: float = 0.002              # VLP text context: CoOp's lr ...
     text_warmup_epochs: int = 1         # ... and CoOp's warm-up
 
-
 VARIANTS = {"vpt-shallow": dict(deep=False), "vpt": dict(), "vlp": dict(text_ctx=16)}
-
 
 class VisualPrompts(nn.Module):
     """Prompt tokens in the ViT: (layers, n, W), layers = 1 for shallow, every block for deep."""
@@ -64,7 +61,6 @@ class VisualPrompts(nn.Module):
             x = block(x)
         return visual.head(x)  # (B, E): the class token
 
-
 class TextContext(nn.Module):
     """CoOp's unified context: "X X ... X {class}." with the X rows learned, N(0, 0.02) at init."""
 
@@ -81,7 +77,6 @@ class TextContext(nn.Module):
     def forward(self, clip):
         ctx = self.ctx.expand(len(self.prefix), -1, -1)
         return clip.encode_text_embeddings(torch.cat([self.prefix, ctx, self.suffix], dim=1), self.eot)
-
 
 class VPTCLIP(nn.Module):
     def __init__(self, clip, classnames, cfg):
@@ -117,7 +112,6 @@ class VPTCLIP(nn.Module):
         self.clip.eval()
         self.cached = None
         return self
-
 
 def build(clip, classnames, cfg):
     if not isinstance(clip.visual, clip_model.VisionTransformer):

@@ -1,0 +1,202 @@
+"""CAVPT and DPT: deep visual prompts plus class-aware visual prompts made from each image's likely classes.
+
+Xing et al., "Dual Modality Prompt Tuning for Vision-Language Pre-Trained Model", IEEE TMM 2023,
+https://arxiv.org/abs/2208.08340. Official code: github.com/fanrena/DPT (`trainers/DPT.py`).
+
+Deep visual prompts (VPT) steer CLIP's image tower with the same learned tokens for every image. CAVPT adds
+prompts that depend on the image and on the task's classes: a frozen zero-shot pass of CLIP picks each
+image's K most likely classes, and before each of the last blocks (by default only the last) their K text
+features, through a meta-net, become queries of a cross-attention over that block's input tokens. Each
+attention output is one class-aware prompt: it joins the sequence for that block, so the class token can
+gather what the image holds of the class. An auxiliary classifier on the prompts, trained with
+cross-entropy at the slot of the true class, keeps each prompt about its class. VPT-CLIP-CAVPT pairs this
+with the frozen hand-crafted text prompt; DPT (VLP-CLIP-CAVPT) also learns a CoOp text context.
+
+- Learned: `prompts` (b-1, n, W) for blocks 0..b-2; per class-aware block a generator: `meta_net` E -> W,
+  attention `q_proj`, `k_proj` W -> 32 and `v_proj` W -> W (no biases), `tokens` (10, W), two LayerNorms,
+  `classifier` W -> C (aux loss only); DPT adds CoOp's `ctx` (16, D).
+- Injected where: VPT prompts appended after the patches before blocks 0..b-2, the previous block's prompt
+  outputs dropped (as in vpt.py); blocks b-1..L-1 get K class-aware prompts instead, appended and dropped
+  after the block. CoOp's context replaces the placeholder rows of "X X ... X {class}.".
+- Frozen: all of CLIP, and the zero-shot pass that picks the K classes (no gradient).
+- Deviations: the generator follows the code, not Eq. 9: one Linear for the paper's two-layer MLP; keys and
+  values are the block's whole input (detached) plus 10 learned tokens, not the class token alone; prompt =
+  LN(out + query), not LP(LN(out)) + class token. Queries are text features before normalisation: the
+  learned ones for DPT (code; the paper says the template's), the template's for VPT-CLIP-CAVPT (not in the
+  code). The aux loss supervises only the true class's slot (code); Eq. 10 also gives the other slots
+  uniform targets, which the code computes and discards. K = 10 (train_single.sh; code default 5; Table 1
+  takes the best K per dataset, e.g. DTD's 68.68 is K = 5); aux weight 1 (Eq. 12 and code default; script
+  0.3); 200 epochs (paper; script 60); visual warm-up 10 epochs everywhere (code: 1 on ImageNet); the code's
+  "general knowledge guidance" is off (code and script: 30 epochs). b is capped at L for small models. On
+  other classes (base2new, cross) the aux classifiers, sized for the training classes, are not loaded.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clip_model
+
+@dataclass
+class Config:
+    backbone: str = "ViT-B/32"          # the paper's backbone for every experiment
+    template: str = "a photo of a {}."  # hand-crafted text prompt; train.py sets the dataset's
+    n_tokens: int = 10                  # deep VPT prompt tokens per block below the class-aware blocks
+    text_ctx: int = 16                  # CoOp context tokens in the text prompt (DPT); 0 = the template
+    n_classes: int = 10                 # K: class-aware prompts per image, one per top-K zero-shot class
+    bottom_limit: int = 12              # code's BOTTOMLIMIT b: blocks b..L (1-based) are class-aware; 12 = last
+    key_tokens: int = 10                # learned tokens added to each generator's keys and values
+    attn_dim: int = 32                  # the generator's query/key width
+    aux_weight: float = 1.0             # weight of the class-aware prompts' CE; 0 = the paper's "w/o loss"
+    guidance_epochs: int = 0            # code only: "general knowledge guidance" loss for the first epochs
+    epochs: int = 200
+    batch_size: int = 32
+    lr: float = 0.01                    # VPT prompts and generators (official VPT config)
+    warmup_epochs: int = 10             # VPT prompts and generators: constant 1e-5 for the first 10 epochs
+    text_lr: float = 0.002              # DPT text context: CoOp's lr ...
+    text_warmup_epochs: int = 1         # ... and CoOp's warm-up
+
+VARIANTS = {"vpt-cavpt": dict(text_ctx=0), "cavpt": dict()}
+
+class ClassAwarePrompts(nn.Module):
+    """One class-aware block's generator: K text features + the block's tokens -> K prompts, aux logits."""
+
+    def __init__(self, E, W, n_classes, cfg):
+        super().__init__()
+        self.meta_net = nn.Linear(E, W)  # text feature -> query in the image tower's width
+        self.tokens = nn.Parameter(torch.randn(cfg.key_tokens, W) * 0.02)  # (10, W) extra keys and values
+        self.q_proj, self.k_proj = nn.Linear(W, cfg.attn_dim, bias=False), nn.Linear(W, cfg.attn_dim, bias=False)
+        self.v_proj = nn.Linear(W, W, bias=False)
+        self.ln_logits, self.ln_prompts = nn.LayerNorm(W), nn.LayerNorm(W)
+        self.classifier = nn.Linear(W, n_classes, bias=False)
+
+    def forward(self, x, text):
+        """x (B, 1+N, W) the block's input, text (B, K, E) -> prompts (B, K, W), aux logits (B, K, C)."""
+        query = self.meta_net(text)  # (B, K, W)
+        # detached (code): the generator reads the earlier blocks' output but sends no gradient back into it
+        kv = torch.cat([x.detach(), self.tokens.expand(len(x), -1, -1)], dim=1)  # (B, 1+N+10, W)
+        scores = self.q_proj(query) @ self.k_proj(kv).transpose(1, 2) / self.k_proj.out_features ** 0.5
+        out = self.v_proj(scores.softmax(-1) @ kv)  # (B, K, W)
+        return self.ln_prompts(out + query), self.classifier(self.ln_logits(out))
+
+class VisualPrompts(nn.Module):
+    """Deep VPT prompts for blocks 0..b-2, a class-aware prompt generator for each block b-1..L-1."""
+
+    def __init__(self, clip, n_classes, cfg):
+        super().__init__()
+        W, L = clip.visual.conv1.out_channels, len(clip.visual.transformer.resblocks)
+        first = min(cfg.bottom_limit, L) - 1  # index of the first class-aware block
+        self.prompts = nn.Parameter(torch.randn(first, cfg.n_tokens, W) * 0.02)  # (b-1, n, W)
+        self.generators = nn.ModuleList(ClassAwarePrompts(clip.visual.output_dim, W, n_classes, cfg)
+                                        for _ in range(L - first))
+
+    def forward(self, visual, images, text):
+        """text (B, K, E): the top-K classes' features -> image feature (B, E), aux logits (B, J, K, C)."""
+        x = visual.embed(images)  # (B, 1+N, W): class token, patches, positions, ln_pre
+        aux = []
+        for i, block in enumerate(visual.transformer.resblocks):
+            if i < len(self.prompts):
+                prompts = self.prompts[i].expand(len(x), -1, -1)  # (B, n, W)
+            else:
+                prompts, logits = self.generators[i - len(self.prompts)](x, text)  # (B, K, W), (B, K, C)
+                aux.append(logits)
+            # the prompts' outputs are dropped after each block (the readout is the class token)
+            x = block(torch.cat([x, prompts], dim=1))[:, :x.shape[1]]  # (B, 1+N, W)
+        return visual.head(x), torch.stack(aux, dim=1)
+
+class TextContext(nn.Module):
+    """CoOp's unified context: "X X ... X {class}." with the X rows learned, N(0, 0.02) at init."""
+
+    def __init__(self, clip, classnames, n_ctx):
+        super().__init__()
+        self.ctx = nn.Parameter(torch.randn(n_ctx, clip.ln_final.weight.shape[0]) * 0.02)  # (n, D)
+        tokens = clip_model.tokenize([" ".join(["X"] * n_ctx + [c.replace("_", " ")]) + "." for c in classnames])
+        self.register_buffer("eot", tokens.argmax(-1), persistent=False)
+        with torch.no_grad():
+            embedded = clip.embed_text(tokens[:, :int(self.eot.max()) + 1])  # cut after the last EOT
+        self.register_buffer("prefix", embedded[:, :1], persistent=False)  # SOT
+        self.register_buffer("suffix", embedded[:, 1 + n_ctx:], persistent=False)  # class, ".", EOT
+
+    def forward(self, clip):
+        ctx = self.ctx.expand(len(self.prefix), -1, -1)
+        return clip.encode_text_embeddings(torch.cat([self.prefix, ctx, self.suffix], dim=1), self.eot)
+
+class CAVPTCLIP(nn.Module):
+    def __init__(self, clip, classnames, cfg):
+        super().__init__()
+        self.clip, self.cfg, self.n_classes = clip, cfg, min(cfg.n_classes, len(classnames))  # K <= C
+        self.visual_prompts = VisualPrompts(clip, len(classnames), cfg)
+        self.text_context = TextContext(clip, classnames, cfg.text_ctx) if cfg.text_ctx else None
+        with torch.no_grad():  # the hand-crafted side is frozen: its features are computed once
+            template = clip.encode_text(clip_model.tokenize([cfg.template.format(c.replace("_", " "))
+                                                             for c in classnames]))
+        self.register_buffer("template", template, persistent=False)  # (C, E), queries for vpt-cavpt
+        self.register_buffer("template_features", F.normalize(template, dim=-1), persistent=False)
+        self.cached = None  # DPT's text features, reused while evaluating
+
+    def text_features(self):
+        """(C, E) before normalisation: the template's, or the learned context's (cached while evaluating)."""
+        if self.text_context is None:
+            return self.template
+        text = self.cached if self.cached is not None else self.text_context(self.clip)
+        self.cached = None if self.training else text
+        return text
+
+    def forward(self, images):
+        text = self.text_features()  # (C, E)
+        with torch.no_grad():  # plain frozen CLIP picks each image's K likely classes; nothing trains it
+            zeroshot = F.normalize(self.clip.encode_image(images), dim=-1)  # (B, E)
+            self.topk = (zeroshot @ self.template_features.t()).topk(self.n_classes, dim=-1).indices  # (B, K)
+        image, self.aux_logits = self.visual_prompts(self.clip.visual, images, text[self.topk])  # (B, J, K, C)
+        image, text, scale = F.normalize(image, dim=-1), F.normalize(text, dim=-1), self.clip.logit_scale.exp()
+        logits = scale * image @ text.t()  # (B, C)
+        if self.training and self.cfg.guidance_epochs:  # the code's guidance: each side against frozen CLIP's
+            self.guidance = logits, scale * zeroshot @ text.t(), scale * image @ self.template_features.t()
+        return logits
+
+    def extra_loss(self, labels, epoch):
+        """aux_weight x CE of the class-aware prompt at the true class's slot, over the images whose label is
+        among their top K (and every class-aware block); the code's guidance loss in its first epochs."""
+        rows, slots = (self.topk == labels[:, None]).nonzero(as_tuple=True)  # at most one slot per image
+        loss = self.aux_logits.new_zeros(())
+        if len(rows) and self.cfg.aux_weight:
+            logits = self.aux_logits[rows, :, slots]  # (hits, J, C)
+            target = labels[rows, None].expand(-1, logits.shape[1])  # (hits, J)
+            loss = self.cfg.aux_weight * F.cross_entropy(logits.float().transpose(1, 2), target)
+        if epoch < self.cfg.guidance_epochs:  # train.py adds CE(main): the total is CE(l1) + CE(l2) + 0.1 CE(main)
+            main, to_learned_text, to_template = (F.cross_entropy(z.float(), labels) for z in self.guidance)
+            loss = loss + to_learned_text + to_template - 0.9 * main
+        return loss
+
+    def param_groups(self, cfg):
+        visual = self.visual_prompts  # the code's three optimisers: ctx_learner, extractor, prompt_learner
+        groups = [{"params": [visual.prompts], "lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs},
+                  {"params": list(visual.generators.parameters()), "lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs}]
+        if self.text_context is not None:
+            groups.append({"params": [self.text_context.ctx], "lr": cfg.text_lr,
+                           "warmup_epochs": cfg.text_warmup_epochs})
+        return groups
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Aux classifiers sized for other classes keep this model's weights (the code deletes them on load):
+        they only shape training, so prompts learned on base classes still evaluate on new ones."""
+        own = self.state_dict()
+        state_dict = {k: own[k] if k.endswith(".classifier.weight") and k in own and v.shape != own[k].shape
+                      else v for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict, assign)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()
+        self.cached = None
+        return self
+
+def build(clip, classnames, cfg):
+    if not isinstance(clip.visual, clip_model.VisionTransformer):
+        raise ValueError("class-aware visual prompts need a transformer image tower: use a ViT backbone (ViT-B/32, "
+                         "ViT-B/16, ViT-L/14, tiny)")
+    if cfg.n_classes < 1 or cfg.bottom_limit < 1:
+        raise ValueError(f"n_classes={cfg.n_classes}, bottom_limit={cfg.bottom_limit}: both must be at least 1")
+    clip.requires_grad_(False)
+    return CAVPTCLIP(clip, classnames, cfg)

@@ -264,7 +264,8 @@ def run(args):
                     loss = loss + model.extra_loss(labels, epoch)
             if not torch.isfinite(loss):
                 raise UserError(f"the loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower --lr or use "
-                                f"--precision fp32; the last good checkpoint and results are in {out}")
+                                f"--precision fp32 and start again; {out} keeps the checkpoint and results.json of "
+                                f"epoch {epoch} (the last good one)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -281,6 +282,7 @@ def run(args):
         state = dict(method=args.method, backbone=cfg.backbone, config=dataclasses.asdict(cfg), epoch=epoch + 1,
                      learned=learned_state(model), optimizer=optimizer.state_dict(), history=history, time_s=elapsed)
         save_atomic(lambda tmp: torch.save(state, tmp), out / "checkpoint.pt")
+        write_json({**results, "history": history, "time_s": elapsed}, out / "results.json")  # no accuracy yet
 
     accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}
     if args.protocol == "base2new":

@@ -106,7 +106,7 @@ def test_missing_path(tmp_path):
         clip_model.load(str(tmp_path))
 
 
-@pytest.mark.parametrize("content", [b"", os.urandom(2000), b"PK\x03\x04 not really a zip"])
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 8, b"PK\x03\x04 not really a zip"])
 def test_garbage_file_is_unreadable(tmp_path, content):
     (tmp_path / "bad.pt").write_bytes(content)
     with pytest.raises(clip_model.LoadError, match="unreadable or corrupt.*download it again"):

@@ -1,0 +1,204 @@
+"""Speed and memory, measured side by side in one run: python bench.py [--quick | --full] [--smoke] [--device D]
+
+Every row is a ratio of two timings taken in this run on the same inputs (best of a few repeats), so it
+holds on any machine: our CLIP against OpenAI's code with identical random weights, the EOT-truncated text
+path against all 77 positions, CoCoOp batched against one image at a time, each method's training step
+against the frozen CLIP forward it adds to, and evaluation with text features computed once against per
+batch. Models are built with random weights (no download). --quick (default) fits a 2-core CPU in a few
+minutes; --full uses ViT-B/16 at the papers' batch sizes (for a GPU); --smoke runs every row on `tiny` in
+seconds (the test suite does). Needs the dev requirements (clip-anytorch, open_clip_torch) for rows 1-2.
+"""
+import argparse
+import dataclasses
+import os
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import clip_model
+import train
+
+DTD = ("banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline dotted fibrous "
+       "flecked freckled frilly gauzy grid grooved honeycombed interlaced knitted lacelike lined marbled matted "
+       "meshed paisley perforated pitted pleated polka-dotted porous potholed scaly smeared spiralled sprinkled "
+       "stained stratified striped studded swirly veined waffled woven wrinkled zigzagged").split()
+
+
+def timed(fn, repeats, device):
+    """Best wall time of `repeats` calls after one warm-up call, and the last result."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def peak_memory_mib(fn, device):
+    """Peak memory fn() adds: CUDA max allocated, or the CPU's peak RSS (Linux VmHWM, reset first)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+    try:
+        open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    base = status("VmRSS:")
+    fn()
+    return (status("VmHWM:") - base) / 1024
+
+
+def randomized(args):
+    """The reference CLIP (clip-anytorch) and ours with the same random weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # clip-anytorch imports the deprecated pkg_resources
+        import clip.model  # a test-only dependency: the reference
+    torch.manual_seed(0)
+    reference = clip.model.CLIP(*args).float().eval()
+    for p in reference.parameters():  # the reference init zeroes bn3: give every tensor a value
+        p.data.normal_(0, 0.02) if p.dim() > 1 else p.data.uniform_(0.9, 1.1)
+    return reference, clip_model.build_model(reference.state_dict())
+
+
+def encoder_rows(name, args, batch, repeats, device):
+    reference, ours = (m.to(device) for m in randomized(args))
+    images = torch.randn(batch, 3, args[1], args[1], device=device)
+    tokens = clip_model.tokenize([f"a photo of a {c}." for c in DTD]).to(device)
+    rows = []
+    with torch.no_grad():
+        for what, theirs, mine in [("encode_image", lambda: reference.encode_image(images), lambda: ours.encode_image(images)),
+                                   ("encode_text", lambda: reference.encode_text(tokens), lambda: ours.encode_text(tokens))]:
+            (t_ref, a), (t_ours, b) = timed(theirs, repeats, device), timed(mine, repeats, device)
+            rows.append((f"{name} {what} vs OpenAI's code", t_ours, t_ref, t_ref / t_ours, (a - b).abs().max().item()))
+    return rows
+
+
+def full_length(clip, tokens):
+    """The reference's way: all 77 positions through every block."""
+    x = clip.embed_text(tokens) + clip.positional_embedding
+    x = clip.transformer(x, clip_model.causal_mask(x.shape[1], x.device))
+    return clip.text_head(x, tokens.argmax(-1))
+
+
+def text_rows(clip, repeats, device):
+    try:
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    except ImportError:
+        IMAGENET_CLASSNAMES = DTD
+    rows = []
+    for name, texts in [("DTD, '{} texture.'", [f"{c} texture." for c in DTD]),
+                        ("ImageNet[:100], 'a photo of a {}.'", [f"a photo of a {c}." for c in IMAGENET_CLASSNAMES[:100]]),
+                        ("DTD, CoOp's 16-token context", [" ".join(["X"] * 16 + [c]) + "." for c in DTD])]:
+        tokens = clip_model.tokenize(texts).to(device)
+        with torch.no_grad():
+            (t_cut, a), (t_full, b) = timed(lambda: clip.encode_text(tokens), repeats, device), \
+                timed(lambda: full_length(clip, tokens), repeats, device)
+        rows.append((f"text, EOT cut vs 77 tokens: {name}", t_cut, t_full, t_full / t_cut, (a - b).abs().max().item()))
+    return rows
+
+
+def cocoop_row(clip, batch, repeats, device):
+    module, changes = train.METHODS["cocoop"]
+    model = module.build(clip, DTD, dataclasses.replace(module.Config(), **changes)).to(device).eval()
+    images = torch.randn(batch, 3, clip.visual.input_resolution, clip.visual.input_resolution, device=device)
+    with torch.no_grad():
+        (t_batch, a), (t_loop, b) = timed(lambda: model(images), repeats, device), \
+            timed(lambda: torch.cat([model(images[i:i + 1]) for i in range(batch)]), repeats, device)
+    return [("CoCoOp: batched vs one image at a time", t_batch, t_loop, t_loop / t_batch, (a - b).abs().max().item())]
+
+
+def method_rows(backbone, batch, repeats, device):
+    """Per method: one training step (forward, loss, backward, SGD) against the frozen CLIP forward."""
+    rows = []
+    for name, (module, changes) in train.METHODS.items():
+        cfg = dataclasses.replace(module.Config(), **changes)
+        clip = clip_model.load(backbone or cfg.backbone, device=device, pretrained=False)[0]
+        try:
+            model = module.build(clip, DTD, cfg).to(device)
+        except ValueError:  # e.g. visual prompts on a ResNet backbone
+            continue
+        R = clip.visual.input_resolution
+        images, labels = torch.randn(batch, 3, R, R, device=device), torch.arange(batch, device=device) % len(DTD)
+        tokens = clip_model.tokenize([cfg.template.format(c) if hasattr(cfg, "template") else c for c in DTD]).to(device)
+        learned = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(learned, lr=1e-6, momentum=0.9) if learned else None
+
+        def frozen():
+            with torch.no_grad():
+                return clip(images, tokens)
+
+        def step():
+            model.train()
+            loss = F.cross_entropy(model(images), labels)
+            if hasattr(model, "extra_loss"):
+                loss = loss + model.extra_loss(labels, 0)
+            if optimizer:
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        peak = peak_memory_mib(step, device)  # the first step: it also allocates what later steps reuse
+        t_frozen, _ = timed(frozen, repeats, device)
+        t_step, _ = timed(step, repeats, device)
+        rows.append((f"train step / frozen forward: {name} ({backbone or cfg.backbone}, batch {batch}), "
+                     f"peak +{peak:.0f} MiB", t_step, t_frozen, t_step / t_frozen, None))
+    return rows
+
+
+def eval_row(clip, batch, repeats, device):
+    module, changes = train.METHODS["coop"]
+    model = module.build(clip, DTD, dataclasses.replace(module.Config(), **changes)).to(device).eval()
+    R = clip.visual.input_resolution
+    batches = [torch.randn(batch, 3, R, R, device=device) for _ in range(4)]
+
+    def once():
+        model.train().eval()  # a fresh evaluation: features computed at the first batch, then reused
+        with torch.no_grad():
+            return torch.cat([model(x) for x in batches])
+
+    def per_batch():
+        with torch.no_grad():
+            return torch.cat([model.train().eval()(x) for x in batches])  # cache dropped before every batch
+    (t_once, a), (t_each, b) = timed(once, repeats, device), timed(per_batch, repeats, device)
+    return [("eval, 4 batches: text features once vs per batch (CoOp)", t_once, t_each, t_each / t_once,
+             (a - b).abs().max().item())]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--full", action="store_true", help="ViT-B/16 at the papers' batch sizes (for a GPU)")
+    p.add_argument("--quick", action="store_true", help="the default: fits a 2-core CPU in a few minutes")
+    p.add_argument("--smoke", action="store_true", help="every row on `tiny`, in seconds (tests)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    device, repeats = args.device, 1 if args.smoke else 3
+    tiny = clip_model.CONFIGS["tiny"]
+    vit, rn = (tiny, clip_model.CONFIGS["tiny-rn"]) if args.smoke else (clip_model.CONFIGS["ViT-B/16"],
+                                                                        clip_model.CONFIGS["RN50"])
+    batch = 2 if args.smoke else (32 if args.full else 4)
+    rows = encoder_rows("ViT-B/16" if not args.smoke else "tiny", vit, batch, repeats, device)
+    rows += encoder_rows("RN50" if not args.smoke else "tiny-rn", rn, batch, repeats, device)
+    clip = clip_model.load("tiny" if args.smoke else "ViT-B/16", device=device, pretrained=False)[0]
+    rows += text_rows(clip, repeats, device) + cocoop_row(clip, 2 if args.smoke else 8, repeats, device)
+    rows += method_rows("tiny" if args.smoke else (None if args.full else "ViT-B/32"), batch, repeats, device)
+    rows += eval_row(clip, batch, repeats, device)
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    print(f"bench.py {'--smoke' if args.smoke else '--full' if args.full else '--quick'} on {where}, torch {torch.__version__}\n")
+    print("| measurement | ours (s) | reference or naive (s) | ratio | max abs diff |\n|---|---|---|---|---|")
+    for what, ours, other, ratio, diff in rows:
+        print(f"| {what} | {ours:.4f} | {other:.4f} | {ratio:.2f}x | {'' if diff is None else f'{diff:.1e}'} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

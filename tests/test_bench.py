@@ -1,0 +1,18 @@
+"""bench.py's smoke mode: every row is measured and the fast paths equal the slow ones (no timing asserted)."""
+import bench
+import train
+
+
+def test_smoke_prints_every_row(capsys):
+    rows = bench.main(["--smoke", "--device", "cpu"])
+    table = capsys.readouterr().out
+    names = [r[0] for r in rows]
+    assert sum(n.startswith("text, EOT cut") for n in names) == 3
+    assert any(n.startswith("CoCoOp: batched") for n in names) and any(n.startswith("eval, 4 batches") for n in names)
+    assert sum("vs OpenAI's code" in n for n in names) == 4
+    measured = {n.split(": ")[1].split(" (")[0] for n in names if n.startswith("train step")}
+    assert measured == set(train.METHODS)  # every method runs on tiny
+    for what, ours, other, ratio, diff in rows:  # equal outputs where two paths compute the same thing
+        assert ours > 0 and other > 0 and ratio > 0
+        assert diff is None or diff < 1e-4, (what, diff)
+    assert table.count("\n|") == len(rows) + 2  # header, separator, one line per row

@@ -227,10 +227,10 @@ class Bottleneck(nn.Module):
                                                          ("1", nn.BatchNorm2d(planes * 4))]))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.avgpool(F.relu(self.bn2(self.conv2(out))))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.avgpool(F.relu(self.bn2(self.conv2(out)), inplace=True))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)), inplace=True)
 
 class AttentionPool2d(nn.Module):
     def __init__(self, grid, dim, heads, output_dim):
@@ -270,9 +270,9 @@ class ModifiedResNet(nn.Module):
 
     def features(self, images):
         """(B, 3, R, R) -> (B, 32W, R/32, R/32), the map the attention pool reads."""
-        x = F.relu(self.bn1(self.conv1(images)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))
+        x = F.relu(self.bn1(self.conv1(images)), inplace=True)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
+        x = self.avgpool(F.relu(self.bn3(self.conv3(x)), inplace=True))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, images):

@@ -35,3 +35,18 @@ def reference_clip(args, seed=0):
     state_dict = randomize(model.state_dict(), seed)
     model.load_state_dict(state_dict)
     return model.eval(), state_dict
+
+
+def train_steps(model, images, labels, lr, steps=15):
+    """`steps` SGD steps (momentum 0.9) on the model's learned parameters; the loss of each step."""
+    import torch.nn.functional as F
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        model.train()
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

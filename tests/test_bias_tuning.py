@@ -1,13 +1,12 @@
 """Bias tuning on a tiny random CLIP: zero-shot at init, where the biases go, counts, gradients, learning."""
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bias_tuning
 import clip_model
+from conftest import train_steps
 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
 
@@ -65,16 +64,8 @@ def test_only_biases_learn(clip):
     clip = copy.deepcopy(clip)
     before = copy.deepcopy(clip.state_dict())
     model = bias_tuning.build(clip, NAMES, bias_tuning.Config())
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
     x, y = images(8), torch.arange(8) % len(NAMES)
-    losses = []
-    for _ in range(15):
-        model.train()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, x, y, lr=0.5)
     assert losses[-1] < losses[0] - 0.05, losses
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"text_bias", "image_bias"}
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+from conftest import train_steps
 import coop
 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion", "x!y"]
@@ -111,17 +112,8 @@ def test_training_moves_only_learned_parameters_and_lowers_loss(clip, variant, c
     before = {k: v.clone() for k, v in clip.state_dict().items()}
     torch.manual_seed(0)
     model = coop.build(clip, NAMES, config(variant, **changes))
-    learned = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(learned, lr=0.5, momentum=0.9)
     x, y = images(10), torch.arange(10) % len(NAMES)
-    losses = []
-    for _ in range(15):
-        model.train()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, x, y, lr=0.5)
     assert losses[-1] < losses[0] - 0.1, losses
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())  # CLIP untouched
     assert all(p.grad is None for p in clip.parameters())

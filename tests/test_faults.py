@@ -8,12 +8,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import clip_model
 import train

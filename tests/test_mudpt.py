@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import clip_model
+from conftest import train_steps
 import mudpt
 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
@@ -93,16 +93,8 @@ def test_only_prompts_and_injection_learn(clip):
     for variant in mudpt.VARIANTS:
         torch.manual_seed(0)
         model = mudpt.build(clip, NAMES, config(variant))
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
         x, y = images(8), torch.arange(8) % len(NAMES)
-        losses = []
-        for _ in range(15):
-            model.train()
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        losses = train_steps(model, x, y, lr=0.5)
         assert losses[-1] < losses[0] - 0.05, (variant, losses)
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         assert names == {"text_prompts", "image_prompts"} | (

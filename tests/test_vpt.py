@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import clip_model
+from conftest import train_steps
 import vpt
 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
@@ -92,16 +92,8 @@ def test_training_moves_only_prompts(clip, variant):
     before = copy.deepcopy(clip.state_dict())
     torch.manual_seed(0)
     model = vpt.build(clip, NAMES, config(variant))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0, momentum=0.9)
     x, y = images(8), torch.arange(8) % len(NAMES)
-    losses = []
-    for _ in range(15):
-        model.train()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, x, y, lr=1.0)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in clip.parameters())

@@ -4,9 +4,9 @@ Every row is a ratio of two timings taken in this run on the same inputs (best o
 holds on any machine: our CLIP against OpenAI's code with identical random weights, the EOT-truncated text
 path against all 77 positions, CoCoOp batched against one image at a time, each method's training step
 against the frozen CLIP forward it adds to, and evaluation with text features computed once against per
-batch. Models are built with random weights (no download). --quick (default) fits a 2-core CPU in a few
-minutes; --full uses ViT-B/16 at the papers' batch sizes (for a GPU); --smoke runs every row on `tiny` in
-seconds (the test suite does). Needs the dev requirements (clip-anytorch, open_clip_torch) for rows 1-2.
+batch. Models have random weights (no download). --quick (default) fits a 2-core CPU in a few minutes;
+--full trains on ViT-B/16 at each method's paper batch size (for a GPU); --smoke runs every row on `tiny`
+in seconds (the test suite does). Rows 1-2 need the dev requirements (clip-anytorch, open_clip_torch).
 """
 import argparse
 import dataclasses
@@ -76,8 +76,8 @@ def encoder_rows(name, args, batch, repeats, device):
     tokens = clip_model.tokenize([f"a photo of a {c}." for c in DTD]).to(device)
     rows = []
     with torch.no_grad():
-        for what, theirs, mine in [("encode_image", lambda: reference.encode_image(images), lambda: ours.encode_image(images)),
-                                   ("encode_text", lambda: reference.encode_text(tokens), lambda: ours.encode_text(tokens))]:
+        for what, inputs in [("encode_image", images), ("encode_text", tokens)]:
+            theirs, mine = (lambda m=m: getattr(m, what)(inputs) for m in (reference, ours))
             (t_ref, a), (t_ours, b) = timed(theirs, repeats, device), timed(mine, repeats, device)
             rows.append((f"{name} {what} vs OpenAI's code", t_ours, t_ref, t_ref / t_ours, (a - b).abs().max().item()))
     return rows
@@ -97,7 +97,8 @@ def text_rows(clip, repeats, device):
         IMAGENET_CLASSNAMES = DTD
     rows = []
     for name, texts in [("DTD, '{} texture.'", [f"{c} texture." for c in DTD]),
-                        ("ImageNet[:100], 'a photo of a {}.'", [f"a photo of a {c}." for c in IMAGENET_CLASSNAMES[:100]]),
+                        ("ImageNet[:100], 'a photo of a {}.'",
+                         [f"a photo of a {c}." for c in IMAGENET_CLASSNAMES[:100]]),
                         ("DTD, CoOp's 16-token context", [" ".join(["X"] * 16 + [c]) + "." for c in DTD])]:
         tokens = clip_model.tokenize(texts).to(device)
         with torch.no_grad():
@@ -118,18 +119,20 @@ def cocoop_row(clip, batch, repeats, device):
 
 
 def method_rows(backbone, batch, repeats, device):
-    """Per method: one training step (forward, loss, backward, SGD) against the frozen CLIP forward."""
+    """Per method: one training step (forward, loss, backward, SGD) against the frozen CLIP forward.
+    batch None: each method's own batch size (the papers')."""
     rows = []
     for name, (module, changes) in train.METHODS.items():
         cfg = dataclasses.replace(module.Config(), **changes)
-        clip = clip_model.load(backbone or cfg.backbone, device=device, pretrained=False)[0]
+        clip = clip_model.load(backbone, device=device, pretrained=False)[0]
         try:
             model = module.build(clip, DTD, cfg).to(device)
         except ValueError:  # e.g. visual prompts on a ResNet backbone
             continue
-        R = clip.visual.input_resolution
-        images, labels = torch.randn(batch, 3, R, R, device=device), torch.arange(batch, device=device) % len(DTD)
-        tokens = clip_model.tokenize([cfg.template.format(c) if hasattr(cfg, "template") else c for c in DTD]).to(device)
+        R, B = clip.visual.input_resolution, batch or cfg.batch_size
+        images, labels = torch.randn(B, 3, R, R, device=device), torch.arange(B, device=device) % len(DTD)
+        template = getattr(cfg, "template", "a photo of a {}.")
+        tokens = clip_model.tokenize([template.format(c) for c in DTD]).to(device)
         learned = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(learned, lr=1e-6, momentum=0.9) if learned else None
 
@@ -149,7 +152,7 @@ def method_rows(backbone, batch, repeats, device):
         peak = peak_memory_mib(step, device)  # the first step: it also allocates what later steps reuse
         t_frozen, _ = timed(frozen, repeats, device)
         t_step, _ = timed(step, repeats, device)
-        rows.append((f"train step / frozen forward: {name} ({backbone or cfg.backbone}, batch {batch}), "
+        rows.append((f"train step / frozen forward: {name} ({backbone}, batch {B}, {B / t_step:.0f} img/s), "
                      f"peak +{peak:.0f} MiB", t_step, t_frozen, t_step / t_frozen, None))
     return rows
 
@@ -190,10 +193,13 @@ def main(argv=None):
     rows += encoder_rows("RN50" if not args.smoke else "tiny-rn", rn, batch, repeats, device)
     clip = clip_model.load("tiny" if args.smoke else "ViT-B/16", device=device, pretrained=False)[0]
     rows += text_rows(clip, repeats, device) + cocoop_row(clip, 2 if args.smoke else 8, repeats, device)
-    rows += method_rows("tiny" if args.smoke else (None if args.full else "ViT-B/32"), batch, repeats, device)
+    rows += method_rows("tiny" if args.smoke else "ViT-B/16" if args.full else "ViT-B/32",
+                        None if args.full else batch, repeats, device)
     rows += eval_row(clip, batch, repeats, device)
-    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"bench.py {'--smoke' if args.smoke else '--full' if args.full else '--quick'} on {where}, torch {torch.__version__}\n")
+    where = torch.cuda.get_device_name() if device == "cuda" else \
+        f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    mode = "--smoke" if args.smoke else "--full" if args.full else "--quick"
+    print(f"bench.py {mode} on {where}, torch {torch.__version__}\n")
     print("| measurement | ours (s) | reference or naive (s) | ratio | max abs diff |\n|---|---|---|---|---|")
     for what, ours, other, ratio, diff in rows:
         print(f"| {what} | {ours:.4f} | {other:.4f} | {ratio:.2f}x | {'' if diff is None else f'{diff:.1e}'} |")

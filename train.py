@@ -25,10 +25,11 @@ import cavpt
 import clip_model
 import coop
 import data
+import dualpt
 import mudpt
 import vpt
 
-METHOD_FILES = [coop, vpt, cavpt, mudpt, bias_tuning]  # a new method adds its module here
+METHOD_FILES = [coop, vpt, cavpt, mudpt, dualpt, bias_tuning]  # a new method adds its module here
 METHODS = {name: (module, changes) for module in METHOD_FILES for name, changes in module.VARIANTS.items()}
 BACKBONES = list(clip_model.CONFIGS)
 WARMUP_LR = 1e-5  # Dassl's WARMUP_CONS_LR, in every CoOp-family config

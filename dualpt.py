@@ -1,0 +1,300 @@
+"""DUAL-PT and CoDUAL-PT: M learned prompts graph-matched to local image features and aligned with LLM descriptions.
+
+Hu et al., "Context-Aware Prompt Tuning for Vision-Language Model with Dual-Alignment", 2023,
+https://arxiv.org/abs/2309.04158. No official code; the transport step is written as PLOT's (Chen et al.,
+ICLR 2023, github.com/CHENGY12/PLOT). `python dualpt.py describe` asks an LLM for the class descriptions.
+
+CoOp learns one context, scored against the image's global feature. DUAL-PT learns M contexts (M text
+features per class) and scores them against the image's N local features: a plan T (N x M) says how much
+each region talks to each prompt, solved by Sinkhorn from node costs (1 - cos of region and prompt:
+Wasserstein) and edge costs (the regions' similarities among themselves against the prompts':
+Gromov-Wasserstein); the logit is the plan-weighted similarity (Eq. 8). A distillation loss pulls the
+prompts toward an LLM's short descriptions of each class ("black eye patches"), so that they learn its
+details (Eq. 5). CoDUAL-PT adds CoCoOp's meta-net: the global image feature shifts every context.
+
+- Learned: `ctx` (M, n_ctx, D), M = 4 unified contexts; CoDUAL-PT adds `meta_net` E -> E/16 -> D.
+- Injected where: rows 1..n_ctx of "[SOT] X ... X {class}. [EOT]", one prompt per class and context.
+- Frozen: all of CLIP; the plan (no gradient); the descriptions' text features (encoded once, at build).
+- Deviations (the spec's "ours"): marginals p = 1/N over regions, q = 1/M over prompts (the paper swaps
+  them); 5 outer GW iterations, each a Sinkhorn from a = b = 1, lambda = 0.1 (PLOT), log-domain, fp32 (cost
+  / lambda magnifies bf16 rounding), at most 100 steps, stopped once the worst plan's row sums are within
+  `sinkhorn_tol` (L1) of p (PLOT: mean change of a < 1e-2, a scale-dependent form of that test; tol 0: a
+  fixed count, no host sync); alpha = 0: one Sinkhorn. The plan is computed under no_grad (PLOT). Eq. 5's
+  cos of an M x d and an e x d matrix: the cos of their means. Eq. 9 exactly: `extra_loss` = beta (L_LLM -
+  CE), as train.py adds CE. Descriptions encoded as written, cut at 77 tokens; without a file a class's
+  description is its template sentence (L_LLM then pulls toward zero-shot CLIP; the paper's "None" row is
+  beta = 0). A file must cover every class the model is built for (base2new: new ones too, unused).
+  distill = wd: entropic OT cost between a class's M prompts and e descriptions. CoDUAL-PT: 4 tokens, prompt
+  0 from "a photo of a", the others N(0, 0.02); the meta-net's last layer starts at zero (CoCoOp: PyTorch's
+  default), so CoDUAL-PT starts as DUAL-PT - a random shift, 3-15x the context's scale, made the M prompts
+  identical (cos 0.999) and did not learn the demo; L_LLM per image, averaged; batch 1 (CoCoOp).
+  `describe --classes` reads a file, not a dataset (a method file does not import data.py).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clip_model
+
+@dataclass
+class Config:
+    backbone: str = "RN50"              # the paper's backbone (local features: the attention pool's 7x7 grid)
+    template: str = "a photo of a {}."  # train.py sets the dataset's; each class's description without a file
+    descriptions: str = ""              # JSON {class name: [description, ...]}; "" = the template sentence
+    n_prompts: int = 4                  # M learned prompts (paper: 4)
+    n_ctx: int = 16                     # context tokens per prompt; an init phrase sets it to its tokens
+    ctx_init: str = ""                  # e.g. "a photo of a": prompt 0 starts as its embeddings
+    conditional: bool = False           # CoDUAL-PT: CoCoOp's meta-net shifts every context per image
+    alpha: float = 0.2                  # edge (GW) weight in the graph cost; 0 = node (WD) only, 1 = edge only
+    beta: float = 0.2                   # L_LLM weight in Eq. 9; 0 = no descriptions
+    distill: str = "cosine"             # cosine (Eq. 5) | wd (the ablation's Wasserstein distillation)
+    ot_lambda: float = 0.1              # entropic regularisation: K = exp(-C / lambda) (PLOT)
+    gw_iters: int = 5                   # outer iterations of Algorithm 1 (GW linearisation)
+    sinkhorn_iters: int = 100           # at most, per Sinkhorn (PLOT)
+    sinkhorn_tol: float = 1e-4          # stop when the plan's row sums are this close (L1); 0 = always all
+    max_prompts: int = 32768            # CoDUAL-PT: images x classes x prompts per text-encoder pass
+    epochs: int = 0                     # 0: CoOp's schedule by shots, 50 (1 shot), 100 (2-4), 200 (8+); base2new 10
+    batch_size: int = 32
+    lr: float = 0.002
+    warmup_epochs: int = 1              # at constant lr 1e-5, then cosine (train.py)
+
+VARIANTS = {"dualpt": dict(),  # --method name -> the Config changes that make it
+            "codualpt": dict(conditional=True, n_ctx=4, ctx_init="a photo of a", epochs=10, batch_size=1)}
+QUESTION = ("What are the useful features for distinguishing a {} in a photo? "
+            "Please just give me a list of short phrases.")  # the paper's, Eq. 3
+
+def sinkhorn(log_kernel, log_p, log_q, iters=100, tol=1e-4):
+    """Entropic OT in the log domain: log K (..., R, S) = -C / lambda, marginals log p (..., R), log q (..., S)
+    (-inf = no mass) -> T = diag(a) K diag(b) (..., R, S), rows summing to p and columns to q."""
+    u, v = torch.zeros_like(log_kernel[..., 0]), torch.zeros_like(log_kernel[..., 0, :])  # log a, log b: a = b = 1
+    for i in range(iters):
+        previous, u = u, log_p - torch.logsumexp(log_kernel + v[..., None, :], dim=-1)  # a = p / K b
+        v = log_q - torch.logsumexp(log_kernel + u[..., None], dim=-2)  # b = q / K^T a
+        # the previous plan's row sums were p exp(previous - u): stop on their L1 error, worst plan (one sync)
+        if i and tol and float((log_p.exp() * (previous - u).expm1().abs()).sum(-1).max()) < tol:
+            break
+    return (u[..., None] + log_kernel + v[..., None, :]).exp()
+
+@torch.no_grad()
+def graph_plan(local, text, cfg):
+    """Algorithm 1 for every image and class at once: local (B, N, E), text (K, M, E) or (B, K, M, E),
+    both normalised -> plan T (B, K, N, M), each summing to 1."""
+    with torch.autocast(local.device.type, enabled=False):
+        Z, W = local.float()[:, None], text.float()  # (B, 1, N, E), (K or B, K, M, E) by broadcasting
+        cost_wd = 1 - Z @ W.transpose(-1, -2)  # (B, K, N, M) node cost C_WD
+        N, M = cost_wd.shape[-2:]
+        log_p, log_q = cost_wd.new_full((N,), -math.log(N)), cost_wd.new_full((M,), -math.log(M))
+        plan, cost = torch.full_like(cost_wd, 1 / (N * M)), cost_wd  # T = p q^T
+        if cfg.alpha:
+            C_z, C_w = Z @ Z.transpose(-1, -2), W @ W.transpose(-1, -2)  # (B, 1, N, N), (., K, M, M) edges
+            C_zw = (C_z ** 2).mean(-1, keepdim=True) + (C_w ** 2).mean(-1)[..., None, :]  # uniform p, q: means
+        for _ in range(cfg.gw_iters if cfg.alpha else 1):
+            if cfg.alpha:
+                cost = cfg.alpha * (C_zw - 2 * C_z @ plan @ C_w.transpose(-1, -2)) + (1 - cfg.alpha) * cost_wd
+            plan = sinkhorn(-cost / cfg.ot_lambda, log_p, log_q, cfg.sinkhorn_iters, cfg.sinkhorn_tol)
+    assert not plan.isnan().any(), "NaN in the transport plan"
+    return plan
+
+def load_json(path, kind, what):
+    """A JSON file's content if it is of type `kind`, else a ValueError that says what the file should hold."""
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror}): expected {what}") from None
+    except ValueError as e:  # not JSON, not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({e}): expected {what}") from None
+    if not isinstance(content, kind):
+        raise ValueError(f"{path} holds a JSON {type(content).__name__}: expected {what}")
+    return content
+
+def read_descriptions(path, classnames):
+    """[[description, ...] per class] from a JSON file {class name: [str, ...]}; names compared lower-case,
+    "_" as a space. A relative path is looked up from the working directory, then from this file's folder."""
+    name, here = lambda c: c.replace("_", " ").strip().lower(), Path(__file__).resolve().parent
+    file = here / path if not Path(path).is_file() and (here / path).is_file() else Path(path)
+    table = load_json(file, dict, "descriptions {class: [description, ...]} (python dualpt.py describe writes "
+                                  "them; descriptions= uses the template)")
+    table = {name(k): [d.strip() for d in v if isinstance(d, str) and d.strip()]
+             for k, v in table.items() if isinstance(v, list)}
+    missing = [c for c in classnames if not table.get(name(c))]
+    if missing:
+        raise ValueError(f"descriptions file {file} has none for {len(missing)} of {len(classnames)} classes: "
+                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; add them (python "
+                         f"dualpt.py describe --classes FILE --out {path} adds only what is missing)")
+    return [table[name(c)] for c in classnames]
+
+class PromptLearner(nn.Module):
+    """M unified contexts -> (..., K, M, L, D) prompt embeddings [SOT, ctx_m, class name, ".", EOT], cut after
+    the last EOT; with a shift (B, D) from the meta-net, one set per image."""
+
+    def __init__(self, clip, classnames, cfg):
+        super().__init__()
+        D, device = clip.ln_final.weight.shape[0], clip.token_embedding.weight.device
+        init = clip_model.tokenize(cfg.ctx_init)
+        n_ctx = int(init.argmax()) - 1 if cfg.ctx_init else cfg.n_ctx  # the phrase's tokens
+        ctx = torch.randn(cfg.n_prompts, n_ctx, D, device=device) * 0.02  # independent draws: prompts differ
+        if cfg.ctx_init:
+            ctx[0] = clip.embed_text(init.to(device))[0, 1:1 + n_ctx].detach()
+        self.ctx = nn.Parameter(ctx)  # (M, n_ctx, D)
+        tokens = clip_model.tokenize([" ".join(["X"] * n_ctx + [c.replace("_", " ")]) + "." for c in classnames])
+        self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (K,)
+        with torch.no_grad():
+            embedded = clip.embed_text(tokens[:, :int(self.eot.max()) + 1].to(device))  # (K, L, D)
+        self.register_buffer("prefix", embedded[:, None, :1], persistent=False)  # (K, 1, 1, D) SOT
+        self.register_buffer("suffix", embedded[:, None, 1 + n_ctx:], persistent=False)  # name, ".", EOT, padding
+
+    def forward(self, shift=None):
+        ctx = self.ctx if shift is None else self.ctx + shift[:, None, None]  # (M, n, D) or (B, M, n, D)
+        size = (*ctx.shape[:-3], len(self.prefix), *ctx.shape[-3:-2], -1, ctx.shape[-1])  # (..., K, M, rows, D)
+        return torch.cat([self.prefix.expand(size), ctx.unsqueeze(-4).expand(size), self.suffix.expand(size)], dim=-2)
+
+class DualPT(nn.Module):
+    """CLIP scored by the graph-matched prompts (Eq. 8); with cfg.conditional, CoDUAL-PT's per-image prompts."""
+
+    def __init__(self, clip, classnames, cfg, descriptions):
+        super().__init__()
+        self.clip, self.cfg = clip, cfg
+        self.prompt_learner = PromptLearner(clip, classnames, cfg)
+        E, D, device = clip.text_projection.shape[1], clip.ln_final.weight.shape[0], clip.token_embedding.weight.device
+        self.meta_net = None  # CoDUAL-PT: normalised global image feature -> shift of every context, E -> E/16 -> D
+        if cfg.conditional:
+            self.meta_net = nn.Sequential(nn.Linear(E, E // 16), nn.ReLU(), nn.Linear(E // 16, D))
+            for p in self.meta_net[2].parameters():  # zero shift at init: CoDUAL-PT starts as DUAL-PT (ours)
+                nn.init.zeros_(p)
+        tokens = clip_model.tokenize([d for ds in descriptions for d in ds], truncate=True)  # frozen: encoded once
+        with torch.no_grad():
+            features = torch.cat([clip.encode_text_embeddings(clip.embed_text(t.to(device)), t.argmax(-1))
+                                  for t in tokens.split(1000)])  # (sum of e_k, E), 1,000 per pass
+        features = F.normalize(features, dim=-1).split([len(ds) for ds in descriptions])
+        self.register_buffer("desc", nn.utils.rnn.pad_sequence(features, True), persistent=False)  # (K, e, E)
+        self.register_buffer("desc_mean", torch.stack([f.mean(0) for f in features]), persistent=False)  # (K, E) h_k
+        self.register_buffer("desc_log_q", nn.utils.rnn.pad_sequence(  # (K, e) wd's marginal 1/e_k; -inf: padding
+            [torch.full((len(f),), -math.log(len(f)), device=device) for f in features], True, -math.inf),
+            persistent=False)
+        self.cached = self.text = self.logits = self.plan = None  # cached: (K, M, E) text features while evaluating
+
+    def encode_prompts(self, prompts):
+        """(..., K, M, L, D) -> (..., K, M, E) normalised text features, all prompts in one EOT-cut pass."""
+        eot = self.prompt_learner.eot[:, None].expand(prompts.shape[:-2])
+        x = self.clip.encode_text_embeddings(prompts.flatten(0, -3), eot.flatten())
+        return F.normalize(x, dim=-1).view(*prompts.shape[:-2], -1)
+
+    def forward(self, images):
+        dense = F.normalize(self.clip.visual.dense(images), dim=-1)  # (B, 1+N, E): global, then N local
+        local = dense[:, 1:]  # (B, N, E)
+        if self.meta_net is not None:  # CoDUAL-PT: images x classes x prompts, max_prompts per text pass
+            per_pass = max(1, self.cfg.max_prompts // self.prompt_learner.eot.numel() // self.cfg.n_prompts)
+            text = torch.cat([self.encode_prompts(self.prompt_learner(self.meta_net(g)))
+                              for g in dense[:, 0].split(per_pass)])  # (B, K, M, E)
+        else:
+            text = self.cached if self.cached is not None else self.encode_prompts(self.prompt_learner())  # (K, M, E)
+            self.cached = None if self.training else text
+        self.plan = graph_plan(local, text, self.cfg)  # (B, K, N, M), no gradient
+        logits = self.clip.logit_scale.exp() * (self.plan * (local[:, None] @ text.transpose(-1, -2))).sum((-2, -1))
+        if self.training:  # for extra_loss
+            self.text, self.logits = text, logits
+        return logits  # (B, K), Eq. 8: s * sum_ij T_ij (Z W_k^T)_ij
+
+    def llm_loss(self, text):
+        """L_LLM over the classes (and images, for per-image prompts): text (..., K, M, E) normalised."""
+        if self.cfg.distill == "cosine":  # Eq. 5: 1 - cos(mean of the M prompts, mean of the e descriptions)
+            return (1 - F.cosine_similarity(text.mean(-2), self.desc_mean, dim=-1)).mean()
+        cost = 1 - text @ self.desc.transpose(-1, -2)  # (..., K, M, e) wd: prompts -> descriptions
+        with torch.no_grad(), torch.autocast(cost.device.type, enabled=False):  # the plan in fp32, as graph_plan
+            log_p = cost.new_full(cost.shape[-2:-1], -math.log(cost.shape[-2]), dtype=torch.float)  # (M,) uniform
+            log_kernel = (text.float() @ self.desc.transpose(-1, -2) - 1) / self.cfg.ot_lambda  # -C / lambda
+            plan = sinkhorn(log_kernel, log_p, self.desc_log_q, self.cfg.sinkhorn_iters, self.cfg.sinkhorn_tol)
+        return (plan * cost).sum((-2, -1)).mean()
+
+    def extra_loss(self, labels, epoch):
+        """beta (L_LLM - CE(logits)) of the last forward: train.py adds CE(logits), so the total is Eq. 9,
+        beta L_LLM + (1 - beta) L_img."""
+        if not self.cfg.beta:
+            return self.logits.new_zeros(())
+        return self.cfg.beta * (self.llm_loss(self.text) - F.cross_entropy(self.logits.float(), labels))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()  # frozen CLIP: BatchNorm statistics stay as they were trained
+        self.cached = self.text = self.logits = None
+        return self
+
+def build(clip, classnames, cfg):
+    if cfg.distill not in ("cosine", "wd"):
+        raise ValueError(f"distill={cfg.distill!r}: use cosine or wd")
+    if cfg.n_prompts < 1 or cfg.ot_lambda <= 0 or not 0 <= cfg.alpha <= 1 or not 0 <= cfg.beta < 1:
+        raise ValueError(f"n_prompts={cfg.n_prompts}, ot_lambda={cfg.ot_lambda}, alpha={cfg.alpha}, beta={cfg.beta}: "
+                         "need n_prompts >= 1, ot_lambda > 0, 0 <= alpha <= 1 and 0 <= beta < 1")
+    clip.requires_grad_(False)
+    if cfg.beta and cfg.descriptions:
+        descriptions = read_descriptions(cfg.descriptions, classnames)
+    else:  # beta = 0 reads nothing; without a file each class's description is its template sentence
+        descriptions = [[cfg.template.format(c.replace("_", " "))] for c in classnames]
+    return DualPT(clip, classnames, cfg, descriptions)
+
+def ask(api_base, model, classname):
+    """The paper's question for one class -> its "- " answer lines, from an OpenAI-compatible chat endpoint."""
+    url = api_base.rstrip("/") + "/chat/completions"
+    body = {"model": model, "temperature": 0.7, "messages": [{"role": "user", "content": QUESTION.format(classname)}]}
+    key = os.environ.get("OPENAI_API_KEY")
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode(), headers), timeout=120) as r:
+            answer = json.loads(r.read())["choices"][0]["message"]["content"]
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"{url} answered HTTP {e.code} for {classname!r}: {e.read()[:200]!r} (check --model and "
+                         "OPENAI_API_KEY)") from None
+    except OSError as e:
+        raise ValueError(f"cannot reach {url} ({e}): check --api-base") from None
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ValueError(f"{url} did not answer as an OpenAI-compatible chat endpoint: check --api-base") from None
+    phrases = [line.strip()[2:].strip() for line in str(answer).splitlines() if line.strip().startswith("- ")]
+    if not phrases:
+        raise ValueError(f"the answer for {classname!r} has no '- ' lines: {str(answer)[:100]!r}")
+    return phrases
+
+def describe(args):
+    """Ask for every class not yet in --out; the file is rewritten atomically after each, so a rerun resumes."""
+    names, out = Path(args.classes), Path(args.out)
+    if not names.is_file():
+        raise ValueError(f"no file at --classes {names}: give a file of class names, one a line or a JSON list")
+    text = names.read_text(encoding="utf-8")
+    classes = load_json(names, list, "a list of class names") if text.lstrip().startswith("[") else text.splitlines()
+    done = load_json(out, dict, "descriptions {class: [description, ...]}") if out.exists() else {}
+    have = {str(k).replace("_", " ").strip().lower() for k in done}
+    for c in [str(c).strip() for c in classes if str(c).strip()]:
+        if c.replace("_", " ").lower() in have:
+            continue
+        done[c] = ask(args.api_base, args.model, c.replace("_", " "))
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(done, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, out)  # whole or not at all
+        print(f"{c}: {len(done[c])} phrases", flush=True)
+    print(f"{len(done)} classes in {out}")
+    return 0
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="python dualpt.py describe: class descriptions from an LLM, for L_LLM")
+    p.add_argument("command", choices=["describe"])
+    p.add_argument("--classes", required=True, help="file of class names: one a line, or a JSON list")
+    p.add_argument("--out", required=True, help="JSON {class: [description, ...]}; existing classes are kept")
+    p.add_argument("--api-base", default="https://api.openai.com/v1", help="any OpenAI-compatible endpoint")
+    p.add_argument("--model", default="gpt-3.5-turbo", help="the paper's: GPT-3.5")
+    try:
+        return describe(p.parse_args(argv))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+if __name__ == "__main__":
+    sys.exit(main())

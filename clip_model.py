@@ -305,7 +305,7 @@ class CLIP(nn.Module):
         return self.visual(images)
 
     def embed_text(self, tokens):
-        return self.token_embedding(tokens)  # (N, 77, D), no positions yet
+        return self.token_embedding(tokens.to(self.token_embedding.weight.device))  # (N, 77, D), no positions
 
     def encode_text_embeddings(self, x, eot_index):
         """(N, 77, D) token embeddings -> (N, E). Positions after the batch's last EOT are cut: under

@@ -22,7 +22,8 @@ import train
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
 DESCRIPTIONS = {"Red_Circle": ["a round red disc", "smooth edge"], "blue stripes": ["blue bands"],
-                "green checkerboard": ["green squares", "a grid", "alternating tiles"], "sea lion": ["flippers", "wet fur"]}
+                "green checkerboard": ["green squares", "a grid", "alternating tiles"],
+                "sea lion": ["flippers", "wet fur"]}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,8 @@ def test_plan_follows_permutations_of_prompts_and_regions():
 
 def test_gromov_wasserstein_prefers_the_same_graph():
     Z = unit(6, 8, seed=7)
-    shuffled = F.normalize(Z.flatten()[torch.randperm(48, generator=torch.Generator().manual_seed(0))].view(6, 8), dim=-1)
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(0))
+    shuffled = F.normalize(Z.flatten()[order].view(6, 8), dim=-1)  # the same numbers, the edges scrambled
     cost = lambda W: gw_cost(Z, W, dualpt.graph_plan(Z[None], W[None], config(alpha=1.0))[0, 0])
     same, relabelled, other = cost(Z), cost(Z[torch.tensor([3, 1, 5, 0, 2, 4])]), cost(shuffled)
     assert same < other - 0.01, (same, other)
@@ -334,7 +336,8 @@ def test_cli_error_is_one_line(tmp_path):
                            "--backbone", "tiny", "--set", f"descriptions={tmp_path / 'd.json'}", "--output",
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "error: dualpt: descriptions file" in done.stderr and "has none for 7 of 8 classes: blue triangle" in done.stderr
+    assert "error: dualpt: descriptions file" in done.stderr
+    assert "has none for 7 of 8 classes: blue triangle" in done.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -45,6 +45,8 @@ def train_steps(model, images, labels, lr, steps=15):
     for _ in range(steps):
         model.train()
         loss = F.cross_entropy(model(images), labels)
+        if hasattr(model, "extra_loss"):  # as train.py does
+            loss = loss + model.extra_loss(labels, 0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

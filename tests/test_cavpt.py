@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import cavpt
 import clip_model
+from conftest import train_steps
 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion", "oak tree", "tabby cat"]
 
@@ -180,16 +181,8 @@ def test_training_lowers_the_loss_and_moves_only_prompts(clip, variant):
     before = copy.deepcopy(clip.state_dict())
     torch.manual_seed(0)
     model = cavpt.build(clip, NAMES, config(variant, n_classes=3))
-    optimizer = torch.optim.SGD(learned(model), lr=0.5, momentum=0.9)
     x, y = images(12), torch.arange(12) % len(NAMES)
-    losses = []
-    for _ in range(15):
-        model.train()
-        loss = F.cross_entropy(model(x), y) + model.extra_loss(y, epoch=0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, x, y, lr=0.5, steps=15)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
 

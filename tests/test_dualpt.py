@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+from conftest import train_steps
 import dualpt
 import train
 
@@ -275,16 +276,8 @@ def test_training_lowers_the_loss_and_moves_only_prompts(clip, clip_rn, tmp_path
     before = copy.deepcopy(clip.state_dict())
     torch.manual_seed(0)
     model = dualpt.build(clip, NAMES, config(variant, descriptions=describe_file(tmp_path)))
-    optimizer = torch.optim.SGD(learned(model), lr=0.2, momentum=0.9)
     x, y = images(clip, 8), torch.arange(8) % len(NAMES)
-    losses = []
-    for _ in range(12):
-        model.train()
-        loss = F.cross_entropy(model(x), y) + model.extra_loss(y, epoch=0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, x, y, lr=0.2, steps=12)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
 

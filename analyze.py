@@ -21,7 +21,7 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -92,7 +92,8 @@ def load_run(args):
         try:
             results = json.loads((run / "results.json").read_text())
             module, _ = train.METHODS[results["method"]]
-            cfg = module.Config(**results["config"])
+            known = {f.name for f in fields(module.Config)}  # the config also holds run options (cache_features)
+            cfg = module.Config(**{k: v for k, v in results["config"].items() if k in known})
             learned = train.load_checkpoint(run / "checkpoint.pt", results["method"])["learned"] \
                 if results["learned_params"] else {}
             return results["method"], cfg, learned, results["data"], results["init"], results["seed"], run / "analysis"

@@ -29,22 +29,16 @@ TEMPLATES = {  # CoOp's hand-crafted prompts (trainers/zsclip.py CUSTOM_TEMPLATE
     "UCF101": "a photo of a person doing {}.", "ImageNet": "a photo of a {}.", "ImageNetSketch": "a photo of a {}.",
     "ImageNetV2": "a photo of a {}.", "ImageNetA": "a photo of a {}.", "ImageNetR": "a photo of a {}.",
 }
-SPLITS = {  # folder -> (name, image folder the split's paths start from, split file); CoOp datasets/*.py
-    "caltech-101": ("Caltech101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
-    "oxford_pets": ("OxfordPets", "images", "split_zhou_OxfordPets.json"),
-    "stanford_cars": ("StanfordCars", "", "split_zhou_StanfordCars.json"),
-    "oxford_flowers": ("OxfordFlowers", "jpg", "split_zhou_OxfordFlowers.json"),
-    "food-101": ("Food101", "images", "split_zhou_Food101.json"),
-    "sun397": ("SUN397", "SUN397", "split_zhou_SUN397.json"),
-    "dtd": ("DescribableTextures", "images", "split_zhou_DescribableTextures.json"),
-    "eurosat": ("EuroSAT", "2750", "split_zhou_EuroSAT.json"),
-    "ucf101": ("UCF101", "UCF-101-midframes", "split_zhou_UCF101.json"),
-}
+SPLITS = {  # folder -> (name, image folder the paths of its split file split_zhou_<name>.json start from)
+    "caltech-101": ("Caltech101", "101_ObjectCategories"), "oxford_pets": ("OxfordPets", "images"),
+    "stanford_cars": ("StanfordCars", ""), "oxford_flowers": ("OxfordFlowers", "jpg"), "sun397": ("SUN397", "SUN397"),
+    "food-101": ("Food101", "images"), "dtd": ("DescribableTextures", "images"), "eurosat": ("EuroSAT", "2750"),
+    "ucf101": ("UCF101", "UCF-101-midframes"),
+}  # as CoOp's datasets/*.py
 VARIANTS = {  # ImageNet test sets: folder -> (name, image folder); all need ImageNet's classnames.txt
     "imagenetv2": ("ImageNetV2", "imagenetv2-matched-frequency-format-val"),
     "imagenet-sketch": ("ImageNetSketch", "images"),
-    "imagenet-adversarial": ("ImageNetA", "imagenet-a"),
-    "imagenet-rendition": ("ImageNetR", "imagenet-r"),
+    "imagenet-adversarial": ("ImageNetA", "imagenet-a"), "imagenet-rendition": ("ImageNetR", "imagenet-r"),
 }
 CROSS_TARGETS = [*SPLITS, "fgvc_aircraft"]  # cross-dataset: the ten datasets besides ImageNet
 
@@ -71,8 +65,8 @@ class Task:
     val: list
     evals: list            # [Dataset]: each is evaluated on its test split, under its name
 
-def _read_json_split(root, name, image_dir, split_file):
-    path = root / split_file
+def _read_json_split(root, name, image_dir):
+    path = root / f"split_zhou_{name}.json"
     try:
         split = json.loads(path.read_text())
         items = {s: [(str(root / image_dir / p), int(y), c) for p, y, c in split[s]] for s in ("train", "val", "test")}
@@ -166,9 +160,9 @@ def load_dataset(data):
     root = Path(data).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"no dataset folder at {root}: check --data ({HELP})")
-    for folder, (name, image_dir, split_file) in SPLITS.items():
-        if root.name == folder or (root / split_file).is_file():
-            return _read_json_split(root, name, image_dir, split_file)
+    for folder, (name, image_dir) in SPLITS.items():
+        if root.name == folder or (root / f"split_zhou_{name}.json").is_file():
+            return _read_json_split(root, name, image_dir)
     if root.name == "fgvc_aircraft" or (root / "variants.txt").is_file():
         return _read_aircraft(root)
     if root.name == "imagenet" or (root / "images" / "train").is_dir():
@@ -228,8 +222,10 @@ def make_task(data, protocol="fewshot", shots=16, seed=1, eval_data=()):
     return Task(ds.name, ds.classnames, ds.template, ds.train, ds.val, evals)
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, items, transform):
-        self.items, self.transform = items, transform
+    """(image, label); image i's augmentation depends on (seed, i) only: the same in any process, worker or order."""
+
+    def __init__(self, items, transform, seed=0):
+        self.items, self.transform, self.seed = items, transform, seed
 
     def __len__(self):
         return len(self.items)
@@ -241,18 +237,22 @@ class ImageDataset(torch.utils.data.Dataset):
                 image.load()
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read image {path} ({e}): replace or remove it") from None
-        return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):  # DDP ranks, cached views and resumed runs see the same pixels
+            torch.manual_seed(self.seed * 1_000_003 + i)
+            return self.transform(image), label
 
-def train_transform(n_px):
-    return T.Compose([T.RandomResizedCrop(n_px, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), clip_model.to_rgb, T.ToTensor(),
-                      T.Normalize(clip_model.MEAN, clip_model.STD)])
+def train_transform(n_px):  # CoOp's augmentation, then CLIP's preprocess from its RGB conversion on
+    crop = T.RandomResizedCrop(n_px, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([crop, T.RandomHorizontalFlip(), *clip_model.transform(n_px).transforms[2:]])
 
-def loader(items, transform, batch_size, train, workers=0, seed=0, device="cpu"):
-    """Batches (images (B, 3, R, R), labels (B,)); reseeding `.generator` makes an epoch reproducible."""
-    return torch.utils.data.DataLoader(ImageDataset(items, transform), batch_size, shuffle=train, num_workers=workers,
-                                       drop_last=train and len(items) > batch_size, pin_memory=device == "cuda",
-                                       generator=torch.Generator().manual_seed(seed))
+def loader(items, transform, batch_size, train, workers=0, device="cpu", rank=0, world=1):
+    """This process's batches (images (B, 3, R, R), labels (B,)). Training: `.sampler.set_epoch(s)` shuffles,
+    `.dataset.seed = s` augments; rank r gets positions r, r + world, ... of each batch_size slice of one order."""
+    dataset = ImageDataset(items if train else items[rank::world], transform)  # evaluation: a 1/world share
+    sampler = torch.utils.data.DistributedSampler(items, world, rank, shuffle=True, drop_last=True) if train else None
+    return torch.utils.data.DataLoader(dataset, batch_size // world if train else batch_size, sampler=sampler,
+                                       num_workers=workers, drop_last=train and len(items) > batch_size,
+                                       pin_memory=device == "cuda")
 
 DEMO_CLASSES = {"red circle": (220, 40, 40), "green square": (40, 190, 60), "blue triangle": (50, 80, 230),
                 "yellow stripes": (230, 210, 40), "magenta checkerboard": (210, 50, 200),

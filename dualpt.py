@@ -15,20 +15,17 @@ details (Eq. 5). CoDUAL-PT adds CoCoOp's meta-net: the global image feature shif
 - Learned: `ctx` (M, n_ctx, D), M = 4 unified contexts; CoDUAL-PT adds `meta_net` E -> E/16 -> D.
 - Injected where: rows 1..n_ctx of "[SOT] X ... X {class}. [EOT]", one prompt per class and context.
 - Frozen: all of CLIP; the plan (no gradient); the descriptions' text features (encoded once, at build).
-- Deviations (the spec's "ours"): marginals p = 1/N over regions, q = 1/M over prompts (the paper swaps
-  them); 5 outer GW iterations, each a Sinkhorn from a = b = 1, lambda = 0.1 (PLOT), log-domain, fp32 (cost
-  / lambda magnifies bf16 rounding), at most 100 steps, stopped once the worst plan's row sums are within
-  `sinkhorn_tol` (L1) of p (PLOT: mean change of a < 1e-2, a scale-dependent form of that test; tol 0: a
-  fixed count, no host sync); alpha = 0: one Sinkhorn. The plan is computed under no_grad (PLOT). Eq. 5's
-  cos of an M x d and an e x d matrix: the cos of their means. Eq. 9 exactly: `extra_loss` = beta (L_LLM -
-  CE), as train.py adds CE. Descriptions encoded as written, cut at 77 tokens; without a file a class's
-  description is its template sentence (L_LLM then pulls toward zero-shot CLIP; the paper's "None" row is
-  beta = 0). A file must cover every class the model is built for (base2new: new ones too, unused).
-  distill = wd: entropic OT cost between a class's M prompts and e descriptions. CoDUAL-PT: 4 tokens, prompt
-  0 from "a photo of a", the others N(0, 0.02); the meta-net's last layer starts at zero (CoCoOp: PyTorch's
-  default), so CoDUAL-PT starts as DUAL-PT - a random shift, 3-15x the context's scale, made the M prompts
-  identical (cos 0.999) and did not learn the demo; L_LLM per image, averaged; batch 1 (CoCoOp).
-  `describe --classes` reads a file, not a dataset (a method file does not import data.py).
+- Deviations (the spec's "ours"): marginals p = 1/N over regions, q = 1/M over prompts (the paper swaps them); 5
+  outer GW iterations, each a Sinkhorn from a = b = 1, lambda = 0.1 (PLOT), log-domain, fp32 (cost / lambda
+  magnifies bf16 rounding), at most 100 steps, stopped once the worst plan's row sums are within `sinkhorn_tol` (L1)
+  of p (PLOT: mean change of a < 1e-2; tol 0: a fixed count); alpha = 0: one Sinkhorn. The plan is computed under
+  no_grad (PLOT). Eq. 5's cos of an M x d and an e x d matrix: the cos of their means. Eq. 9 exactly: `extra_loss` =
+  beta (L_LLM - CE), as train.py adds CE. Descriptions encoded as written, cut at 77 tokens; without a file a
+  class's description is its template sentence (L_LLM then pulls toward zero-shot CLIP; the paper's "None" row is
+  beta = 0). A file must cover every class the model is built for (base2new: new ones too, unused). distill = wd:
+  entropic OT cost between a class's M prompts and e descriptions. CoDUAL-PT: 4 tokens, prompt 0 from "a photo of
+  a", the others N(0, 0.02); the meta-net's last layer starts at zero, so CoDUAL-PT starts as DUAL-PT (CoCoOp's
+  random init made the M prompts identical); L_LLM per image, averaged; batch 1 (CoCoOp).
 """
 import argparse
 import json
@@ -189,8 +186,11 @@ class DualPT(nn.Module):
         x = self.clip.encode_text_embeddings(prompts.flatten(0, -3), eot.flatten())
         return F.normalize(x, dim=-1).view(*prompts.shape[:-2], -1)
 
-    def forward(self, images):
-        dense = F.normalize(self.clip.visual.dense(images), dim=-1)  # (B, 1+N, E): global, then N local
+    def encode_image(self, images):  # the image tower is frozen: train.py may cache these (--cache-features)
+        return F.normalize(self.clip.visual.dense(images), dim=-1)  # (B, 1+N, E): global, then N local
+
+    def forward(self, images=None, features=None):  # features: encode_image(images)
+        dense = self.encode_image(images) if features is None else features
         local = dense[:, 1:]  # (B, N, E)
         if self.meta_net is not None:  # CoDUAL-PT: images x classes x prompts, max_prompts per text pass
             per_pass = max(1, self.cfg.max_prompts // self.prompt_learner.eot.numel() // self.cfg.n_prompts)

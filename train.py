@@ -5,7 +5,9 @@ A method file gives a `Config` (its paper's defaults), `VARIANTS` (CLI name -> C
 module has `extra_loss(labels, epoch)` (auxiliary terms from the last forward), `param_groups(cfg)` (its
 own learning rates) and `class_specific = True` (learned parameters tied to the training classes). This
 file does the rest, the same for every method: data, SGD with CoOp's warm-up + cosine schedule, precision,
-evaluation per protocol, atomic checkpoints and exact resume, results.json and log.txt.
+evaluation per protocol, atomic checkpoints and exact resume, results.json and log.txt. The same file runs
+on N GPUs as `torchrun --nproc_per_node N train.py ...`, and a module with `encode_image(images)` and
+`forward(features=...)` (a frozen image tower) can train from cached image features, `--cache-features V`.
 """
 import argparse
 import dataclasses
@@ -15,9 +17,11 @@ import math
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import bias_tuning
@@ -33,6 +37,8 @@ METHOD_FILES = [coop, vpt, cavpt, mudpt, dualpt, bias_tuning]  # a new method ad
 METHODS = {name: (module, changes) for module in METHOD_FILES for name, changes in module.VARIANTS.items()}
 BACKBONES = list(clip_model.CONFIGS)
 WARMUP_LR = 1e-5  # Dassl's WARMUP_CONS_LR, in every CoOp-family config
+COMPILED = (clip_model.ResidualAttentionBlock, clip_model.Bottleneck, clip_model.AttentionPool2d)  # --compile
+CACHE_IN_MEMORY = 4 * 2**30  # bytes of cached features kept on the device; more go to a memory-mapped file
 
 class UserError(Exception):
     """Something the user can fix; printed as one message, without a traceback."""
@@ -45,7 +51,7 @@ def parse_args(argv):
     p.add_argument("--backbone", help=f"default: the method's paper backbone; one of {' '.join(BACKBONES)} or a .pt")
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
                    help="random: build the backbone with random weights, no download (tests, dry runs)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, nargs="+", default=[1], dest="seeds", help="one run per seed: --seed 1 2 3")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -59,10 +65,15 @@ def parse_args(argv):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--workers", type=int, help="data-loading processes (default 8 on CUDA, 0 on CPU)")
+    p.add_argument("--cache-features", type=int, default=0, metavar="V", help="frozen image tower only: encode V "
+                   "augmented views of the training images once; epoch e trains on view e mod V")
+    p.add_argument("--compile", action="store_true", help="torch.compile the frozen blocks of both towers")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a field of the method's Config")
     p.add_argument("--list", action="store_true", help="list the methods")
     p.add_argument("--help-config", action="store_true", help="show the method's Config fields and defaults")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.seed = args.seeds[0]  # main() runs each of args.seeds
+    return args
 
 def make_config(args):
     """The method's Config: paper defaults, then the variant, then --set, then the explicit flags."""
@@ -104,7 +115,9 @@ def learned_state(model):
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 def save_atomic(write, path):
-    """write(tmp) then rename: a crash leaves the previous file, never half of a new one."""
+    """write(tmp) then rename: a crash leaves the previous file, never half a new one. Only torchrun's rank 0 writes."""
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
@@ -129,19 +142,29 @@ def load_checkpoint(path, method):
         raise UserError(f"{path} holds a {ckpt['method']} run, not {method}: pass --method {ckpt['method']}")
     return ckpt
 
+def all_sum(values, device):
+    """Sums over the processes of a torchrun job; in a single process, the values themselves."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
 class Runner:
     """One run: the model built for the task's classes, and the same method rebuilt for other class sets."""
 
     def __init__(self, args, module, cfg, task):
         self.args, self.module, self.cfg, self.task = args, module, cfg, task
-        self.device = torch.device(args.device)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" else "cpu")
         bf16 = args.precision == "bf16" or (args.precision == "auto" and args.device == "cuda")
         self.precision = "bf16" if bf16 else "fp32"
         self.autocast = lambda: torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16)
         self.workers = args.workers if args.workers is not None else (8 if args.device == "cuda" else 0)
-        self.clip, _ = clip_model.load(cfg.backbone, device=args.device, pretrained=args.init == "pretrained",
+        self.clip, _ = clip_model.load(cfg.backbone, device=self.device, pretrained=args.init == "pretrained",
                                        seed=args.seed)
         self.n_px = self.clip.visual.input_resolution
+        for block in (m for m in self.clip.modules() if args.compile and isinstance(m, COMPILED)):
+            block.compile()  # block by block: methods put prompts between blocks, so every method gains
         torch.manual_seed(args.seed)  # the method's own initialisation
         self.model = self.build(task.classnames, task.template)
 
@@ -173,9 +196,10 @@ class Runner:
 
     @torch.no_grad()
     def evaluate(self, evalset):
+        """Top-1 accuracy (%) on evalset.test: each process scores its share, the counts are summed."""
         model = self.model_for(evalset).eval()
-        loader = data.loader(evalset.test, clip_model.transform(self.n_px), 100, train=False,
-                             workers=self.workers, device=self.args.device)
+        loader = data.loader(evalset.test, clip_model.transform(self.n_px), 100, train=False, workers=self.workers,
+                             device=self.args.device, rank=self.rank, world=self.world)
         correct = 0
         for images, labels in loader:
             with self.autocast():
@@ -183,7 +207,37 @@ class Runner:
             if evalset.class_subset is not None:
                 logits = logits[:, evalset.class_subset]
             correct += (logits.argmax(-1).cpu() == labels).sum().item()
-        return 100 * correct / len(evalset.test)
+        return 100 * all_sum([correct], self.device)[0] / len(evalset.test)
+
+    @torch.no_grad()
+    def encode_views(self, items, views, folder):
+        """(V, n, ...) features of V augmented views (v = epoch v's) of the images: on the device, or memory-mapped."""
+        loader = data.loader(items, data.train_transform(self.n_px), 100, train=False, workers=self.workers,
+                             device=self.args.device)
+        store, model = None, self.model.eval()
+        for v in range(views):
+            loader.dataset.seed = self.args.seed * 100_003 + v
+            for i, (images, _) in enumerate(loader):
+                with self.autocast():
+                    x = model.encode_image(images.to(self.device, non_blocking=True))
+                if store is None:
+                    shape, path = (views, len(items), *x.shape[1:]), folder / f"features.rank{self.rank}.tmp"
+                    if math.prod(shape) * x.element_size() <= CACHE_IN_MEMORY:
+                        store = torch.empty(shape, dtype=x.dtype, device=self.device)
+                    else:
+                        store = torch.from_file(str(path), True, math.prod(shape), dtype=x.dtype).view(shape)
+                        path.unlink()  # the mapping lives until the run ends, and no file outlives it
+                store[v, i * loader.batch_size:i * loader.batch_size + len(x)] = x.to(store.device)
+        return store
+
+def batches(loader, cache, epoch, device):
+    """This process's (inputs, labels): images, or view epoch % V of the cached features in the loader's order."""
+    if cache is None:
+        yield from ((dict(images=x.to(device, non_blocking=True)), y.to(device, non_blocking=True)) for x, y in loader)
+        return
+    labels = torch.tensor([y for _, y in loader.dataset.items])
+    for idx in torch.utils.data.BatchSampler(loader.sampler, loader.batch_size, loader.drop_last):
+        yield dict(features=cache[epoch % len(cache)][idx].to(device, non_blocking=True)), labels[idx].to(device)
 
 def run(args):
     module, cfg = make_config(args)
@@ -191,7 +245,8 @@ def run(args):
         if not args.checkpoint:
             raise UserError("--eval-only needs --checkpoint PATH (the checkpoint.pt of a finished run)")
         ckpt = load_checkpoint(args.checkpoint, args.method)
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k != "template"})
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k not in ("template",
+                                                                                               "cache_features")})
     shots = 0 if args.eval_only else args.shots
     task = data.make_task(args.data, args.protocol, shots, args.seed, args.eval_data)
     epochs = 0 if args.eval_only else epochs_for(cfg, shots)
@@ -199,7 +254,7 @@ def run(args):
                                    f"shots{args.shots}" + ("" if args.protocol == "fewshot" else f"-{args.protocol}"),
                                    f"seed{args.seed}"))
     runner = Runner(args, module, cfg, task)  # before creating the folder: a bad backbone leaves nothing behind
-    model = runner.model
+    model, rank, world = runner.model, runner.rank, runner.world
     if args.eval_only:
         runner.load_learned(model, ckpt["learned"], args.checkpoint)
     elif not task.train:
@@ -208,6 +263,12 @@ def run(args):
             (e.classnames, e.template) != (task.classnames, task.template) for e in task.evals):
         raise UserError(f"{args.method} with this config learns class-specific parameters, which do not transfer "
                         f"to other classes: use --protocol fewshot, or a config without them")
+    if args.cache_features and not hasattr(model, "encode_image"):
+        raise UserError(f"--cache-features: {args.method} learns inside the image tower, so its features change as it "
+                        "trains; drop the flag (it is for zeroshot coop cocoop dualpt codualpt: a frozen image tower)")
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch; it must split evenly over the {world} "
+                        f"processes: use a multiple of {world}")
     learned = [p for p in model.parameters() if p.requires_grad]
     n_learned = sum(p.numel() for p in learned)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -215,16 +276,20 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
 
     def log(line):
-        print(line, flush=True)
-        with open(out / "log.txt", "a") as f:
-            print(line, file=f)
+        if rank == 0:  # one process speaks and writes for a torchrun job
+            print(line, flush=True)
+            with open(out / "log.txt", "a") as f:
+                print(line, file=f)
 
+    where = f"{args.device} x{world} (torchrun)" if world > 1 else args.device
+    cached = f", cached image features: {args.cache_features} views" if args.cache_features else ""
     log(f"{args.method} on {task.dataset} ({args.protocol}, {args.shots} shots, seed {args.seed}): {cfg.backbone}"
-        f"{' random init' if args.init == 'random' else ''}, {args.device}, {runner.precision}, "
-        f"{n_learned:,} learned / {n_frozen:,} frozen parameters, {len(task.train)} train images, {epochs} epochs")
+        f"{' random init' if args.init == 'random' else ''}, {where}, {runner.precision}, {n_learned:,} learned / "
+        f"{n_frozen:,} frozen parameters, {len(task.train)} train images, {epochs} epochs{cached}")
     results = dict(method=args.method, dataset=task.dataset, data=args.data, protocol=args.protocol, shots=args.shots,
                    seed=args.seed, backbone=cfg.backbone, init=args.init, epochs=epochs, learned_params=n_learned,
-                   frozen_params=n_frozen, precision=runner.precision, config=dataclasses.asdict(cfg))
+                   frozen_params=n_frozen, precision=runner.precision, processes=world,
+                   config={**dataclasses.asdict(cfg), "cache_features": args.cache_features})
     if args.dry_run:
         write_json(results, out / "results.json")
         log(f"dry run: wrote {out / 'results.json'}")
@@ -240,31 +305,34 @@ def run(args):
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
         if args.resume:
             ckpt = load_checkpoint(out / "checkpoint.pt", args.method)
-            if ckpt["config"] != dataclasses.asdict(cfg):
+            if ckpt["config"] != results["config"]:
                 raise UserError(f"{out / 'checkpoint.pt'} was trained with another config; use another --output")
             runner.load_learned(model, ckpt["learned"], out / "checkpoint.pt")
             optimizer.load_state_dict(ckpt["optimizer"])
             start, history, previous = ckpt["epoch"], ckpt["history"], ckpt["time_s"]
             log(f"resumed after epoch {start}")
         loader = data.loader(task.train, data.train_transform(runner.n_px), cfg.batch_size, train=True,
-                             workers=runner.workers, seed=args.seed, device=args.device)
+                             workers=runner.workers, device=args.device, rank=rank, world=world)
+        cache = runner.encode_views(task.train, args.cache_features, out) if args.cache_features else None
+        trainer = model if world == 1 else torch.nn.parallel.DistributedDataParallel(  # averages the gradients
+            model, [runner.device] if args.device == "cuda" else None, broadcast_buffers=False)
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, group["base_lr"], epochs, group["warmup_epochs"])
-        # order and augmentation depend on (seed, epoch) only: a resumed run sees the same batches
-        torch.manual_seed(args.seed * 100_003 + epoch)
-        loader.generator.manual_seed(args.seed * 100_003 + epoch)
+        epoch_seed = args.seed * 100_003 + epoch  # order and augmentation depend on it alone: a resumed run, another
+        torch.manual_seed(epoch_seed)  # process or a cached view (view v = epoch v) sees the same batches
+        loader.sampler.set_epoch(epoch_seed)
+        loader.dataset.seed = epoch_seed
         model.train()
         tic, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        for step, (images, labels) in enumerate(loader):
-            images, labels = images.to(runner.device, non_blocking=True), labels.to(runner.device, non_blocking=True)
+        for step, (inputs, labels) in enumerate(batches(loader, cache, epoch, runner.device)):
             with runner.autocast():
-                logits = model(images)
+                logits = trainer(**inputs)
                 loss = F.cross_entropy(logits.float(), labels)
                 if hasattr(model, "extra_loss"):
                     loss = loss + model.extra_loss(labels, epoch)
-            if not torch.isfinite(loss):
-                raise UserError(f"the loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower --lr or use "
+            if all_sum([not torch.isfinite(loss).item()], runner.device)[0]:  # in any process: all stop
+                raise UserError(f"the loss is nan or inf at epoch {epoch + 1}, step {step + 1}: lower --lr or use "
                                 f"--precision fp32 and start again; {out} keeps the checkpoint and results.json of "
                                 f"epoch {epoch} (the last good one)")
             optimizer.zero_grad(set_to_none=True)
@@ -273,14 +341,15 @@ def run(args):
             seen += len(labels)
             loss_sum += loss.item() * len(labels)
             correct += (logits.argmax(-1) == labels).sum().item()
+        seen, loss_sum, correct = all_sum([seen, loss_sum, correct], runner.device)
         history.append(dict(epoch=epoch + 1, loss=loss_sum / seen, acc=100 * correct / seen,
                             lr=optimizer.param_groups[0]["lr"], seconds=time.time() - tic))
         this_run = time.time() - started
         elapsed, eta = previous + this_run, this_run / (epoch + 1 - start) * (epochs - epoch - 1)
         log(f"epoch {epoch + 1}/{epochs}  loss {loss_sum / seen:.3f}  acc {100 * correct / seen:.1f}  "
             f"lr {history[-1]['lr']:.1e}  {seen / (time.time() - tic):.0f} img/s  "
-            f"{clock(elapsed)} elapsed  ETA {clock(eta)}")
-        state = dict(method=args.method, backbone=cfg.backbone, config=dataclasses.asdict(cfg), epoch=epoch + 1,
+            f"{timedelta(seconds=int(elapsed))} elapsed  ETA {timedelta(seconds=int(eta))}")
+        state = dict(method=args.method, backbone=cfg.backbone, config=results["config"], epoch=epoch + 1,
                      learned=learned_state(model), optimizer=optimizer.state_dict(), history=history, time_s=elapsed)
         save_atomic(lambda tmp: torch.save(state, tmp), out / "checkpoint.pt")
         write_json({**results, "history": history, "time_s": elapsed}, out / "results.json")  # no accuracy yet
@@ -294,11 +363,12 @@ def run(args):
     log("  ".join(f"{name} {acc:.2f}" for name, acc in accuracy.items()) + f"  -> {out / 'results.json'}")
     return results
 
-def clock(seconds):
-    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
-
 def main(argv=None):
     args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # started by torchrun
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     try:
         if args.list:
             for name, (module, _) in METHODS.items():
@@ -311,13 +381,19 @@ def main(argv=None):
             return 0
         if not args.method or not args.data:
             raise UserError("--method and --data are required (python train.py --list shows the methods)")
-        run(args)
+        for seed in args.seeds:  # --seed 1 2 3: the papers' protocol, one run and folder per seed
+            output = str(Path(args.output, f"seed{seed}")) if args.output and len(args.seeds) > 1 else args.output
+            run(argparse.Namespace(**{**vars(args), "seed": seed, "output": output}))
     except (UserError, data.DataError, clip_model.LoadError) as e:
         message = str(e).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: keep the error's own line
             message = message.splitlines()[-1].split(": ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
+        if not dist.is_initialized() or dist.get_rank() == 0:  # every process meets the same error
+            print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 if __name__ == "__main__":

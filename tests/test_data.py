@@ -18,7 +18,8 @@ def image(path, colour=(128, 64, 32), size=8):
 
 
 def make_split_dataset(root, folder, per_class=(6, 2, 3), classes=("sea_lion", "dog", "cat", "ant", "bee")):
-    name, image_dir, split_file = data.SPLITS[folder]
+    name, image_dir = data.SPLITS[folder]
+    split_file = f"split_zhou_{name}.json"
     base = root / folder
     split = {}
     for s, n in zip(("train", "val", "test"), per_class):
@@ -193,15 +194,51 @@ def test_demo_is_deterministic_and_learnable_looking():
     assert images.shape == (16, 3, 32, 32) and labels.dtype == torch.long
 
 
-def test_loader_order_follows_its_generator(monkeypatch):
+def test_loader_order_follows_set_epoch(monkeypatch):
     items = [(str(i), i) for i in range(20)]
     dataset_loader = data.loader(items, lambda x: x, 4, train=True)
     monkeypatch.setattr(data.ImageDataset, "__getitem__", lambda self, i: (torch.zeros(1), self.items[i][1]))
     orders = []
-    for _ in range(2):
-        dataset_loader.generator.manual_seed(7)
+    for epoch_seed in (7, 7, 8):
+        dataset_loader.sampler.set_epoch(epoch_seed)
         orders.append(torch.cat([y for _, y in dataset_loader]).tolist())
-    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(20)) and orders[0] != list(range(20))
+    assert orders[0] == orders[1] != orders[2] and sorted(orders[0]) == list(range(20)) and orders[0] != list(range(20))
+
+
+@pytest.mark.parametrize("n, batch", [(22, 8), (20, 4), (7, 8)])
+def test_ranks_batches_together_are_the_one_process_batches(monkeypatch, n, batch):
+    """DDP with the global batch split over ranks sees exactly the one-process batches (DistributedSampler
+    deals position j to rank j % world), and the same number of them."""
+    items = [(str(i), i) for i in range(n)]
+    monkeypatch.setattr(data.ImageDataset, "__getitem__", lambda self, i: (torch.zeros(1), self.items[i][1]))
+    batches = {}
+    for rank, world in [(0, 1), (0, 2), (1, 2)]:
+        dataset_loader = data.loader(items, lambda x: x, batch, train=True, rank=rank, world=world)
+        dataset_loader.sampler.set_epoch(3)
+        batches[rank, world] = [y.tolist() for _, y in dataset_loader]
+    one, (r0, r1) = batches[0, 1], (batches[0, 2], batches[1, 2])
+    if n % 2 == 0 or n >= batch:  # an odd set smaller than one batch loses an image over 2 ranks
+        assert [sorted(a + b) for a, b in zip(r0, r1)] == [sorted(b) for b in one] and len(r0) == len(one)
+    assert all(len(a) == len(b) for a, b in zip(r0, r1)) and len(r0) == len(r1)
+
+
+def test_augmentation_depends_on_seed_and_index_only():
+    task = data.make_task("demo", shots=4)
+    dataset = data.ImageDataset(task.train, data.train_transform(32), seed=5)
+    first = dataset[3][0]
+    torch.manual_seed(123)  # the global generator does not matter, nor the order
+    for i in (7, 1):
+        dataset[i]
+    assert torch.equal(dataset[3][0], first)
+    dataset.seed = 6
+    assert not torch.equal(dataset[3][0], first)
+    # the same image in a loader with workers, another batch size and order: the same pixels
+    dataset_loader = data.loader(task.train, data.train_transform(32), 8, train=True, workers=2)
+    dataset_loader.dataset.seed = 5
+    dataset_loader.sampler.set_epoch(9)
+    order = list(dataset_loader.sampler)
+    images = torch.cat([x for x, _ in dataset_loader])
+    assert torch.equal(images[order.index(3)], first)
 
 
 def test_read_only_dataset_folder_is_untouched(tmp_path):

@@ -110,12 +110,12 @@ class ZeroShotCLIP(nn.Module):
                         for t in [cfg.template] + (ENSEMBLE if cfg.ensemble else [])]
         self.register_buffer("text_features", F.normalize(torch.stack(features).mean(0), dim=-1), persistent=False)
 
-    def encode_image(self, images):
+    def frozen_features(self, images):
         """(B, E) normalised image features; the image tower is frozen, so train.py may cache them."""
         return F.normalize(self.clip.encode_image(images), dim=-1)
 
     def forward(self, images=None, features=None):
-        image = self.encode_image(images) if features is None else features  # (B, E)
+        image = self.frozen_features(images) if features is None else features  # (B, E)
         return self.clip.logit_scale.exp() * image @ self.text_features.t()  # (B, C)
 
     def train(self, mode=True):
@@ -143,13 +143,13 @@ class CoOp(nn.Module):
         x = self.clip.encode_text_embeddings(prompts.flatten(0, -3), eot.flatten())
         return F.normalize(x, dim=-1).view(*prompts.shape[:-2], -1)
 
-    def encode_image(self, images):
+    def frozen_features(self, images):
         """(B, E) normalised image features; the image tower is frozen, so train.py may cache them."""
         return F.normalize(self.clip.encode_image(images), dim=-1)
 
     def forward(self, images=None, features=None):
-        """images (B, 3, R, R), or their encode_image features (B, E) -> logits (B, C)."""
-        image = self.encode_image(images) if features is None else features  # (B, E)
+        """images (B, 3, R, R), or their frozen_features (B, E) -> logits (B, C)."""
+        image = self.frozen_features(images) if features is None else features  # (B, E)
         scale = self.clip.logit_scale.exp()
         if self.meta_net is None:
             text = self.cached if self.cached is not None else self.encode_prompts(self.prompt_learner())

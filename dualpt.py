@@ -186,11 +186,11 @@ class DualPT(nn.Module):
         x = self.clip.encode_text_embeddings(prompts.flatten(0, -3), eot.flatten())
         return F.normalize(x, dim=-1).view(*prompts.shape[:-2], -1)
 
-    def encode_image(self, images):  # the image tower is frozen: train.py may cache these (--cache-features)
+    def frozen_features(self, images):  # the image tower is frozen: train.py may cache these (--cache-features)
         return F.normalize(self.clip.visual.dense(images), dim=-1)  # (B, 1+N, E): global, then N local
 
-    def forward(self, images=None, features=None):  # features: encode_image(images)
-        dense = self.encode_image(images) if features is None else features
+    def forward(self, images=None, features=None):  # features: frozen_features(images)
+        dense = self.frozen_features(images) if features is None else features
         local = dense[:, 1:]  # (B, N, E)
         if self.meta_net is not None:  # CoDUAL-PT: images x classes x prompts, max_prompts per text pass
             per_pass = max(1, self.cfg.max_prompts // self.prompt_learner.eot.numel() // self.cfg.n_prompts)

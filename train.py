@@ -1,13 +1,13 @@
 """The one training loop for every method: python train.py --method coop --data ./data/dtd --shots 16
 
 A method file gives a `Config` (its paper's defaults), `VARIANTS` (CLI name -> Config changes) and
-`build(clip, classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C). Optionally the
-module has `extra_loss(labels, epoch)` (auxiliary terms from the last forward), `param_groups(cfg)` (its
-own learning rates) and `class_specific = True` (learned parameters tied to the training classes). This
-file does the rest, the same for every method: data, SGD with CoOp's warm-up + cosine schedule, precision,
-evaluation per protocol, atomic checkpoints and exact resume, results.json and log.txt. The same file runs
-on N GPUs as `torchrun --nproc_per_node N train.py ...`, and a module with `encode_image(images)` and
-`forward(features=...)` (a frozen image tower) can train from cached image features, `--cache-features V`.
+`build(clip, classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C). Optionally the module
+has `extra_loss(labels, epoch)` (auxiliary terms from the last forward), `param_groups(cfg)` (its own learning
+rates), `class_specific = True` (learned parameters tied to the training classes), and, when its image tower
+is frozen, `frozen_features(images)` with `forward(features=...)` (then `--cache-features V` can cache them).
+This file does the rest, the same for every method: data, SGD with CoOp's warm-up + cosine schedule,
+precision, evaluation per protocol, atomic checkpoints and exact resume, results.json and log.txt, on one
+device or on N GPUs as `torchrun --nproc_per_node N train.py ...`.
 """
 import argparse
 import dataclasses
@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -72,8 +73,7 @@ def parse_args(argv):
     p.add_argument("--list", action="store_true", help="list the methods")
     p.add_argument("--help-config", action="store_true", help="show the method's Config fields and defaults")
     args = p.parse_args(argv)
-    args.seed = args.seeds[0]  # main() runs each of args.seeds
-    return args
+    return argparse.Namespace(**vars(args), seed=args.seeds[0])  # main() runs each of args.seeds
 
 def make_config(args):
     """The method's Config: paper defaults, then the variant, then --set, then the explicit flags."""
@@ -219,7 +219,7 @@ class Runner:
             loader.dataset.seed = self.args.seed * 100_003 + v
             for i, (images, _) in enumerate(loader):
                 with self.autocast():
-                    x = model.encode_image(images.to(self.device, non_blocking=True))
+                    x = model.frozen_features(images.to(self.device, non_blocking=True))
                 if store is None:
                     shape, path = (views, len(items), *x.shape[1:]), folder / f"features.rank{self.rank}.tmp"
                     if math.prod(shape) * x.element_size() <= CACHE_IN_MEMORY:
@@ -263,7 +263,7 @@ def run(args):
             (e.classnames, e.template) != (task.classnames, task.template) for e in task.evals):
         raise UserError(f"{args.method} with this config learns class-specific parameters, which do not transfer "
                         f"to other classes: use --protocol fewshot, or a config without them")
-    if args.cache_features and not hasattr(model, "encode_image"):
+    if args.cache_features and not hasattr(model, "frozen_features"):
         raise UserError(f"--cache-features: {args.method} learns inside the image tower, so its features change as it "
                         "trains; drop the flag (it is for zeroshot coop cocoop dualpt codualpt: a frozen image tower)")
     if cfg.batch_size % world:
@@ -298,10 +298,8 @@ def run(args):
     start, history, started, previous = 0, [], time.time(), 0.0
     if epochs:
         groups = model.param_groups(cfg) if hasattr(model, "param_groups") else [{"params": learned}]
-        for group in groups:  # a group may bring its own lr and warm-up (CAVPT: visual 10 epochs, text 1)
-            group.setdefault("lr", cfg.lr)
-            group.setdefault("warmup_epochs", cfg.warmup_epochs)
-            group["base_lr"] = group["lr"]
+        groups = [{"lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs, **g, "base_lr": g.get("lr", cfg.lr)}
+                  for g in groups]  # a group may bring its own lr and warm-up (CAVPT: visual 10 epochs, text 1)
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
         if args.resume:
             ckpt = load_checkpoint(out / "checkpoint.pt", args.method)
@@ -314,8 +312,10 @@ def run(args):
         loader = data.loader(task.train, data.train_transform(runner.n_px), cfg.batch_size, train=True,
                              workers=runner.workers, device=args.device, rank=rank, world=world)
         cache = runner.encode_views(task.train, args.cache_features, out) if args.cache_features else None
-        trainer = model if world == 1 else torch.nn.parallel.DistributedDataParallel(  # averages the gradients
-            model, [runner.device] if args.device == "cuda" else None, broadcast_buffers=False)
+        with warnings.catch_warnings():  # broadcast_buffers: renamed in torch 2.14, the only spelling before
+            warnings.simplefilter("ignore", FutureWarning)  # False: the frozen buffers are never re-sent
+            trainer = model if world == 1 else torch.nn.parallel.DistributedDataParallel(  # averages the gradients
+                model, [runner.device] if args.device == "cuda" else None, broadcast_buffers=False)
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, group["base_lr"], epochs, group["warmup_epochs"])
@@ -365,7 +365,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # started by torchrun
+    if torchrun := int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # one of N processes
         if args.device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -392,7 +392,7 @@ def main(argv=None):
             print(f"error: {message}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
+        if torchrun:
             dist.destroy_process_group()
     return 0
 

@@ -25,7 +25,7 @@ def readme_rows():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## When something goes wrong"):]
     section = section[:section.index("\n## ", 5)]
-    return [(m.group(1), m.group(2)) for m in re.finditer(r"^\| ([^|`]+?) \| `(.+?)` \|", section, re.M)]
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^\| (.+?) \| `(.+?)` \|", section, re.M)]
 
 
 def trained(tmp_path, *extra):
@@ -121,6 +121,13 @@ def scenario(name, tmp_path, monkeypatch):
         return ["--method", "coop", "--data", "demo", "--eval-only", "--checkpoint", str(tmp_path / "half.pt"), *out]
     if name == "class-specific context on other classes":
         return demo + ["--set", "csc=true", "--protocol", "base2new"]
+    if name == "`--cache-features` on a method that learns in the image tower":
+        return ["--method", "vpt", "--data", "demo", *TINY, "--cache-features", "4", *out]
+    if name == "`--batch-size` not divisible by the torchrun processes":  # rank 0 of 2, as torchrun would start it
+        monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
+        monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
+        return demo + ["--batch-size", "3"]
     if name == "the loss becomes NaN or inf":
         return ["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "5", "--lr", "1e30", *out]
     raise KeyError(f"README row {name!r} has no scenario in tests/test_faults.py")

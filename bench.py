@@ -3,14 +3,20 @@
 Every row is a ratio of two timings taken in this run on the same inputs (best of a few repeats), so it
 holds on any machine: our CLIP against OpenAI's code with identical random weights, the EOT-truncated text
 path against all 77 positions, CoCoOp batched against one image at a time, each method's training step
-against the frozen CLIP forward it adds to, and evaluation with text features computed once against per
-batch. Models have random weights (no download). --quick (default) fits a 2-core CPU in a few minutes;
+against the frozen CLIP forward it adds to, evaluation with text features computed once against per
+batch, and two real train.py runs per scaling row: CoOp from 10 cached views against images every epoch,
+and torchrun DDP with 2 processes against 1 at the same global batch. Models have random weights (no
+download). --quick (default) fits a 2-core CPU in a few minutes;
 --full trains on ViT-B/16 at each method's paper batch size (for a GPU); --smoke runs every row on `tiny`
 in seconds (the test suite does). Rows 1-2 need the dev requirements (clip-anytorch, open_clip_torch).
 """
 import argparse
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 
@@ -176,6 +182,41 @@ def eval_row(clip, batch, repeats, device):
              (a - b).abs().max().item())]
 
 
+def train_run(args, out, processes=1):
+    """train.py in a fresh process (or `torchrun --nproc_per_node 2`): its results.json and the mean time of
+    the epochs after the first (steady state)."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    subprocess.run([sys.executable, *launch, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                    *args, "--output", out], check=True, capture_output=True)
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    epochs = [h["seconds"] for h in results["history"][1:]]
+    return results, sum(epochs) / len(epochs)
+
+
+def scaling_rows(backbone, shots, device):
+    """CoOp from cached image features against images every epoch, and DDP with 2 processes against 1 at
+    the same global batch (gloo on a CPU, NCCL on 2 GPUs), each a real train.py run on the demo data."""
+    args = ["--method", "coop", "--data", "demo", "--backbone", backbone, "--init", "random", "--shots", str(shots),
+            "--epochs", "3", "--batch-size", "32", "--device", device]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, t_plain = train_run(args, os.path.join(tmp, "plain"))
+        cached, t_cached = train_run(args + ["--cache-features", "10"], os.path.join(tmp, "cached"))
+        n = 8 * shots
+        encode = cached["time_s"] - sum(h["seconds"] for h in cached["history"])  # the 10 views, before epoch 1
+        rows.append((f"CoOp epoch: 10 cached views vs images ({backbone}, {n} images)", t_cached, t_plain,
+                     t_plain / t_cached, None))
+        rows.append((f"CoOp 200 epochs incl. encoding the views once ({encode:.1f} s), from the epoch times",
+                     encode + 200 * t_cached, 200 * t_plain, 200 * t_plain / (encode + 200 * t_cached), None))
+        if device == "cuda" and torch.cuda.device_count() < 2:
+            return rows  # DDP needs 2 GPUs
+        _, t_two = train_run(args, os.path.join(tmp, "two"), processes=2)
+        rows.append((f"DDP, 2 processes vs 1, global batch 32 ({backbone}, {n / t_two:.0f} vs {n / t_plain:.0f} "
+                     "img/s)", t_two, t_plain, t_plain / t_two, None))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--full", action="store_true", help="ViT-B/16 at the papers' batch sizes (for a GPU)")
@@ -196,6 +237,8 @@ def main(argv=None):
     rows += method_rows("tiny" if args.smoke else "ViT-B/16" if args.full else "ViT-B/32",
                         None if args.full else batch, repeats, device)
     rows += eval_row(clip, batch, repeats, device)
+    rows += scaling_rows("tiny" if args.smoke else "ViT-B/16" if args.full else "ViT-B/32",
+                         2 if args.smoke else 16 if args.full else 4, device)
     where = torch.cuda.get_device_name() if device == "cuda" else \
         f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     mode = "--smoke" if args.smoke else "--full" if args.full else "--quick"

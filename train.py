@@ -282,7 +282,7 @@ def run(args):
                 print(line, file=f)
 
     where = f"{args.device} x{world} (torchrun)" if world > 1 else args.device
-    cached = f", cached image features: {args.cache_features} views" if args.cache_features else ""
+    cached = f", cached image features: {args.cache_features} views" if args.cache_features and epochs else ""
     log(f"{args.method} on {task.dataset} ({args.protocol}, {args.shots} shots, seed {args.seed}): {cfg.backbone}"
         f"{' random init' if args.init == 'random' else ''}, {where}, {runner.precision}, {n_learned:,} learned / "
         f"{n_frozen:,} frozen parameters, {len(task.train)} train images, {epochs} epochs{cached}")

@@ -1,13 +1,12 @@
 """The one training loop for every method: python train.py --method coop --data ./data/dtd --shots 16
 
-A method file gives a `Config` (its paper's defaults), `VARIANTS` (CLI name -> Config changes) and
-`build(clip, classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C). Optionally the module
-has `extra_loss(labels, epoch)` (auxiliary terms from the last forward), `param_groups(cfg)` (its own learning
-rates), `class_specific = True` (learned parameters tied to the training classes), and, when its image tower
-is frozen, `frozen_features(images)` with `forward(features=...)` (then `--cache-features V` can cache them).
-This file does the rest, the same for every method: data, SGD with CoOp's warm-up + cosine schedule,
-precision, evaluation per protocol, atomic checkpoints and exact resume, results.json and log.txt, on one
-device or on N GPUs as `torchrun --nproc_per_node N train.py ...`.
+A method file gives a `Config` (its paper's defaults), `VARIANTS` (CLI name -> Config changes) and `build(clip,
+classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C). Optionally the module has
+`extra_loss(labels, epoch)` (auxiliary terms from the last forward), `param_groups(cfg)` (its own learning rates),
+`class_specific = True` (learned parameters tied to the training classes), and, when its image tower is frozen,
+`frozen_features(images)` with `forward(features=...)` (for `--cache-features`). This file does the rest, the same
+for every method: data, SGD with CoOp's warm-up + cosine schedule, precision, evaluation per protocol, atomic
+checkpoints and exact resume, results.json and log.txt, on one device or on N GPUs under torchrun.
 """
 import argparse
 import dataclasses
@@ -210,18 +209,18 @@ class Runner:
         return 100 * all_sum([correct], self.device)[0] / len(evalset.test)
 
     @torch.no_grad()
-    def encode_views(self, items, views, folder):
-        """(V, n, ...) features of V augmented views (v = epoch v's) of the images: on the device, or memory-mapped."""
+    def encode_views(self, items, seeds, folder):
+        """(V, n, ...) features of the images augmented with each of V epoch seeds: on the device, or memory-mapped."""
         loader = data.loader(items, data.train_transform(self.n_px), 100, train=False, workers=self.workers,
                              device=self.args.device)
         store, model = None, self.model.eval()
-        for v in range(views):
-            loader.dataset.seed = self.args.seed * 100_003 + v
+        for v, seed in enumerate(seeds):
+            loader.dataset.seed = seed
             for i, (images, _) in enumerate(loader):
                 with self.autocast():
                     x = model.frozen_features(images.to(self.device, non_blocking=True))
                 if store is None:
-                    shape, path = (views, len(items), *x.shape[1:]), folder / f"features.rank{self.rank}.tmp"
+                    shape, path = (len(seeds), len(items), *x.shape[1:]), folder / f"features.rank{self.rank}.tmp"
                     if math.prod(shape) * x.element_size() <= CACHE_IN_MEMORY:
                         store = torch.empty(shape, dtype=x.dtype, device=self.device)
                     else:
@@ -245,8 +244,8 @@ def run(args):
         if not args.checkpoint:
             raise UserError("--eval-only needs --checkpoint PATH (the checkpoint.pt of a finished run)")
         ckpt = load_checkpoint(args.checkpoint, args.method)
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k not in ("template",
-                                                                                               "cache_features")})
+        known = dataclasses.asdict(cfg).keys() - {"template"}  # the saved config also holds run options
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k in known})
     shots = 0 if args.eval_only else args.shots
     task = data.make_task(args.data, args.protocol, shots, args.seed, args.eval_data)
     epochs = 0 if args.eval_only else epochs_for(cfg, shots)
@@ -311,7 +310,9 @@ def run(args):
             log(f"resumed after epoch {start}")
         loader = data.loader(task.train, data.train_transform(runner.n_px), cfg.batch_size, train=True,
                              workers=runner.workers, device=args.device, rank=rank, world=world)
-        cache = runner.encode_views(task.train, args.cache_features, out) if args.cache_features else None
+        # order and augmentation depend on the epoch's seed alone: a resumed run, another process and view v = epoch v
+        epoch_seeds = [args.seed * 100_003 + e for e in range(epochs)]  # of --cache-features see the same batches
+        cache = runner.encode_views(task.train, epoch_seeds[:args.cache_features], out) if args.cache_features else None
         with warnings.catch_warnings():  # broadcast_buffers: renamed in torch 2.14, the only spelling before
             warnings.simplefilter("ignore", FutureWarning)  # False: the frozen buffers are never re-sent
             trainer = model if world == 1 else torch.nn.parallel.DistributedDataParallel(  # averages the gradients
@@ -319,10 +320,9 @@ def run(args):
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, group["base_lr"], epochs, group["warmup_epochs"])
-        epoch_seed = args.seed * 100_003 + epoch  # order and augmentation depend on it alone: a resumed run, another
-        torch.manual_seed(epoch_seed)  # process or a cached view (view v = epoch v) sees the same batches
-        loader.sampler.set_epoch(epoch_seed)
-        loader.dataset.seed = epoch_seed
+        torch.manual_seed(epoch_seeds[epoch])
+        loader.sampler.set_epoch(epoch_seeds[epoch])
+        loader.dataset.seed = epoch_seeds[epoch]
         model.train()
         tic, seen, loss_sum, correct = time.time(), 0, 0.0, 0
         for step, (inputs, labels) in enumerate(batches(loader, cache, epoch, runner.device)):

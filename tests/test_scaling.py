@@ -10,8 +10,10 @@ import torch
 
 import clip_model
 import coop
+import data
 import dualpt
 import train
+import vpt
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ["--data", "demo", "--backbone", "tiny", "--shots", "2", "--epochs", "2", "--batch-size", "4"]
@@ -85,10 +87,9 @@ def test_every_kind_of_method_under_ddp_equals_one_process(tmp_path):
     assert "exit codes [0, 0, 0, 0, 0, 0, 0, 2]" in done.stdout, done.stdout + done.stderr
     assert "--batch-size 3 is the global batch; it must split evenly over the 2 processes" in done.stderr
     assert done.stderr.count("--batch-size 3") == 1  # the error is printed once
-    for run in runs[:-1]:
-        one = Path(str(Path(run[-1])).replace("two", "one"))
-        train.run(train.parse_args(run[:-1] + [str(one)]))
-        assert_same_run(one, run[-1])
+    for name, run in zip(METHOD_RUNS, runs):
+        train.run(train.parse_args(run[:-1] + [str(tmp_path / "one" / name)]))
+        assert_same_run(tmp_path / "one" / name, run[-1])
 
 
 def test_cached_features_give_the_same_logits():
@@ -112,8 +113,8 @@ def test_cached_run_equals_the_uncached_one_when_every_epoch_has_its_view(tmp_pa
     assert "cached image features: 3 views" in capsys.readouterr().out
     assert cached["config"]["cache_features"] == 3
     assert_same_run(tmp_path / "plain", tmp_path / "cached")
-    monkeypatch.setattr(train, "CACHE_IN_MEMORY", 0)
-    train.run(train.parse_args(args + ["--cache-features", "3", "--output", str(tmp_path / "mapped")]))
+    monkeypatch.setattr(train, "CACHE_IN_MEMORY", 0)  # and V > epochs: only the 3 views the epochs use
+    train.run(train.parse_args(args + ["--cache-features", "5", "--output", str(tmp_path / "mapped")]))
     assert_same_run(tmp_path / "plain", tmp_path / "mapped")
     assert sorted(p.name for p in (tmp_path / "mapped").iterdir()) == ["checkpoint.pt", "log.txt", "results.json"]
     few = train.run(train.parse_args(["--method", "coop", *DEMO, "--shots", "8", "--epochs", "8", "--batch-size",
@@ -145,6 +146,10 @@ def test_seeds_sweep_writes_one_complete_folder_per_seed(tmp_path):
 
 def test_compile_equals_eager(tmp_path):
     args = ["--method", "vpt", *DEMO, "--epochs", "1"]
+    runner = train.Runner(train.parse_args(args + ["--compile"]), vpt, *train.make_config(train.parse_args(args))[1:],
+                          data.make_task("demo", shots=2))
+    blocks = [m for m in runner.clip.modules() if isinstance(m, train.COMPILED)]
+    assert len(blocks) == 4 and all(b._compiled_call_impl is not None for b in blocks)  # 2 image + 2 text blocks
     train.run(train.parse_args(args + ["--output", str(tmp_path / "eager")]))
     train.run(train.parse_args(args + ["--compile", "--output", str(tmp_path / "compiled")]))
     assert_same_run(tmp_path / "eager", tmp_path / "compiled", atol=1e-4)

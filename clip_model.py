@@ -238,6 +238,8 @@ class AttentionPool2d(nn.Module):
         self.positional_embedding = nn.Parameter(torch.randn(grid ** 2 + 1, dim) / dim ** 0.5)
         self.k_proj, self.q_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.c_proj, self.heads = nn.Linear(dim, output_dim), heads
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):  # CLIP's init: torch's is 3x smaller
+            nn.init.normal_(proj.weight, std=dim ** -0.5)
 
     def forward(self, x, all_tokens=False):
         """(B, C, g, g) -> (B, E) pooled by the mean token; all_tokens: (B, 1+g², E), every token a query."""
@@ -431,12 +433,38 @@ def transform(n_px):
 def to_rgb(image):
     return image.convert("RGB")  # after the crop, as the reference does (matters for RGBA and palettes)
 
+@torch.no_grad()
+def calibrate_batchnorm(tower, images):
+    """Set every BatchNorm's running statistics in `tower` to those of `images` (B, 3, R, R). For random
+    weights only (trained ones carry their own): at the untrained statistics (mean 0, variance 1) BatchNorm
+    normalises nothing, the signal shrinks ~6x per convolution, and by layer4 the attention pool's positional
+    embedding outweighs it, so every image and every position gets the same feature."""
+    batchnorms = [m for m in tower.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in batchnorms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average: after one batch, exactly that batch's statistics
+    tower.train()
+    tower(images)
+    tower.eval()
+    for bn in batchnorms:
+        bn.momentum = 0.1  # torch's default again
+
+def noise_images(n, resolution):
+    """(n, 3, R, R) random images with about the 1/f spectrum of photographs (equal power per octave:
+    noise drawn at 4x4, 8x8, ... R x R and upsampled), scaled to unit variance like CLIP's inputs."""
+    sizes = [2 ** k for k in range(2, int(math.log2(resolution)) + 1)]
+    x = sum(F.interpolate(torch.randn(n, 3, s, s), size=resolution, mode="bilinear") for s in sizes)
+    return x / x.std()
+
 def load(name_or_path, device="cpu", download_root=None, pretrained=True, seed=0):
-    """(model, preprocess) for a name or checkpoint path; pretrained=False or `tiny`: seeded random weights."""
+    """(model, preprocess) for a name or checkpoint path; pretrained=False or `tiny`: seeded random weights
+    (a random ResNet's BatchNorm statistics measured on noise images, see calibrate_batchnorm)."""
     if name_or_path in CONFIGS and (not pretrained or name_or_path not in MODELS):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CLIP(*CONFIGS[name_or_path]).eval()
+            if isinstance(model.visual, ModifiedResNet):  # see calibrate_batchnorm: else every image looks alike
+                calibrate_batchnorm(model.visual, noise_images(16, model.visual.input_resolution))
     elif name_or_path in MODELS:
         path = download(MODELS[name_or_path], download_root or os.path.expanduser("~/.cache/clip"))
         model = build_model(read_state_dict(path))

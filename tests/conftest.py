@@ -18,8 +18,9 @@ def randomize(state_dict, seed=0):
             out[key] = value.clone()
         elif key.endswith("running_var"):
             out[key] = torch.rand(value.shape, generator=g) + 0.5
-        elif value.ndim >= 2:
-            out[key] = torch.randn(value.shape, generator=g) * 0.03
+        elif value.ndim >= 2:  # std 1/sqrt(fan-in): signals keep their scale through each layer
+            fan_in = value.shape[0] if key.endswith(("proj", "projection")) else value[0].numel()  # proj: (in, out); else (out, in...)
+            out[key] = torch.randn(value.shape, generator=g) * fan_in ** -0.5
         elif key.endswith(".weight"):  # LayerNorm / BatchNorm scales
             out[key] = 1 + 0.1 * torch.randn(value.shape, generator=g)
         else:  # biases, running means, the class embedding
@@ -28,13 +29,18 @@ def randomize(state_dict, seed=0):
 
 
 def reference_clip(args, seed=0):
-    """OpenAI's reference CLIP (clip-anytorch) with randomised weights, in eval mode, and its state dict."""
+    """OpenAI's reference CLIP (clip-anytorch) with randomised weights, in eval mode, and its state dict.
+    A ResNet's BatchNorm statistics are then measured on noise images (as clip_model.load does for random
+    weights): at arbitrary statistics its features are the same for every image and the comparison is blind."""
     import clip.model
+
+    import clip_model
     torch.manual_seed(seed)
     model = clip.model.CLIP(*args)
-    state_dict = randomize(model.state_dict(), seed)
-    model.load_state_dict(state_dict)
-    return model.eval(), state_dict
+    model.load_state_dict(randomize(model.state_dict(), seed))
+    if isinstance(model.visual, clip.model.ModifiedResNet):
+        clip_model.calibrate_batchnorm(model.visual, clip_model.noise_images(8, args[1]))
+    return model.eval(), model.state_dict()
 
 
 def train_steps(model, images, labels, lr, steps=15):

@@ -1,4 +1,5 @@
 """Parity of our CLIP with OpenAI's reference code on identical random weights, and the pieces methods use."""
+import os
 import warnings
 
 import pytest
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip_model
+import data
 from conftest import B32_SHAPED, RN50_SHAPED, TINY_RN, TINY_VIT, reference_clip
 
 clip = pytest.importorskip("clip")
@@ -17,8 +19,10 @@ PARITY = {"tiny-vit": TINY_VIT, "vit-b32-shaped": B32_SHAPED, "tiny-rn": TINY_RN
 
 
 def _inputs(args, batch=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, args[1], args[1], generator=g), clip_model.tokenize(TEXTS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        images = clip_model.noise_images(batch, args[1])  # image-like noise (white noise is a poor probe)
+    return images, clip_model.tokenize(TEXTS)
 
 
 @pytest.mark.parametrize("name", PARITY)
@@ -34,6 +38,19 @@ def test_parity_with_reference(name):
         print(f"{name} {what}: max abs diff {(expected - got).abs().max().item():.2e}")
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=f"{name} {what}")
     assert pairs["logits"][1].std() > 0.01  # features are not collapsed: the comparison means something
+    with torch.no_grad():
+        local = ours.visual.dense(images)[:, 1:]  # (B, N, E) patches or positions
+    got_image, local_cosine = pairs["encode_image"][1], sum(mean_cosine(x) for x in local) / len(local)
+    print(f"{name} mean cosine: images {mean_cosine(got_image):.3f}, positions {local_cosine:.3f}")
+    assert mean_cosine(got_image) < 0.95  # the images' features differ (a random ResNet's did not, issue 17)
+    assert local_cosine < 0.95  # and so do the positions' within an image
+
+
+def mean_cosine(features):
+    """Mean cosine similarity over the distinct pairs of rows of (n, E) features."""
+    f = F.normalize(features, dim=-1)
+    n = len(f)
+    return ((f @ f.t()).sum() - n).item() / (n * (n - 1))
 
 
 def test_torchscript_archive_loads_like_the_reference(tmp_path):
@@ -189,6 +206,23 @@ def test_random_init_is_seeded_and_downloads_nothing(tmp_path):
     model, preprocess = clip_model.load("ViT-B/32", pretrained=False, download_root=str(tmp_path))
     assert sum(p.numel() for p in model.parameters()) == 151_277_313
     assert list(tmp_path.iterdir()) == [] and not model.training
+
+
+@pytest.mark.parametrize("name", ["tiny-rn", "RN50"])
+def test_random_resnets_tell_images_and_positions_apart(name):
+    """Random ResNets had one feature for every image and position (issue 17): BatchNorm at its untrained
+    statistics let the signal fade under the attention pool's positional embedding."""
+    model, preprocess = clip_model.load(name, pretrained=False)
+    images = torch.stack([preprocess(Image.open(next((data.demo_folder() / c).iterdir())))
+                          for c in sorted(os.listdir(data.demo_folder()))])  # one demo image per class
+    with torch.no_grad():
+        dense = model.visual.dense(images)  # (8, 1+g², E)
+        again, _ = clip_model.load(name, pretrained=False)
+        assert torch.equal(again.visual.dense(images), dense)  # seeded: the same model every time
+    assert mean_cosine(dense[:, 0]) < 0.8
+    assert sum(mean_cosine(x) for x in dense[:, 1:]) / len(dense) < 0.95
+    batchnorm = model.visual.layer4[0].bn3
+    assert batchnorm.momentum == 0.1 and not batchnorm.training and batchnorm.num_batches_tracked == 1
 
 
 def test_available_models_are_the_nine_openai_names():

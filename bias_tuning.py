@@ -36,6 +36,11 @@ class Config:
 
 VARIANTS = {"bias_tuning": dict()}
 
+def version(module):
+    """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,
+    load_state_dict): cached text features are reused only while it stays the same."""
+    return [(p.data_ptr(), p._version) for p in module.parameters()]
+
 class BiasTuning(nn.Module):
     def __init__(self, clip, classnames, cfg):
         super().__init__()
@@ -49,7 +54,7 @@ class BiasTuning(nn.Module):
             self.image_bias = nn.Parameter(torch.zeros(L_v, W, device=device))
         self.register_buffer("tokens", clip_model.tokenize([cfg.template.format(c.replace("_", " "))
                                                             for c in classnames]), persistent=False)
-        self.cached = None  # (C, E) text features, reused while evaluating
+        self.cached = None  # (version, (C, E) text features), reused while evaluating
 
     def encode_text(self):
         eot = self.tokens.argmax(-1)
@@ -71,8 +76,13 @@ class BiasTuning(nn.Module):
 
     def forward(self, images):
         image = F.normalize(self.encode_image(images), dim=-1)  # (B, E)
-        text = self.cached if self.cached is not None else F.normalize(self.encode_text(), dim=-1)
-        self.cached = None if self.training else text
+        if self.training or torch.is_grad_enabled():
+            text = F.normalize(self.encode_text(), dim=-1)  # (C, E)
+        else:  # evaluating: computed once, until a parameter changes
+            key = version(self)
+            if self.cached is None or self.cached[0] != key:
+                self.cached = key, F.normalize(self.encode_text(), dim=-1)
+            text = self.cached[1]
         return self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
 
     def train(self, mode=True):

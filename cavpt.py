@@ -122,6 +122,11 @@ class TextContext(nn.Module):
         ctx = self.ctx.expand(len(self.prefix), -1, -1)
         return clip.encode_text_embeddings(torch.cat([self.prefix, ctx, self.suffix], dim=1), self.eot)
 
+def version(module):
+    """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,
+    load_state_dict): cached text features are reused only while it stays the same."""
+    return [(p.data_ptr(), p._version) for p in module.parameters()]
+
 class CAVPTCLIP(nn.Module):
     def __init__(self, clip, classnames, cfg):
         super().__init__()
@@ -133,15 +138,19 @@ class CAVPTCLIP(nn.Module):
                                                              for c in classnames]))
         self.register_buffer("template", template, persistent=False)  # (C, E), queries for vpt-cavpt
         self.register_buffer("template_features", F.normalize(template, dim=-1), persistent=False)
-        self.cached = None  # DPT's text features, reused while evaluating
+        self.cached = None  # (version, DPT's (C, E) text features), reused while evaluating
 
     def text_features(self):
-        """(C, E) before normalisation: the template's, or the learned context's (cached while evaluating)."""
+        """(C, E) before normalisation: the template's, or the learned context's (without gradients in eval
+        mode computed once, until a parameter changes)."""
         if self.text_context is None:
             return self.template
-        text = self.cached if self.cached is not None else self.text_context(self.clip)
-        self.cached = None if self.training else text
-        return text
+        if self.training or torch.is_grad_enabled():
+            return self.text_context(self.clip)
+        key = version(self)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = key, self.text_context(self.clip)
+        return self.cached[1]
 
     def forward(self, images):
         text = self.text_features()  # (C, E)

@@ -15,7 +15,7 @@ transfers better to classes unseen in training.
 - Frozen: all of CLIP.
 - Deviations: CoCoOp runs all images x classes through the text encoder in one batched pass (the
   reference loops over images); an init phrase sets n_ctx to its token count (the reference counts words,
-  the same for "a photo of a"); text features are cached at evaluation when they do not depend on the image.
+  the same for "a photo of a"); text features are cached at evaluation when they do not depend on the image (until a parameter changes).
 """
 from dataclasses import dataclass
 
@@ -98,6 +98,11 @@ class PromptLearner(nn.Module):
             return x
         return x.gather(-2, self.order[..., None].expand(x.shape))  # class name moved to its position
 
+def version(module):
+    """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,
+    load_state_dict): cached text features are reused only while it stays the same."""
+    return [(p.data_ptr(), p._version) for p in module.parameters()]
+
 class ZeroShotCLIP(nn.Module):
     """Fixed text features of the hand-crafted template(s); nothing is learned."""
 
@@ -135,13 +140,22 @@ class CoOp(nn.Module):
         self.meta_net = None  # CoCoOp: image feature -> shift of the context, E -> E/16 -> D
         if cfg.conditional:
             self.meta_net = nn.Sequential(nn.Linear(E, E // 16), nn.ReLU(), nn.Linear(E // 16, D))
-        self.cached = None  # (C, E) text features, reused while evaluating
+        self.cached = None  # (version, (C, E) text features), reused while evaluating
 
     def encode_prompts(self, prompts):
         """(..., L, D) prompt embeddings -> (..., E) normalised text features."""
         eot = self.prompt_learner.eot.expand(prompts.shape[:-2])
         x = self.clip.encode_text_embeddings(prompts.flatten(0, -3), eot.flatten())
         return F.normalize(x, dim=-1).view(*prompts.shape[:-2], -1)
+
+    def text_features(self):
+        """(C, E) normalised; without gradients in eval mode computed once, until a parameter changes."""
+        if self.training or torch.is_grad_enabled():
+            return self.encode_prompts(self.prompt_learner())
+        key = version(self)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = key, self.encode_prompts(self.prompt_learner())
+        return self.cached[1]
 
     def frozen_features(self, images):
         """(B, E) normalised image features; the image tower is frozen, so train.py may cache them."""
@@ -152,9 +166,7 @@ class CoOp(nn.Module):
         image = self.frozen_features(images) if features is None else features  # (B, E)
         scale = self.clip.logit_scale.exp()
         if self.meta_net is None:
-            text = self.cached if self.cached is not None else self.encode_prompts(self.prompt_learner())
-            self.cached = None if self.training else text
-            return scale * image @ text.t()  # (B, C)
+            return scale * image @ self.text_features().t()  # (B, C)
         logits = []  # CoCoOp: images x classes prompts, as many images per pass as max_prompts allows
         for chunk in image.split(max(1, self.cfg.max_prompts // self.prompt_learner.prefix.shape[0])):
             text = self.encode_prompts(self.prompt_learner(self.meta_net(chunk)))  # (b, C, E)

@@ -155,6 +155,11 @@ class PromptLearner(nn.Module):
         size = (*ctx.shape[:-3], len(self.prefix), *ctx.shape[-3:-2], -1, ctx.shape[-1])  # (..., K, M, rows, D)
         return torch.cat([self.prefix.expand(size), ctx.unsqueeze(-4).expand(size), self.suffix.expand(size)], dim=-2)
 
+def version(module):
+    """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,
+    load_state_dict): cached text features are reused only while it stays the same."""
+    return [(p.data_ptr(), p._version) for p in module.parameters()]
+
 class DualPT(nn.Module):
     """CLIP scored by the graph-matched prompts (Eq. 8); with cfg.conditional, CoDUAL-PT's per-image prompts."""
 
@@ -178,7 +183,7 @@ class DualPT(nn.Module):
         self.register_buffer("desc_log_q", nn.utils.rnn.pad_sequence(  # (K, e) wd's marginal 1/e_k; -inf: padding
             [torch.full((len(f),), -math.log(len(f)), device=device) for f in features], True, -math.inf),
             persistent=False)
-        self.cached = self.text = self.logits = self.plan = None  # cached: (K, M, E) text features while evaluating
+        self.cached = self.text = self.logits = self.plan = None  # cached: (version, (K, M, E)) while evaluating
 
     def encode_prompts(self, prompts):
         """(..., K, M, L, D) -> (..., K, M, E) normalised text features, all prompts in one EOT-cut pass."""
@@ -196,9 +201,13 @@ class DualPT(nn.Module):
             per_pass = max(1, self.cfg.max_prompts // self.prompt_learner.eot.numel() // self.cfg.n_prompts)
             text = torch.cat([self.encode_prompts(self.prompt_learner(self.meta_net(g)))
                               for g in dense[:, 0].split(per_pass)])  # (B, K, M, E)
-        else:
-            text = self.cached if self.cached is not None else self.encode_prompts(self.prompt_learner())  # (K, M, E)
-            self.cached = None if self.training else text
+        elif self.training or torch.is_grad_enabled():
+            text = self.encode_prompts(self.prompt_learner())  # (K, M, E)
+        else:  # evaluating: computed once, until a parameter changes
+            key = version(self)
+            if self.cached is None or self.cached[0] != key:
+                self.cached = key, self.encode_prompts(self.prompt_learner())
+            text = self.cached[1]
         self.plan = graph_plan(local, text, self.cfg)  # (B, K, N, M), no gradient
         logits = self.clip.logit_scale.exp() * (self.plan * (local[:, None] @ text.transpose(-1, -2))).sum((-2, -1))
         if self.training:  # for extra_loss

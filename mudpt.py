@@ -69,6 +69,11 @@ class InjectionModel(nn.Module):
         first = image[:1] + self.first(text[:1]) if self.first is not None else image[:1]
         return torch.cat([text[:1], text[1:] + to_text]), torch.cat([first, image[1:] + to_image])
 
+def version(module):
+    """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,
+    load_state_dict): cached text features are reused only while it stays the same."""
+    return [(p.data_ptr(), p._version) for p in module.parameters()]
+
 class MuDPT(nn.Module):
     def __init__(self, clip, classnames, cfg):
         super().__init__()
@@ -87,7 +92,7 @@ class MuDPT(nn.Module):
         self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (C,): never moves
         with torch.no_grad():
             self.register_buffer("embedded", clip.embed_text(tokens[:, :int(self.eot.max()) + 1]), persistent=False)
-        self.cached = None  # (C, E) text features, reused while evaluating: they do not depend on the image
+        self.cached = None  # (version, (C, E) text features), reused while evaluating: they do not depend on the image
 
     def prompts(self):
         if self.injection is None:
@@ -120,8 +125,13 @@ class MuDPT(nn.Module):
     def forward(self, images):
         text_prompts, image_prompts = self.prompts()
         image = F.normalize(self.encode_image(images, image_prompts), dim=-1)  # (B, E)
-        text = self.cached if self.cached is not None else F.normalize(self.encode_text(text_prompts), dim=-1)
-        self.cached = None if self.training else text
+        if self.training or torch.is_grad_enabled():
+            text = F.normalize(self.encode_text(text_prompts), dim=-1)  # (C, E)
+        else:  # evaluating: computed once, until a parameter changes
+            key = version(self)
+            if self.cached is None or self.cached[0] != key:
+                self.cached = key, F.normalize(self.encode_text(text_prompts), dim=-1)
+            text = self.cached[1]
         return self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
 
     def train(self, mode=True):

@@ -78,6 +78,11 @@ class TextContext(nn.Module):
         ctx = self.ctx.expand(len(self.prefix), -1, -1)
         return clip.encode_text_embeddings(torch.cat([self.prefix, ctx, self.suffix], dim=1), self.eot)
 
+def version(module):
+    """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,
+    load_state_dict): cached text features are reused only while it stays the same."""
+    return [(p.data_ptr(), p._version) for p in module.parameters()]
+
 class VPTCLIP(nn.Module):
     def __init__(self, clip, classnames, cfg):
         super().__init__()
@@ -87,14 +92,18 @@ class VPTCLIP(nn.Module):
         with torch.no_grad():  # the hand-crafted side is frozen: its features are computed once
             template = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])
             self.register_buffer("template_features", F.normalize(clip.encode_text(template), dim=-1), persistent=False)
-        self.cached = None  # VLP's text features, reused while evaluating
+        self.cached = None  # (version, VLP's (C, E) text features), reused while evaluating
 
     def text_features(self):
+        """(C, E) normalised; VLP's without gradients in eval mode computed once, until a parameter changes."""
         if self.text_context is None:
             return self.template_features
-        text = self.cached if self.cached is not None else F.normalize(self.text_context(self.clip), dim=-1)
-        self.cached = None if self.training else text
-        return text  # (C, E)
+        if self.training or torch.is_grad_enabled():
+            return F.normalize(self.text_context(self.clip), dim=-1)
+        key = version(self)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = key, F.normalize(self.text_context(self.clip), dim=-1)
+        return self.cached[1]
 
     def forward(self, images):
         image = F.normalize(self.visual_prompts(self.clip.visual, images), dim=-1)  # (B, E)

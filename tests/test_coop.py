@@ -125,11 +125,12 @@ def test_text_features_cached_only_while_evaluating(clip):
     model.eval()
     with torch.no_grad():
         first = model(images())
-        assert model.cached is not None
-        model.prompt_learner.ctx.add_(1.0)
-        assert torch.equal(model(images()), first)  # cached: the same within one evaluation
+        text = model.cached[1]
+        assert torch.equal(model(images()), first) and model.cached[1] is text  # reused, not recomputed
+        model.prompt_learner.ctx.add_(1.0)  # changed in place: recomputed (issue 17: it was stale)
+        assert not torch.allclose(model(images()), first) and model.cached[1] is not text
+    cached = model.cached
+    logits = model(images())  # with gradients (analyze.py's relevancy maps): computed afresh, cache untouched
+    assert logits.requires_grad and model.cached is cached
     model.train()
     assert model.cached is None
-    model.eval()
-    with torch.no_grad():
-        assert not torch.allclose(model(images()), first)  # recomputed after train()

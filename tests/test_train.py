@@ -1,5 +1,6 @@
 """train.py end to end on the demo data with a tiny CLIP: every method, resume, eval-only, the CLI's errors,
 and the README's copy-a-method loop."""
+import dataclasses
 import json
 import math
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import clip_model
 import data
 import train
 
@@ -174,3 +176,34 @@ def test_a_copied_method_file_trains_alone(tmp_path, module):
     assert done.returncode == 0, done.stderr
     losses = [float(x) for x in re.findall(r"loss ([\d.]+)", done.stdout)]
     assert len(losses) == 30 and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", [m for m in train.METHODS if m != "zeroshot"])  # zeroshot learns nothing
+def test_eval_mode_never_returns_stale_logits(method):
+    """A model in eval mode caches its text features; load_state_dict (or any in-place change) must invalidate
+    them: the logits then equal a freshly built model's with those parameters (issue 17: they were stale)."""
+    module, changes = train.METHODS[method]
+    clip = clip_model.load("tiny")[0]
+    cfg = dataclasses.replace(module.Config(), **changes)
+    names = ["red circle", "blue square", "green ring"]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = module.build(clip, names, cfg).eval()
+    torch.manual_seed(1)
+    other = module.build(clip, names, cfg)
+    with torch.no_grad():
+        for p in other.parameters():  # other values everywhere (some start at zero: bias tuning, meta-nets)
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+        before = model(x)
+        assert torch.equal(model(x), before)
+        model.load_state_dict(other.state_dict())
+        after = model(x)
+        fresh = module.build(clip, names, cfg).eval()
+        fresh.load_state_dict(other.state_dict())
+        assert not torch.allclose(after, before, atol=1e-4)
+        torch.testing.assert_close(after, fresh(x), rtol=0, atol=1e-6)
+        for p in model.parameters():  # an in-place change (an optimiser step) is seen as well
+            if p.requires_grad:
+                p.add_(0.1)
+        torch.testing.assert_close(model(x), model.train().eval()(x), rtol=0, atol=1e-6)

@@ -113,7 +113,7 @@ def text_rows(cfg, classname, template_only=False):
     name = classname.replace("_", " ")
     n = 0 if template_only else next((getattr(cfg, f) for f in ("n_tokens", "text_ctx") if getattr(cfg, f, 0)), 0)
     if not n and not template_only and getattr(cfg, "n_ctx", 0):  # CoOp: an init phrase sets the count
-        n = int(clip_model.tokenize(cfg.ctx_init).argmax()) - 1 if cfg.ctx_init else cfg.n_ctx
+        n = int(clip_model.tokenize(cfg.ctx_init.replace("_", " ")).argmax()) - 1 if cfg.ctx_init else cfg.n_ctx
     if n:
         text = " ".join(["X"] * n + [name]) + "."
     else:  # a hand-crafted template: the context is the words before the class name

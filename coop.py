@@ -15,7 +15,9 @@ transfers better to classes unseen in training.
 - Frozen: all of CLIP.
 - Deviations: CoCoOp runs all images x classes through the text encoder in one batched pass (the
   reference loops over images); an init phrase sets n_ctx to its token count (the reference counts words,
-  the same for "a photo of a"); text features are cached at evaluation when they do not depend on the image (until a parameter changes).
+  the same for "a photo of a"); with `csc` an init phrase starts every class's context from it (the
+  reference then ignores `csc` and learns one shared context); text features that do not depend on the
+  image are cached while evaluating, until a parameter changes.
 """
 from dataclasses import dataclass
 
@@ -35,7 +37,7 @@ class Config:
     template: str = "a photo of a {}."  # hand-crafted prompt; train.py sets the dataset's (CoOp's templates)
     ensemble: bool = False             # zero-shot: average the template with CoOp's 7 ImageNet templates
     n_ctx: int = 16                    # learned context tokens; 0 = nothing learned: zero-shot CLIP
-    ctx_init: str = ""                 # e.g. "a photo of a": context starts as its embeddings (n_ctx = its tokens)
+    ctx_init: str = ""                 # e.g. "a photo of a" ("_" = space): ctx = its embeddings, n_ctx = its tokens
     csc: bool = False                  # class-specific context: one set of n_ctx vectors per class
     class_token_position: str = "end"  # end | middle | front
     conditional: bool = False          # CoCoOp: the meta-net shifts the context per image
@@ -58,7 +60,7 @@ class PromptLearner(nn.Module):
         super().__init__()
         C, D = len(classnames), clip.ln_final.weight.shape[0]
         if cfg.ctx_init:
-            init = clip_model.tokenize(cfg.ctx_init)
+            init = clip_model.tokenize(cfg.ctx_init.replace("_", " "))  # "_" is a space (official code)
             n_ctx = int(init.argmax()) - 1  # tokens between SOT and EOT
             ctx = clip.embed_text(init)[0, 1:1 + n_ctx].detach().clone()  # (n_ctx, D)
             ctx = ctx.repeat(C, 1, 1) if cfg.csc else ctx

@@ -50,7 +50,7 @@ class Config:
     descriptions: str = ""              # JSON {class name: [description, ...]}; "" = the template sentence
     n_prompts: int = 4                  # M learned prompts (paper: 4)
     n_ctx: int = 16                     # context tokens per prompt; an init phrase sets it to its tokens
-    ctx_init: str = ""                  # e.g. "a photo of a": prompt 0 starts as its embeddings
+    ctx_init: str = ""                  # e.g. "a photo of a" ("_" = space): prompt 0 starts as its embeddings
     conditional: bool = False           # CoDUAL-PT: CoCoOp's meta-net shifts every context per image
     alpha: float = 0.2                  # edge (GW) weight in the graph cost; 0 = node (WD) only, 1 = edge only
     beta: float = 0.2                   # L_LLM weight in Eq. 9; 0 = no descriptions
@@ -137,7 +137,7 @@ class PromptLearner(nn.Module):
     def __init__(self, clip, classnames, cfg):
         super().__init__()
         D, device = clip.ln_final.weight.shape[0], clip.token_embedding.weight.device
-        init = clip_model.tokenize(cfg.ctx_init)
+        init = clip_model.tokenize(cfg.ctx_init.replace("_", " "))
         n_ctx = int(init.argmax()) - 1 if cfg.ctx_init else cfg.n_ctx  # the phrase's tokens
         ctx = torch.randn(cfg.n_prompts, n_ctx, D, device=device) * 0.02  # independent draws: prompts differ
         if cfg.ctx_init:

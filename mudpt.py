@@ -40,7 +40,7 @@ class Config:
     backbone: str = "ViT-B/16"     # the paper's backbone
     n_tokens: int = 4              # prompt tokens per block, both towers
     depth: int = 9                 # prompted blocks (official script; the paper's text: 12), at most all
-    ctx_init: str = "a photo of a"  # first text prompts start as these words' embeddings if their tokens = n
+    ctx_init: str = "a photo of a"  # ("_" = space) first text prompts start as its embeddings if its tokens = n
     injection: str = "shared"      # shared (official code) | per_layer (a pair of maps per block) | off (IVLP)
     epochs: int = 10
     batch_size: int = 4
@@ -82,7 +82,7 @@ class MuDPT(nn.Module):
         D, W = clip.ln_final.weight.shape[0], clip.visual.conv1.out_channels
         device = clip.token_embedding.weight.device
         text = torch.randn(J, n, D, device=device) * 0.02
-        init = clip_model.tokenize(cfg.ctx_init)
+        init = clip_model.tokenize(cfg.ctx_init.replace("_", " "))
         if cfg.ctx_init and int(init.argmax()) - 1 == n:  # as many words' tokens as prompt tokens
             text[0] = clip.embed_text(init)[0, 1:1 + n].detach()
         self.text_prompts = nn.Parameter(text)  # (J, n, D)

@@ -207,3 +207,21 @@ def test_eval_mode_never_returns_stale_logits(method):
             if p.requires_grad:
                 p.add_(0.1)
         torch.testing.assert_close(model(x), model.train().eval()(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,field", [("coop", "n_ctx"), ("cocoop", "n_ctx"), ("mudpt", "n_tokens"),
+                                          ("ivlp", "n_tokens"), ("dualpt", "n_ctx"), ("codualpt", "n_ctx")])
+def test_ctx_init_underscores_are_spaces(method, field):
+    """The official code turns "_" into spaces (CoCoOp's configs write a_photo_of_a): the same 4 tokens and
+    learned parameters as "a photo of a" (issue 17: 7 tokens, or MuDPT's random start)."""
+    module, changes = train.METHODS[method]
+    clip = clip_model.load("tiny")[0]
+    learned = []
+    for phrase in ("a photo of a", "a_photo_of_a", ""):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(module.Config(), **{**changes, "ctx_init": phrase, field: 4})
+        model = module.build(clip, ["cat", "dog"], cfg)
+        learned.append({k: v for k, v in model.named_parameters() if v.requires_grad})
+    spaces, underscores, no_phrase = learned
+    assert spaces.keys() == underscores.keys() and all(torch.equal(spaces[k], underscores[k]) for k in spaces)
+    assert not all(torch.equal(spaces[k], no_phrase[k]) for k in spaces)  # the phrase was used

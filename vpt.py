@@ -17,7 +17,10 @@ image feature without touching any weight of CLIP. The text side is the dataset'
   context replaces the placeholder rows of "X X ... X {class}." in the text prompt.
 - Frozen: all of CLIP.
 - Deviations: the official VPT config runs 100 epochs, the paper 200 (we follow the paper); the official
-  VLP code switches the visual warm-up to 1 epoch on ImageNet only (we keep 10 everywhere).
+  VLP code switches the visual warm-up to 1 epoch on ImageNet only (we keep 10 everywhere). The VLP code's
+  "general knowledge guidance" (not in the paper: for its first epochs the loss is CE of the learned text
+  against frozen CLIP's image feature + CE of the prompted image against the template's text + 0.1 CE of
+  the logits) is `guidance_epochs`, off by default as in cavpt.py (code default and script: 30).
 """
 from dataclasses import dataclass
 
@@ -34,6 +37,7 @@ class Config:
     n_tokens: int = 10                  # visual prompt tokens (per block when deep)
     deep: bool = True                   # fresh prompts before every block; False = shallow (input only)
     text_ctx: int = 0                   # VLP: learned CoOp context tokens in the text prompt (0 = template)
+    guidance_epochs: int = 0            # code only: "general knowledge guidance" loss for the first epochs
     epochs: int = 200
     batch_size: int = 32
     lr: float = 0.01                    # visual prompts (official VPT config)
@@ -107,7 +111,24 @@ class VPTCLIP(nn.Module):
 
     def forward(self, images):
         image = F.normalize(self.visual_prompts(self.clip.visual, images), dim=-1)  # (B, E)
-        return self.clip.logit_scale.exp() * image @ self.text_features().t()  # (B, C)
+        text = self.text_features()  # (C, E)
+        logits = self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
+        if self.training and self.cfg.guidance_epochs:  # for extra_loss
+            self.guidance = images, image, text, logits
+        return logits
+
+    def extra_loss(self, labels, epoch):
+        """The VLP code's guidance in its first guidance_epochs, else 0: each side against frozen CLIP's. train.py
+        adds CE(logits), so the total is the code's CE(to learned text) + CE(to template) + 0.1 CE(logits)."""
+        if epoch >= self.cfg.guidance_epochs:
+            return self.clip.logit_scale.new_zeros(())
+        images, image, text, logits = self.guidance
+        with torch.no_grad():  # frozen CLIP's own image feature: the learned text must still fit it
+            zeroshot = F.normalize(self.clip.encode_image(images), dim=-1)  # (B, E)
+        scale = self.clip.logit_scale.exp()
+        to_learned_text = F.cross_entropy((scale * zeroshot @ text.t()).float(), labels)
+        to_template = F.cross_entropy((scale * image @ self.template_features.t()).float(), labels)
+        return to_learned_text + to_template - 0.9 * F.cross_entropy(logits.float(), labels)
 
     def param_groups(self, cfg):
         groups = [{"params": [self.visual_prompts.prompts], "lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs}]

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import clip_model
 from conftest import train_steps
@@ -76,6 +77,28 @@ def test_vlp_has_two_learning_rates(clip):
     assert [(g["lr"], g["warmup_epochs"]) for g in groups] == [(0.01, 10), (0.002, 1)]
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(
         p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_vlp_guidance_loss_in_its_first_epochs(clip):
+    """The official VLP trainer's loss for epoch < PRETRAIN.C: CE(zero-shot image, learned text) + CE(prompted
+    image, template text) + 0.1 CE(logits); train.py adds CE(logits) to extra_loss."""
+    model = vpt.build(clip, NAMES, config("vlp", guidance_epochs=3)).train()
+    with torch.no_grad():
+        model.visual_prompts.prompts.normal_(0, 1)
+        model.text_context.ctx.normal_(0, 1)
+    x, y = images(4), torch.tensor([0, 1, 2, 3])
+    logits = model(x)
+    scale, text = clip.logit_scale.exp(), F.normalize(model.text_context(clip), dim=-1)
+    to_learned_text = scale * F.normalize(clip.encode_image(x), dim=-1) @ text.t()
+    image = F.normalize(model.visual_prompts(clip.visual, x), dim=-1)
+    to_template = scale * image @ model.template_features.t()
+    assert model.extra_loss(y, epoch=3) == 0  # guidance over
+    torch.testing.assert_close(model.extra_loss(y, epoch=2) + F.cross_entropy(logits, y),
+                               F.cross_entropy(to_learned_text, y) + F.cross_entropy(to_template, y)
+                               + 0.1 * F.cross_entropy(logits, y))
+    model.extra_loss(y, epoch=0).backward()  # it trains both the visual prompts and the text context
+    assert model.visual_prompts.prompts.grad.abs().sum() > 0 and model.text_context.ctx.grad.abs().sum() > 0
+    assert vpt.build(clip, NAMES, config("vlp")).train().extra_loss(y, epoch=0) == 0  # off by default (cavpt.py's)
 
 
 @torch.no_grad()

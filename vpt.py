@@ -40,12 +40,12 @@ class Config:
     guidance_epochs: int = 0            # code only: "general knowledge guidance" loss for the first epochs
     epochs: int = 200
     batch_size: int = 32
-    lr: float = 0.01                    # visual prompts (official VPT config)
+    lr: float = 0.01                    # visual prompts (official vit_b32_deep.yaml; shallow: 0.001)
     warmup_epochs: int = 10             # visual prompts: constant 1e-5 for the first 10 epochs
     text_lr: float = 0.002              # VLP text context: CoOp's lr ...
     text_warmup_epochs: int = 1         # ... and CoOp's warm-up
 
-VARIANTS = {"vpt-shallow": dict(deep=False), "vpt": dict(), "vlp": dict(text_ctx=16)}
+VARIANTS = {"vpt-shallow": dict(deep=False, lr=0.001), "vpt": dict(), "vlp": dict(text_ctx=16)}  # lr: official configs
 
 class VisualPrompts(nn.Module):
     """Prompt tokens in the ViT: (layers, n, W), layers = 1 for shallow, every block for deep."""

@@ -71,6 +71,12 @@ def test_resnet_is_refused(clip):
         vpt.build(rn, NAMES, config("vpt"))
 
 
+def test_learning_rates_follow_the_official_configs():
+    """vit_b32_shallow.yaml: lr 0.001; vit_b32_deep.yaml (VPT, and VLP's visual prompts): 0.01."""
+    assert {v: replace(vpt.Config(), **vpt.VARIANTS[v]).lr for v in vpt.VARIANTS} == {
+        "vpt-shallow": 0.001, "vpt": 0.01, "vlp": 0.01}
+
+
 def test_vlp_has_two_learning_rates(clip):
     model = vpt.build(clip, NAMES, config("vlp"))
     groups = model.param_groups(model.cfg)

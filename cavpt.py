@@ -201,11 +201,22 @@ class CAVPTCLIP(nn.Module):
         self.cached = None
         return self
 
+def check_config(cfg):
+    """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
+    for name, ok, rule in [("n_tokens", cfg.n_tokens >= 0, "0 or more"),
+                           ("text_ctx", cfg.text_ctx >= 0, "0 (the template) or more"),
+                           ("n_classes", cfg.n_classes >= 1, "1 or more"),
+                           ("bottom_limit", cfg.bottom_limit >= 1, "1 or more"),
+                           ("key_tokens", cfg.key_tokens >= 0, "0 or more"),
+                           ("attn_dim", cfg.attn_dim >= 1, "1 or more"),
+                           ("aux_weight", cfg.aux_weight >= 0, "0 (no aux loss) or more")]:
+        if not ok:
+            raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
+
 def build(clip, classnames, cfg):
+    check_config(cfg)
     if not isinstance(clip.visual, clip_model.VisionTransformer):
         raise ValueError("class-aware visual prompts need a transformer image tower: use a ViT backbone (ViT-B/32, "
                          "ViT-B/16, ViT-L/14, tiny)")
-    if cfg.n_classes < 1 or cfg.bottom_limit < 1:
-        raise ValueError(f"n_classes={cfg.n_classes}, bottom_limit={cfg.bottom_limit}: both must be at least 1")
     clip.requires_grad_(False)
     return CAVPTCLIP(clip, classnames, cfg)

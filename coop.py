@@ -181,9 +181,17 @@ class CoOp(nn.Module):
         self.cached = None
         return self
 
-def build(clip, classnames, cfg):
+def check_config(cfg):
+    """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
     if cfg.class_token_position not in ("end", "middle", "front"):
         raise ValueError(f"class_token_position={cfg.class_token_position!r}: use end, middle or front")
+    for name, ok, rule in [("n_ctx", cfg.n_ctx >= 0, "0 (zero-shot) or more"),
+                           ("max_prompts", cfg.max_prompts >= 1, "1 or more")]:
+        if not ok:
+            raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
+
+def build(clip, classnames, cfg):
+    check_config(cfg)
     clip.requires_grad_(False)
     if cfg.n_ctx == 0 and not cfg.ctx_init:
         return ZeroShotCLIP(clip, classnames, cfg)

@@ -238,12 +238,21 @@ class DualPT(nn.Module):
         self.cached = self.text = self.logits = None
         return self
 
-def build(clip, classnames, cfg):
+def check_config(cfg):
+    """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
     if cfg.distill not in ("cosine", "wd"):
         raise ValueError(f"distill={cfg.distill!r}: use cosine or wd")
-    if cfg.n_prompts < 1 or cfg.ot_lambda <= 0 or not 0 <= cfg.alpha <= 1 or not 0 <= cfg.beta < 1:
-        raise ValueError(f"n_prompts={cfg.n_prompts}, ot_lambda={cfg.ot_lambda}, alpha={cfg.alpha}, beta={cfg.beta}: "
-                         "need n_prompts >= 1, ot_lambda > 0, 0 <= alpha <= 1 and 0 <= beta < 1")
+    for name, ok, rule in [("n_prompts", cfg.n_prompts >= 1, "1 or more"), ("n_ctx", cfg.n_ctx >= 0, "0 or more"),
+                           ("alpha", 0 <= cfg.alpha <= 1, "in [0, 1]"), ("beta", 0 <= cfg.beta < 1, "in [0, 1)"),
+                           ("ot_lambda", cfg.ot_lambda > 0, "above 0"), ("gw_iters", cfg.gw_iters >= 1, "1 or more"),
+                           ("sinkhorn_iters", cfg.sinkhorn_iters >= 1, "1 or more"),
+                           ("sinkhorn_tol", cfg.sinkhorn_tol >= 0, "0 (a fixed count) or more"),
+                           ("max_prompts", cfg.max_prompts >= 1, "1 or more")]:
+        if not ok:
+            raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
+
+def build(clip, classnames, cfg):
+    check_config(cfg)
     clip.requires_grad_(False)
     if cfg.beta and cfg.descriptions:
         descriptions = read_descriptions(cfg.descriptions, classnames)

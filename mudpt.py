@@ -140,12 +140,17 @@ class MuDPT(nn.Module):
         self.cached = None
         return self
 
-def build(clip, classnames, cfg):
-    if not isinstance(clip.visual, clip_model.VisionTransformer):
-        raise ValueError("MuDPT prompts the image transformer: use a ViT backbone (ViT-B/16, ViT-B/32, ViT-L/14, tiny)")
+def check_config(cfg):
+    """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
     if cfg.injection not in ("shared", "per_layer", "off"):
         raise ValueError(f"injection={cfg.injection!r}: use shared, per_layer or off")
-    if cfg.depth < 1 or cfg.n_tokens < 1:
-        raise ValueError(f"depth={cfg.depth}, n_tokens={cfg.n_tokens}: both must be at least 1")
+    for name, ok, rule in [("n_tokens", cfg.n_tokens >= 1, "1 or more"), ("depth", cfg.depth >= 1, "1 or more")]:
+        if not ok:
+            raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
+
+def build(clip, classnames, cfg):
+    check_config(cfg)
+    if not isinstance(clip.visual, clip_model.VisionTransformer):
+        raise ValueError("MuDPT prompts the image transformer: use a ViT backbone (ViT-B/16, ViT-B/32, ViT-L/14, tiny)")
     clip.requires_grad_(False)
     return MuDPT(clip, classnames, cfg)

@@ -3,6 +3,7 @@
 A method file gives a `Config` (its paper's defaults), `VARIANTS` (CLI name -> Config changes) and `build(clip,
 classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C). Optionally the module has
 `extra_loss(labels, epoch)` (auxiliary terms from the last forward), `param_groups(cfg)` (its own learning rates),
+`check_config(cfg)` (a ValueError for values it cannot use, raised before CLIP is loaded),
 `class_specific = True` (learned parameters tied to the training classes), and, when its image tower is frozen,
 `frozen_features(images)` with `forward(features=...)` (for `--cache-features`). This file does the rest, the same
 for every method: data, SGD with CoOp's warm-up + cosine schedule, precision, evaluation per protocol, atomic
@@ -52,7 +53,7 @@ def parse_args(argv):
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
                    help="random: build the backbone with random weights, no download (tests, dry runs)")
     p.add_argument("--seed", type=int, nargs="+", default=[1], dest="seeds", help="one run per seed: --seed 1 2 3")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="default: the method's; 0 = no training, evaluate it as initialised")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--protocol", default="fewshot", help=" | ".join(data.PROTOCOLS))
@@ -74,6 +75,38 @@ def parse_args(argv):
     args = p.parse_args(argv)
     return argparse.Namespace(**vars(args), seed=args.seeds[0])  # main() runs each of args.seeds
 
+def check_flags(args):
+    """A UserError for a number no run can use, before anything is loaded or written."""
+    for flag, value, ok, rule in [
+            ("--shots", args.shots, args.shots >= 0, "0 (every image) or more"),
+            ("--epochs", args.epochs, args.epochs is None or args.epochs >= 0, "0 (no training) or more"),
+            ("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1, "1 or more"),
+            ("--lr", args.lr, args.lr is None or 0 < args.lr < math.inf, "a number above 0"),
+            ("--workers", args.workers, args.workers is None or args.workers >= 0, "0 (load in this process) or more"),
+            ("--cache-features", args.cache_features, args.cache_features >= 0, "0 (off) or more")]:
+        if not ok:
+            raise UserError(f"{flag} {value}: must be {rule}")
+
+def check_config(args, module, cfg):
+    """The loop's fields of every Config (epochs, batch size, learning rates), then the method's own checks."""
+    for field in dataclasses.fields(cfg):
+        name, value = field.name, getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{args.method}: {name}={value}: must be a finite number")
+        if name == "lr" or name.endswith("_lr"):
+            ok, rule = value > 0, "above 0"
+        elif name == "epochs" or name.endswith("_epochs"):
+            ok, rule = value >= 0, "0 or more"
+        else:
+            ok, rule = name != "batch_size" or value >= 1, "1 or more"
+        if not ok:
+            raise UserError(f"{args.method}: {name}={value}: must be {rule}")
+    try:
+        if hasattr(module, "check_config"):
+            module.check_config(cfg)
+    except ValueError as e:
+        raise UserError(f"{args.method}: {e}") from None
+
 def make_config(args):
     """The method's Config: paper defaults, then the variant, then --set, then the explicit flags."""
     if args.method not in METHODS:
@@ -87,7 +120,9 @@ def make_config(args):
                             f"{', '.join(f.name for f in dataclasses.fields(cfg))} (see --help-config)")
         cfg = dataclasses.replace(cfg, **{key: parse_value(getattr(cfg, key), value, key)})
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "backbone": args.backbone}
-    return module, dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    check_config(args, module, cfg)
+    return module, cfg
 
 def parse_value(default, text, key):
     if isinstance(default, bool):
@@ -239,6 +274,7 @@ def batches(loader, cache, epoch, device):
         yield dict(features=cache[epoch % len(cache)][idx].to(device, non_blocking=True)), labels[idx].to(device)
 
 def run(args):
+    check_flags(args)
     module, cfg = make_config(args)
     if args.eval_only:
         if not args.checkpoint:
@@ -248,7 +284,7 @@ def run(args):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k in known})
     shots = 0 if args.eval_only else args.shots
     task = data.make_task(args.data, args.protocol, shots, args.seed, args.eval_data)
-    epochs = 0 if args.eval_only else epochs_for(cfg, shots)
+    epochs = 0 if args.eval_only else args.epochs if args.epochs is not None else epochs_for(cfg, shots)
     out = Path(args.output or Path("runs", Path(args.data).name, args.method, cfg.backbone.replace("/", "-"),
                                    f"shots{args.shots}" + ("" if args.protocol == "fewshot" else f"-{args.protocol}"),
                                    f"seed{args.seed}"))

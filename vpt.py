@@ -143,7 +143,15 @@ class VPTCLIP(nn.Module):
         self.cached = None
         return self
 
+def check_config(cfg):
+    """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
+    for name, ok, rule in [("n_tokens", cfg.n_tokens >= 0, "0 (no visual prompts) or more"),
+                           ("text_ctx", cfg.text_ctx >= 0, "0 (the template) or more")]:
+        if not ok:
+            raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
+
 def build(clip, classnames, cfg):
+    check_config(cfg)
     if not isinstance(clip.visual, clip_model.VisionTransformer):
         raise ValueError("visual prompts need a transformer image tower: use a ViT backbone (ViT-B/32, ViT-B/16, "
                          "ViT-L/14, tiny)")

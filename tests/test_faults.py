@@ -21,6 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--backbone", "tiny", "--epochs", "1"]
 
 
+BAD_NUMBERS = {"negative `--shots`": ["--shots", "-3"], "`--epochs` below 0": ["--epochs", "-1"],
+               "`--batch-size` below 1": ["--batch-size", "0"], "`--lr` of 0, below 0 or not a number": ["--lr", "0"],
+               "negative `--workers`": ["--workers", "-1"], "negative `--cache-features`": ["--cache-features", "-2"]}
+
+
 def readme_rows():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## When something goes wrong"):]
@@ -72,6 +77,12 @@ def scenario(name, tmp_path, monkeypatch):
         return demo + ["--set", "n_ctx=four"]
     if name == "`--set` value the method rejects":
         return demo + ["--set", "class_token_position=left"]
+    if name == "`--set` number the method cannot use":
+        return demo + ["--set", "n_ctx=-1"]
+    if name == "`--set` epochs or learning rate out of range":
+        return demo + ["--set", "warmup_epochs=-1"]
+    if name in BAD_NUMBERS:
+        return demo + BAD_NUMBERS[name]
     if name == "dataset folder missing":
         return ["--method", "coop", "--data", str(tmp_path / "nowhere" / "dtd"), *TINY, *out]
     if name == "folder not recognised":
@@ -148,6 +159,8 @@ def test_readme_row(tmp_path, monkeypatch, capsys, name, message):
     err = capsys.readouterr().err
     assert message in err, err
     assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    if name in BAD_NUMBERS or name.startswith("`--set`"):  # refused before anything is written
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["unknown backbone", "corrupt image"])

@@ -225,3 +225,33 @@ def test_ctx_init_underscores_are_spaces(method, field):
     spaces, underscores, no_phrase = learned
     assert spaces.keys() == underscores.keys() and all(torch.equal(spaces[k], underscores[k]) for k in spaces)
     assert not all(torch.equal(spaces[k], no_phrase[k]) for k in spaces)  # the phrase was used
+
+
+@pytest.mark.parametrize("method,setting,message", [
+    ("coop", "max_prompts=0", "max_prompts=0: must be 1 or more"),
+    ("vpt", "n_tokens=-1", "n_tokens=-1: must be 0 (no visual prompts) or more"),
+    ("vlp", "text_lr=0", "text_lr=0.0: must be above 0"),
+    ("vlp", "guidance_epochs=-2", "guidance_epochs=-2: must be 0 or more"),
+    ("cavpt", "n_classes=0", "n_classes=0: must be 1 or more"),
+    ("cavpt", "aux_weight=-1", "aux_weight=-1.0: must be 0 (no aux loss) or more"),
+    ("mudpt", "depth=0", "depth=0: must be 1 or more"),
+    ("mudpt", "n_tokens=0", "n_tokens=0: must be 1 or more"),
+    ("dualpt", "n_prompts=0", "n_prompts=0: must be 1 or more"),
+    ("dualpt", "sinkhorn_iters=0", "sinkhorn_iters=0: must be 1 or more"),
+    ("dualpt", "alpha=nan", "alpha=nan: must be a finite number"),
+    ("bias_tuning", "batch_size=0", "batch_size=0: must be 1 or more")])
+def test_numbers_a_method_cannot_use_are_refused_first(tmp_path, capsys, method, setting, message):
+    """Refused before the backbone is loaded or anything is written (issue 17: some crashed, some ran)."""
+    argv = ["--method", method, "--data", "demo", "--backbone", "no-such-backbone", "--set", setting,
+            "--output", str(tmp_path / "out")]
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"error: {method}: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_epochs_zero_evaluates_the_method_as_initialised(tmp_path):
+    """--epochs 0 trains nothing (it was quietly read as 'the method's schedule': 200 epochs for vpt)."""
+    r = train.run(train.parse_args(["--method", "vpt", "--data", "demo", "--backbone", "tiny", "--epochs", "0",
+                                    "--shots", "2", "--output", str(tmp_path)]))
+    assert r["epochs"] == 0 and r["history"] == [] and 0 <= r["accuracy"]["test"] <= 100
+    assert not (tmp_path / "checkpoint.pt").exists()

@@ -18,6 +18,7 @@ It writes RUN_DIR/analysis/stats.json, relevancy_<i>.png (image | zero-shot | me
 installed, one plot per statistic (method against zero-shot CLIP, per layer).
 """
 import argparse
+import functools
 import json
 import random
 import sys
@@ -255,7 +256,7 @@ def main(argv=None):
     for i, im in enumerate(pil):
         panel = overlay(im, None if zero_image is None else zero_image[i], None if image_rel is None else image_rel[i],
                         text_rel[i], size)
-        train.save_atomic(lambda tmp: panel.save(tmp, format="PNG"), out / f"relevancy_{i}.png")
+        train.save_atomic(functools.partial(panel.save, format="PNG"), out / f"relevancy_{i}.png")
     result = {"zeroshot": {"name": "zero-shot CLIP", **zero_stats}, "method": {"name": name, **stats},
               "images": [p for p, _ in items], "labels": labels.tolist(), "targets": predicted.tolist(),
               "backbone": cfg.backbone, "dataset": ds.name}

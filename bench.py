@@ -12,6 +12,7 @@ in seconds (the test suite does). Rows 1-2 need the dev requirements (clip-anyto
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -54,7 +55,11 @@ def peak_memory_mib(fn, device):
         base = torch.cuda.memory_allocated()
         fn()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+
+    def status(key):  # a "VmHWM:  1234 kB" line of /proc/self/status -> 1234
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith(key)).split()[1])
+
     try:
         open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS
     except OSError:
@@ -83,7 +88,7 @@ def encoder_rows(name, args, batch, repeats, device):
     rows = []
     with torch.no_grad():
         for what, inputs in [("encode_image", images), ("encode_text", tokens)]:
-            theirs, mine = (lambda m=m: getattr(m, what)(inputs) for m in (reference, ours))
+            theirs, mine = (functools.partial(getattr(m, what), inputs) for m in (reference, ours))
             (t_ref, a), (t_ours, b) = timed(theirs, repeats, device), timed(mine, repeats, device)
             rows.append((f"{name} {what} vs OpenAI's code", t_ours, t_ref, t_ref / t_ours, (a - b).abs().max().item()))
     return rows
@@ -108,8 +113,8 @@ def text_rows(clip, repeats, device):
                         ("DTD, CoOp's 16-token context", [" ".join(["X"] * 16 + [c]) + "." for c in DTD])]:
         tokens = clip_model.tokenize(texts).to(device)
         with torch.no_grad():
-            (t_cut, a), (t_full, b) = timed(lambda: clip.encode_text(tokens), repeats, device), \
-                timed(lambda: full_length(clip, tokens), repeats, device)
+            (t_cut, a), (t_full, b) = timed(functools.partial(clip.encode_text, tokens), repeats, device), \
+                timed(functools.partial(full_length, clip, tokens), repeats, device)
         rows.append((f"text, EOT cut vs 77 tokens: {name}", t_cut, t_full, t_full / t_cut, (a - b).abs().max().item()))
     return rows
 
@@ -135,32 +140,36 @@ def method_rows(backbone, batch, repeats, device):
             model = module.build(clip, DTD, cfg).to(device)
         except ValueError:  # e.g. visual prompts on a ResNet backbone
             continue
-        R, B = clip.visual.input_resolution, batch or cfg.batch_size
-        images, labels = torch.randn(B, 3, R, R, device=device), torch.arange(B, device=device) % len(DTD)
-        template = getattr(cfg, "template", "a photo of a {}.")
-        tokens = clip_model.tokenize([template.format(c) for c in DTD]).to(device)
-        learned = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(learned, lr=1e-6, momentum=0.9) if learned else None
-
-        def frozen():
-            with torch.no_grad():
-                return clip(images, tokens)
-
-        def step():
-            model.train()
-            loss = F.cross_entropy(model(images), labels)
-            if hasattr(model, "extra_loss"):
-                loss = loss + model.extra_loss(labels, 0)
-            if optimizer:
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        peak = peak_memory_mib(step, device)  # the first step: it also allocates what later steps reuse
-        t_frozen, _ = timed(frozen, repeats, device)
-        t_step, _ = timed(step, repeats, device)
-        rows.append((f"train step / frozen forward: {name} ({backbone}, batch {B}, {B / t_step:.0f} img/s), "
-                     f"peak +{peak:.0f} MiB", t_step, t_frozen, t_step / t_frozen, None))
+        rows.append(method_row(name, model, cfg, clip, backbone, batch, repeats, device))
     return rows
+
+
+def method_row(name, model, cfg, clip, backbone, batch, repeats, device):
+    R, B = clip.visual.input_resolution, batch or cfg.batch_size
+    images, labels = torch.randn(B, 3, R, R, device=device), torch.arange(B, device=device) % len(DTD)
+    template = getattr(cfg, "template", "a photo of a {}.")
+    tokens = clip_model.tokenize([template.format(c) for c in DTD]).to(device)
+    learned = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(learned, lr=1e-6, momentum=0.9) if learned else None
+
+    def frozen():
+        with torch.no_grad():
+            return clip(images, tokens)
+
+    def step():
+        model.train()
+        loss = F.cross_entropy(model(images), labels)
+        if hasattr(model, "extra_loss"):
+            loss = loss + model.extra_loss(labels, 0)
+        if optimizer:
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    peak = peak_memory_mib(step, device)  # the first step: it also allocates what later steps reuse
+    t_frozen, _ = timed(frozen, repeats, device)
+    t_step, _ = timed(step, repeats, device)
+    return (f"train step / frozen forward: {name} ({backbone}, batch {B}, {B / t_step:.0f} img/s), "
+            f"peak +{peak:.0f} MiB", t_step, t_frozen, t_step / t_frozen, None)
 
 
 def eval_row(clip, batch, repeats, device):

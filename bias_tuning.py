@@ -9,7 +9,7 @@ a few prompt tokens it matches or beats prompt tuning (the paper's Table 1: 79.5
 shots, averaged over 11 datasets).
 
 - Learned: `text_bias` (L_t, D) and `image_bias` (L_v, W), one vector per block; zero at initialisation.
-- Injected where: after block l, x <- block_l(x) + b_l, broadcast over the batch and every token.
+- Injected where: after block i, x <- block_i(x) + b_i, broadcast over the batch and every token.
 - Frozen: all of CLIP; the text input is the dataset's hand-crafted template.
 - Deviations: the paper gives no initialisation; zero (ours) makes the untrained model exactly zero-shot
   CLIP. `text=false` / `visual=false` run the single-branch ablations; ResNet backbones have no image
@@ -61,8 +61,8 @@ class BiasTuning(nn.Module):
         L = int(eot.max()) + 1  # positions after the last EOT are never read (causal mask)
         x = self.clip.embed_text(self.tokens[:, :L]) + self.clip.positional_embedding[:L]
         mask = clip_model.causal_mask(L, x.device)
-        for l, block in enumerate(self.clip.transformer.resblocks):
-            x = block(x, mask) + (self.text_bias[l] if self.text_bias is not None else 0)  # (C, L, D)
+        for i, block in enumerate(self.clip.transformer.resblocks):
+            x = block(x, mask) + (self.text_bias[i] if self.text_bias is not None else 0)  # (C, L, D)
         return self.clip.text_head(x, eot)
 
     def encode_image(self, images):
@@ -70,8 +70,8 @@ class BiasTuning(nn.Module):
         if self.image_bias is None:
             return visual(images)
         x = visual.embed(images)
-        for l, block in enumerate(visual.transformer.resblocks):
-            x = block(x) + self.image_bias[l]  # (B, 1+N, W)
+        for i, block in enumerate(visual.transformer.resblocks):
+            x = block(x) + self.image_bias[i]  # (B, 1+N, W)
         return visual.head(x)
 
     def forward(self, images):

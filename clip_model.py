@@ -83,9 +83,10 @@ class Tokenizer:
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                                      r"\p{L}+|\p{N}|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
+        self.bpe = lru_cache(maxsize=100_000)(self.merge)  # a cache per tokenizer, freed with it
 
-    @lru_cache(maxsize=100_000)
-    def bpe(self, piece):
+    def merge(self, piece):
+        """One pre-tokenised piece -> its BPE symbols (use the cached self.bpe)."""
         if piece in ("<|startoftext|>", "<|endoftext|>"):
             return [piece]
         word = [*piece[:-1], piece[-1] + "</w>"]
@@ -246,7 +247,9 @@ class AttentionPool2d(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, g², C) row-major
         x = torch.cat([x.mean(1, keepdim=True), x], dim=1) + self.positional_embedding  # (B, 1+g², C)
         B, L, C = x.shape
-        split = lambda t: t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # (B, H, ·, C/H)
+
+        def split(t):  # (B, ·, C) -> (B, H, ·, C/H)
+            return t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)
         q = split(self.q_proj(x if all_tokens else x[:, :1]))
         out = F.scaled_dot_product_attention(q, split(self.k_proj(x)), split(self.v_proj(x)))
         out = self.c_proj(out.transpose(1, 2).reshape(B, -1, C))
@@ -400,7 +403,7 @@ def download(url, root):
             raise LoadError(f"{target} exists and is not a regular file: remove it")
         if _sha256(target) == expected:
             return target
-        warnings.warn(f"{target} does not match its SHA256; downloading it again")
+        warnings.warn(f"{target} does not match its SHA256; downloading it again", stacklevel=2)
     tmp = tempfile.NamedTemporaryFile(dir=root, prefix=os.path.basename(target), suffix=".part", delete=False)
     try:
         digest, done = hashlib.sha256(), 0

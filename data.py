@@ -94,7 +94,8 @@ def _read_aircraft(root):
         try:
             split[s] = [(str(root / "images" / f"{image}.jpg"), index[variant]) for image, variant in rows]
         except (KeyError, ValueError):
-            raise DataError(f"{root / f'images_variant_{s}.txt'} names a variant missing from variants.txt ({HELP})")
+            raise DataError(f"{root / f'images_variant_{s}.txt'} names a variant missing from variants.txt "
+                            f"({HELP})") from None
     return Dataset("FGVCAircraft", root, classnames, TEMPLATES["FGVCAircraft"], **split)
 
 def _imagenet_classnames(root):
@@ -114,7 +115,9 @@ def _class_folders(folder):
 def _read_imagenet(root):
     names = _imagenet_classnames(root)
     wnids = _class_folders(root / "images" / "train")  # label = index of the sorted WordNet ids, as in CoOp
-    read = lambda split: [(p, y) for y, w in enumerate(wnids) for p in _images(root / "images" / split / w)]
+
+    def read(split):
+        return [(p, y) for y, w in enumerate(wnids) for p in _images(root / "images" / split / w)]
     try:  # no test split: CoOp tests on the official val set
         return Dataset("ImageNet", root, [names[w] for w in wnids], TEMPLATES["ImageNet"], read("train"), [],
                        read("val"))
@@ -186,7 +189,9 @@ def subsample_classes(ds, subset):
     """CoCoOp's split: "base" = the first ceil(C/2) labels, "new" = the rest, relabelled from 0."""
     m = math.ceil(len(ds.classnames) / 2)
     keep = range(m) if subset == "base" else range(m, len(ds.classnames))
-    relabel = lambda items: [(p, y - keep.start) for p, y in items if y in keep]
+
+    def relabel(items):
+        return [(p, y - keep.start) for p, y in items if y in keep]
     return replace(ds, classnames=ds.classnames[keep.start:keep.stop], train=relabel(ds.train),
                    val=relabel(ds.val), test=relabel(ds.test))
 

@@ -11,6 +11,7 @@ checkpoints and exact resume, results.json and log.txt, on one device or on N GP
 """
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -387,7 +388,7 @@ def run(args):
             f"{timedelta(seconds=int(elapsed))} elapsed  ETA {timedelta(seconds=int(eta))}")
         state = dict(method=args.method, backbone=cfg.backbone, config=results["config"], epoch=epoch + 1,
                      learned=learned_state(model), optimizer=optimizer.state_dict(), history=history, time_s=elapsed)
-        save_atomic(lambda tmp: torch.save(state, tmp), out / "checkpoint.pt")
+        save_atomic(functools.partial(torch.save, state), out / "checkpoint.pt")
         write_json({**results, "history": history, "time_s": elapsed}, out / "results.json")  # no accuracy yet
 
     accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}

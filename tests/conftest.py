@@ -19,7 +19,8 @@ def randomize(state_dict, seed=0):
         elif key.endswith("running_var"):
             out[key] = torch.rand(value.shape, generator=g) + 0.5
         elif value.ndim >= 2:  # std 1/sqrt(fan-in): signals keep their scale through each layer
-            fan_in = value.shape[0] if key.endswith(("proj", "projection")) else value[0].numel()  # proj: (in, out); else (out, in...)
+            # visual.proj and text_projection are (in, out), used as x @ proj; the others (out, in, ...)
+            fan_in = value.shape[0] if key.endswith(("proj", "projection")) else value[0].numel()
             out[key] = torch.randn(value.shape, generator=g) * fan_in ** -0.5
         elif key.endswith(".weight"):  # LayerNorm / BatchNorm scales
             out[key] = 1 + 0.1 * torch.randn(value.shape, generator=g)

@@ -46,8 +46,11 @@ def test_bias_is_added_to_every_token_after_every_block(clip):
 def test_parameter_count_for_vit_b16():
     with torch.device("meta"):
         clip = clip_model.CLIP(*clip_model.CONFIGS["ViT-B/16"])
-    count = lambda **c: sum(p.numel() for p in bias_tuning.build(clip, NAMES, bias_tuning.Config(**c)).parameters()
-                            if p.requires_grad)
+
+    def count(**changes):
+        model = bias_tuning.build(clip, NAMES, bias_tuning.Config(**changes))
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
     assert count() == 12 * 768 + 12 * 512 == 15_360
     assert count(visual=False) == 12 * 512 and count(text=False) == 12 * 768
 

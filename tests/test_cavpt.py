@@ -153,7 +153,9 @@ def test_guidance_loss_in_its_first_epochs(clip):
     to_learned_text = scale * F.normalize(clip.encode_image(x), dim=-1) @ text.t()
     image = model.visual_prompts(clip.visual, x, model.text_context(clip)[model.topk])[0]
     to_template = scale * F.normalize(image, dim=-1) @ model.template_features.t()
-    ce = lambda z: F.cross_entropy(z, y)
+
+    def ce(logits):
+        return F.cross_entropy(logits, y)
     guided = model.extra_loss(y, epoch=2) - model.extra_loss(y, epoch=3)  # epoch 3: aux loss only
     torch.testing.assert_close(guided + ce(logits), ce(to_learned_text) + ce(to_template) + 0.1 * ce(logits))
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
-from conftest import train_steps
 import coop
+from conftest import train_steps
 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion", "x!y"]
 
@@ -62,7 +62,8 @@ def test_parameter_counts(clip):
     assert learned_count(coop.build(clip, NAMES, config())) == 16 * D
     assert learned_count(coop.build(clip, NAMES, config(csc=True))) == C * 16 * D
     assert learned_count(coop.build(clip, NAMES, config(n_ctx=4))) == 4 * D
-    assert learned_count(coop.build(clip, NAMES, config("cocoop"))) == 4 * D + (E * (E // 16) + E // 16) + (E // 16 * D + D)
+    meta_net = (E * (E // 16) + E // 16) + (E // 16 * D + D)  # E -> E/16 -> D, with biases
+    assert learned_count(coop.build(clip, NAMES, config("cocoop"))) == 4 * D + meta_net
 
 
 def test_cocoop_count_for_vit_b16():

@@ -137,7 +137,7 @@ def test_generic_folder_split_is_fixed(tmp_path):
 def test_few_shot_is_exact_and_seeded(tmp_path):
     base = make_split_dataset(tmp_path, "dtd", per_class=(10, 6, 3))
     one, again, other = (data.make_task(str(base), shots=4, seed=s) for s in (1, 1, 2))
-    counts = {y: sum(1 for _, l in one.train if l == y) for y in range(5)}
+    counts = {y: sum(1 for _, label in one.train if label == y) for y in range(5)}
     assert counts == {y: 4 for y in range(5)} and len(one.val) == 5 * 4
     assert one.train == again.train and one.val == again.val
     assert one.train != other.train

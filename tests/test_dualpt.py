@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
-from conftest import train_steps
 import dualpt
 import train
+from conftest import train_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
@@ -124,7 +124,9 @@ def test_gromov_wasserstein_prefers_the_same_graph():
     Z = unit(6, 8, seed=7)
     order = torch.randperm(48, generator=torch.Generator().manual_seed(0))
     shuffled = F.normalize(Z.flatten()[order].view(6, 8), dim=-1)  # the same numbers, the edges scrambled
-    cost = lambda W: gw_cost(Z, W, dualpt.graph_plan(Z[None], W[None], config(alpha=1.0))[0, 0])
+
+    def cost(W):
+        return gw_cost(Z, W, dualpt.graph_plan(Z[None], W[None], config(alpha=1.0))[0, 0])
     same, relabelled, other = cost(Z), cost(Z[torch.tensor([3, 1, 5, 0, 2, 4])]), cost(shuffled)
     assert same < other - 0.01, (same, other)
     assert relabelled == pytest.approx(same, abs=1e-5)  # GW sees edges only: renaming nodes changes nothing

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import clip_model
-from conftest import train_steps
 import mudpt
+from conftest import train_steps
 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
 
@@ -75,7 +75,8 @@ def test_prompts_replace_rows_as_described(clip):
     tokens = clip_model.tokenize([f"X X X X {n.replace('_', ' ')}." for n in NAMES])
     x = clip.embed_text(tokens)
     x[:, 1:5] = text[0]
-    torch.testing.assert_close(depth1.encode_text(depth1.text_prompts), clip.encode_text_embeddings(x, tokens.argmax(-1)),
+    torch.testing.assert_close(depth1.encode_text(depth1.text_prompts),
+                               clip.encode_text_embeddings(x, tokens.argmax(-1)),
                                rtol=0, atol=1e-5)
 
 

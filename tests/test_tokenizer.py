@@ -23,7 +23,8 @@ WORDS = ["dog", "Cat", "école", "naïve", "café", "Straße", "東京", "日本
          "&amp;quot;", "“quoted”", "‘single’", "don't", "we'll", "I'M", "they'd", "3.14159", "1,000,000", "42nd",
          "!!!", "?!", "...", "—", "–", "ﬁ", "ﬂower", "e\u0301", "n\u0303", "\u00a0", "\t", "\n", "   ", "ÅNGSTRÖM",
          "Ελληνικά", "русский", "العربية", "हिन्दी", "한국어", "<|endoftext|>", "x-ray", "e-mail", "C++", "#hashtag",
-         "@user", "http://example.com/a?b=c", "½", "²", "Ⅻ", "🇫🇷", "👨‍👩‍👧", "a_b", "snake_case", "(parens)", "[brackets]"]
+         "@user", "http://example.com/a?b=c", "½", "²", "Ⅻ", "🇫🇷", "👨‍👩‍👧", "a_b", "snake_case", "(parens)",
+         "[brackets]"]
 
 
 def _strings():

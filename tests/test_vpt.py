@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
-from conftest import train_steps
 import vpt
+from conftest import train_steps
 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
 

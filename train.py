@@ -88,8 +88,8 @@ def check_flags(args):
         if not ok:
             raise UserError(f"{flag} {value}: must be {rule}")
 
-def check_config(args, module, cfg):
-    """The loop's fields of every Config (epochs, batch size, learning rates), then the method's own checks."""
+def check_numbers(args, module, cfg):
+    """The loop's fields of every Config (epochs, batch size, learning rates), then the method's check_config."""
     for field in dataclasses.fields(cfg):
         name, value = field.name, getattr(cfg, field.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -122,7 +122,7 @@ def make_config(args):
         cfg = dataclasses.replace(cfg, **{key: parse_value(getattr(cfg, key), value, key)})
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "backbone": args.backbone}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    check_config(args, module, cfg)
+    check_numbers(args, module, cfg)
     return module, cfg
 
 def parse_value(default, text, key):

@@ -43,6 +43,17 @@ def test_coop_initialised_from_phrase_equals_zeroshot(clip):
         torch.testing.assert_close(model(images()), zeroshot(images()), rtol=0, atol=1e-5)
 
 
+def test_csc_with_an_init_phrase_is_one_context_per_class_and_a_listed_deviation(clip):
+    """The official CoOp ignores csc when given an init phrase (one shared context); ours keeps one context per
+    class, each starting as the phrase, and says so under Deviations (issue 17)."""
+    model = coop.build(clip, NAMES, config(ctx_init="a_photo_of_a", csc=True))
+    phrase = clip.embed_text(clip_model.tokenize("a photo of a"))[0, 1:5]  # (4, D)
+    assert model.prompt_learner.ctx.shape == (len(NAMES), 4, phrase.shape[-1])
+    assert all(torch.equal(ctx, phrase) for ctx in model.prompt_learner.ctx)
+    deviations = coop.__doc__.split("- Deviations:")[1]
+    assert "with `csc` an init phrase starts every class's context from it" in " ".join(deviations.split())
+
+
 def test_ensemble_averages_templates(clip):
     one = coop.build(clip, NAMES, config("zeroshot", template="a photo of a {}."))
     many = coop.build(clip, NAMES, config("zeroshot", template="a photo of a {}.", ensemble=True))

@@ -1,12 +1,14 @@
 """VPT-CLIP shallow / deep and VLP on a tiny random CLIP: identity, placement, counts, gradients, learning."""
 import copy
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import clip_model
+import train
 import vpt
 from conftest import train_steps
 
@@ -126,3 +128,15 @@ def test_training_moves_only_prompts(clip, variant):
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in clip.parameters())
+
+
+def test_readme_gives_the_official_scripts_settings():
+    """README's CAVPT block: the --set that switches to train_single.sh's values works for each method named."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "--epochs 60 and --set guidance_epochs=30 aux_weight=0.3 (cavpt, vpt-cavpt) or guidance_epochs=30 (vlp)" \
+        in readme
+    for method, settings in [("cavpt", ["guidance_epochs=30", "aux_weight=0.3"]),
+                             ("vpt-cavpt", ["guidance_epochs=30", "aux_weight=0.3"]), ("vlp", ["guidance_epochs=30"])]:
+        args = train.parse_args(["--method", method, "--data", "demo", "--epochs", "60", "--set", *settings])
+        _, cfg = train.make_config(args)
+        assert (cfg.epochs, cfg.guidance_epochs, getattr(cfg, "aux_weight", 0.3)) == (60, 30, 0.3)

@@ -54,6 +54,7 @@ class InjectionModel(nn.Module):
 
     def __init__(self, D, W, depth, per_layer):
         super().__init__()
+        self.per_layer = per_layer
         maps = depth - 1 if per_layer else 1
         self.text_to_image = nn.ModuleList(nn.Linear(D, W) for _ in range(maps))  # A
         self.image_to_text = nn.ModuleList(nn.Linear(W, D) for _ in range(maps))  # B
@@ -61,12 +62,13 @@ class InjectionModel(nn.Module):
 
     def forward(self, text, image):
         """text (depth, n, D), image (depth, n, W) -> fused prompts of the same shapes."""
-        if len(self.text_to_image) == 1:  # one map for every deep block: apply it to all at once
-            to_image, to_text = self.text_to_image[0](text[1:]), self.image_to_text[0](image[1:])
-        else:
-            to_image = torch.stack([A(t) for A, t in zip(self.text_to_image, text[1:])])  # (depth-1, n, W)
-            to_text = torch.stack([B(v) for B, v in zip(self.image_to_text, image[1:])])  # (depth-1, n, D)
-        first = image[:1] + self.first(text[:1]) if self.first is not None else image[:1]
+        if self.per_layer:  # block i's own pair of maps, i = 1..depth-1 (none when depth is 1)
+            fused_text = [text[0]] + [t + B(v) for B, t, v in zip(self.image_to_text, text[1:], image[1:])]
+            fused_image = [image[0]] + [v + A(t) for A, t, v in zip(self.text_to_image, text[1:], image[1:])]
+            return torch.stack(fused_text), torch.stack(fused_image)
+        to_image = self.text_to_image[0](text[1:])  # (depth-1, n, W): one map for every deep block at once
+        to_text = self.image_to_text[0](image[1:])  # (depth-1, n, D)
+        first = image[:1] + self.first(text[:1])  # (1, n, W)
         return torch.cat([text[:1], text[1:] + to_text]), torch.cat([first, image[1:] + to_image])
 
 def version(module):

@@ -59,6 +59,25 @@ def test_zero_injection_is_ivlp(clip, injection):
 
 
 @torch.no_grad()
+def test_per_layer_injection_at_every_depth(clip):
+    """depth 1 has no deep block, so no maps: MuDPT is IVLP there (it crashed, issue 18); depth 2: block 1's pair."""
+    torch.manual_seed(0)
+    one = mudpt.build(clip, NAMES, config("mudpt", depth=1, injection="per_layer")).eval()
+    independent = mudpt.build(clip, NAMES, config("ivlp", depth=1)).eval()
+    independent.load_state_dict(one.state_dict(), strict=False)
+    assert len(one.injection.text_to_image) == 0
+    torch.testing.assert_close(one(images()), independent(images()), rtol=0, atol=0)
+    two = mudpt.build(clip, NAMES, config("mudpt", depth=2, injection="per_layer"))
+    for p in two.injection.parameters():
+        p.normal_(0, 0.5)
+    text, image = two.prompts()
+    A, B = two.injection.text_to_image[0], two.injection.image_to_text[0]
+    t, v = two.text_prompts, two.image_prompts
+    torch.testing.assert_close(text, torch.stack([t[0], t[1] + B(v[1])]))
+    torch.testing.assert_close(image, torch.stack([v[0], v[1] + A(t[1])]))
+
+
+@torch.no_grad()
 def test_prompts_replace_rows_as_described(clip):
     """Text: rows 1..n hold block i's prompts before block i < depth; image: appended after the patches."""
     model = mudpt.build(clip, NAMES, config("ivlp", depth=2))

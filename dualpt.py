@@ -2,7 +2,7 @@
 
 Hu et al., "Context-Aware Prompt Tuning for Vision-Language Model with Dual-Alignment", 2023,
 https://arxiv.org/abs/2309.04158. No official code; the transport step is written as PLOT's (Chen et al.,
-ICLR 2023, github.com/CHENGY12/PLOT). `python dualpt.py describe` asks an LLM for the class descriptions.
+ICLR 2023, github.com/CHENGY12/PLOT). `python describe.py` asks an LLM for the class descriptions.
 
 CoOp learns one context, scored against the image's global feature. DUAL-PT learns M contexts (M text
 features per class) and scores them against the image's N local features: a plan T (N x M) says how much
@@ -27,13 +27,8 @@ details (Eq. 5). CoDUAL-PT adds CoCoOp's meta-net: the global image feature shif
   a", the others N(0, 0.02); the meta-net's last layer starts at zero, so CoDUAL-PT starts as DUAL-PT (CoCoOp's
   random init made the M prompts identical); L_LLM per image, averaged; batch 1 (CoCoOp).
 """
-import argparse
 import json
 import math
-import os
-import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +62,6 @@ class Config:
 
 VARIANTS = {"dualpt": dict(),  # --method name -> the Config changes that make it
             "codualpt": dict(conditional=True, n_ctx=4, ctx_init="a photo of a", epochs=10, batch_size=1)}
-QUESTION = ("What are the useful features for distinguishing a {} in a photo? "
-            "Please just give me a list of short phrases.")  # the paper's, Eq. 3
 
 def sinkhorn(log_kernel, log_p, log_q, iters=100, tol=1e-4):
     """Entropic OT in the log domain: log K (..., R, S) = -C / lambda, marginals log p (..., R), log q (..., S)
@@ -119,7 +112,7 @@ def read_descriptions(path, classnames):
     "_" as a space. A relative path is looked up from the working directory, then from this file's folder."""
     name, here = lambda c: c.replace("_", " ").strip().lower(), Path(__file__).resolve().parent
     file = here / path if not Path(path).is_file() and (here / path).is_file() else Path(path)
-    table = load_json(file, dict, "descriptions {class: [description, ...]} (python dualpt.py describe writes "
+    table = load_json(file, dict, "descriptions {class: [description, ...]} (python describe.py writes "
                                   "them; descriptions= uses the template)")
     table = {name(k): [d.strip() for d in v if isinstance(d, str) and d.strip()]
              for k, v in table.items() if isinstance(v, list)}
@@ -127,7 +120,7 @@ def read_descriptions(path, classnames):
     if missing:
         raise ValueError(f"descriptions file {file} has none for {len(missing)} of {len(classnames)} classes: "
                          f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; add them (python "
-                         f"dualpt.py describe --classes FILE --out {path} adds only what is missing)")
+                         f"describe.py --classes FILE --out {path} adds only what is missing)")
     return [table[name(c)] for c in classnames]
 
 class PromptLearner(nn.Module):
@@ -259,60 +252,3 @@ def build(clip, classnames, cfg):
     else:  # beta = 0 reads nothing; without a file each class's description is its template sentence
         descriptions = [[cfg.template.format(c.replace("_", " "))] for c in classnames]
     return DualPT(clip, classnames, cfg, descriptions)
-
-def ask(api_base, model, classname):
-    """The paper's question for one class -> its "- " answer lines, from an OpenAI-compatible chat endpoint."""
-    url = api_base.rstrip("/") + "/chat/completions"
-    body = {"model": model, "temperature": 0.7, "messages": [{"role": "user", "content": QUESTION.format(classname)}]}
-    key = os.environ.get("OPENAI_API_KEY")
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode(), headers), timeout=120) as r:
-            answer = json.loads(r.read())["choices"][0]["message"]["content"]
-    except urllib.error.HTTPError as e:
-        raise ValueError(f"{url} answered HTTP {e.code} for {classname!r}: {e.read()[:200]!r} (check --model and "
-                         "OPENAI_API_KEY)") from None
-    except OSError as e:
-        raise ValueError(f"cannot reach {url} ({e}): check --api-base") from None
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise ValueError(f"{url} did not answer as an OpenAI-compatible chat endpoint: check --api-base") from None
-    phrases = [line.strip()[2:].strip() for line in str(answer).splitlines() if line.strip().startswith("- ")]
-    if not phrases:
-        raise ValueError(f"the answer for {classname!r} has no '- ' lines: {str(answer)[:100]!r}")
-    return phrases
-
-def describe(args):
-    """Ask for every class not yet in --out; the file is rewritten atomically after each, so a rerun resumes."""
-    names, out = Path(args.classes), Path(args.out)
-    if not names.is_file():
-        raise ValueError(f"no file at --classes {names}: give a file of class names, one a line or a JSON list")
-    text = names.read_text(encoding="utf-8")
-    classes = load_json(names, list, "a list of class names") if text.lstrip().startswith("[") else text.splitlines()
-    done = load_json(out, dict, "descriptions {class: [description, ...]}") if out.exists() else {}
-    have = {str(k).replace("_", " ").strip().lower() for k in done}
-    for c in [str(c).strip() for c in classes if str(c).strip()]:
-        if c.replace("_", " ").lower() in have:
-            continue
-        done[c] = ask(args.api_base, args.model, c.replace("_", " "))
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(done, indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, out)  # whole or not at all
-        print(f"{c}: {len(done[c])} phrases", flush=True)
-    print(f"{len(done)} classes in {out}")
-    return 0
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="python dualpt.py describe: class descriptions from an LLM, for L_LLM")
-    p.add_argument("command", choices=["describe"])
-    p.add_argument("--classes", required=True, help="file of class names: one a line, or a JSON list")
-    p.add_argument("--out", required=True, help="JSON {class: [description, ...]}; existing classes are kept")
-    p.add_argument("--api-base", default="https://api.openai.com/v1", help="any OpenAI-compatible endpoint")
-    p.add_argument("--model", default="gpt-3.5-turbo", help="the paper's: GPT-3.5")
-    try:
-        return describe(p.parse_args(argv))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-if __name__ == "__main__":
-    sys.exit(main())

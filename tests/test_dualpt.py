@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+import describe
 import dualpt
 import train
 from conftest import train_steps
@@ -348,7 +349,7 @@ def test_demo_trains_with_the_shipped_descriptions(tmp_path, monkeypatch, backbo
     assert sorted(table) == sorted(train.data.DEMO_CLASSES) and all(3 <= len(v) <= 5 for v in table.values())
 
 
-# ---- python dualpt.py describe, against a local fake endpoint ----
+# ---- python describe.py, against a local fake endpoint ----
 
 class FakeLLM(http.server.BaseHTTPRequestHandler):
     requests, status = [], 200
@@ -382,8 +383,8 @@ def test_describe_writes_and_resumes(tmp_path, fake_llm, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     classes, out = tmp_path / "classes.txt", tmp_path / "out.json"
     classes.write_text("red circle\nsea_lion\n\n")
-    args = ["describe", "--classes", str(classes), "--out", str(out), "--api-base", fake_llm, "--model", "m1"]
-    assert dualpt.main(args) == 0
+    args = ["--classes", str(classes), "--out", str(out), "--api-base", fake_llm, "--model", "m1"]
+    assert describe.main(args) == 0
     assert json.loads(out.read_text()) == {"red circle": ["red circle colour", "red circle shape", "small"],
                                            "sea_lion": ["sea lion colour", "sea lion shape", "small"]}
     path, auth, body = FakeLLM.requests[0]
@@ -392,7 +393,7 @@ def test_describe_writes_and_resumes(tmp_path, fake_llm, monkeypatch, capsys):
         "What are the useful features for distinguishing a red circle in a photo? Please just give me a list of "
         "short phrases.")}]}
     classes.write_text(json.dumps(["red circle", "Sea Lion", "oak tree"]))  # a JSON list; two already done
-    assert dualpt.main(args) == 0
+    assert describe.main(args) == 0
     assert len(FakeLLM.requests) == 3 and "oak tree" in FakeLLM.requests[2][2]["messages"][0]["content"]
     assert list(json.loads(out.read_text())) == ["red circle", "sea_lion", "oak tree"]
     assert not list(tmp_path.glob("*.tmp*"))
@@ -403,10 +404,10 @@ def test_describe_errors_keep_the_file(tmp_path, fake_llm, capsys):
     classes.write_text("red circle\n")
     out.write_text(json.dumps({"sea lion": ["flippers"]}))
     FakeLLM.status = 500
-    args = ["describe", "--classes", str(classes), "--out", str(out), "--api-base", fake_llm]
-    assert dualpt.main(args) == 2 and "answered HTTP 500 for 'red circle'" in capsys.readouterr().err
+    args = ["--classes", str(classes), "--out", str(out), "--api-base", fake_llm]
+    assert describe.main(args) == 2 and "answered HTTP 500 for 'red circle'" in capsys.readouterr().err
     assert json.loads(out.read_text()) == {"sea lion": ["flippers"]}
-    assert dualpt.main(["describe", "--classes", str(classes), "--out", str(out), "--api-base",
+    assert describe.main(["--classes", str(classes), "--out", str(out), "--api-base",
                         "http://127.0.0.1:9/v1"]) == 2 and "cannot reach" in capsys.readouterr().err
-    assert dualpt.main(["describe", "--classes", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+    assert describe.main(["--classes", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
     assert "no file at --classes" in capsys.readouterr().err

@@ -229,6 +229,31 @@ class Runner:
         self.load_learned(model, learned_state(self.model), "training")
         return model
 
+    def train_epoch(self, trainer, optimizer, inputs_and_labels, epoch, out):
+        """One epoch of SGD steps (trainer: the model, or its DDP wrapper) -> images, summed loss and correct
+        predictions, over every process."""
+        model = self.model
+        model.train()
+        seen, loss_sum, correct = 0, 0.0, 0
+        for step, (inputs, labels) in enumerate(inputs_and_labels):
+            with self.autocast():
+                logits = trainer(**inputs)
+                loss = F.cross_entropy(logits.float(), labels)
+                if hasattr(model, "extra_loss"):
+                    loss = loss + model.extra_loss(labels, epoch)
+            if all_sum([not torch.isfinite(loss).item()], self.device)[0]:  # in any process: all stop
+                raise UserError(f"the loss is nan or inf at epoch {epoch + 1}, step {step + 1}: lower --lr or use "
+                                f"--precision fp32 and start again; {out} keeps the checkpoint and results.json of "
+                                f"epoch {epoch} (the last good one)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            seen += len(labels)
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(-1) == labels).sum().item()
+        return all_sum([seen, loss_sum, correct], self.device)
+
     @torch.no_grad()
     def evaluate(self, evalset):
         """Top-1 accuracy (%) on evalset.test: each process scores its share, the counts are summed."""
@@ -275,7 +300,8 @@ def batches(loader, cache, epoch, device):
         yield dict(features=cache[epoch % len(cache)][idx].to(device, non_blocking=True)), labels[idx].to(device)
 
 def run(args):
-    check_flags(args)
+    """One run: config, data and model, the run folder, training, evaluation; returns its results."""
+    check_flags(args)  # 1. the config and the data; nothing is written before 3
     module, cfg = make_config(args)
     if args.eval_only:
         if not args.checkpoint:
@@ -289,7 +315,8 @@ def run(args):
     out = Path(args.output or Path("runs", Path(args.data).name, args.method, cfg.backbone.replace("/", "-"),
                                    f"shots{args.shots}" + ("" if args.protocol == "fewshot" else f"-{args.protocol}"),
                                    f"seed{args.seed}"))
-    runner = Runner(args, module, cfg, task)  # before creating the folder: a bad backbone leaves nothing behind
+
+    runner = Runner(args, module, cfg, task)  # 2. CLIP and the method; a bad backbone leaves nothing behind
     model, rank, world = runner.model, runner.rank, runner.world
     if args.eval_only:
         runner.load_learned(model, ckpt["learned"], args.checkpoint)
@@ -309,7 +336,8 @@ def run(args):
     n_learned = sum(p.numel() for p in learned)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     epochs = epochs if learned else 0  # nothing to learn: zero-shot
-    out.mkdir(parents=True, exist_ok=True)
+
+    out.mkdir(parents=True, exist_ok=True)  # 3. the run folder, its log and results
 
     def log(line):
         if rank == 0:  # one process speaks and writes for a torchrun job
@@ -331,7 +359,7 @@ def run(args):
         log(f"dry run: wrote {out / 'results.json'}")
         return results
 
-    start, history, started, previous = 0, [], time.time(), 0.0
+    start, history, started, previous = 0, [], time.time(), 0.0  # 4. training
     if epochs:
         groups = model.param_groups(cfg) if hasattr(model, "param_groups") else [{"params": learned}]
         groups = [{"lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs, **g, "base_lr": g.get("lr", cfg.lr)}
@@ -360,25 +388,9 @@ def run(args):
         torch.manual_seed(epoch_seeds[epoch])
         loader.sampler.set_epoch(epoch_seeds[epoch])
         loader.dataset.seed = epoch_seeds[epoch]
-        model.train()
-        tic, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        for step, (inputs, labels) in enumerate(batches(loader, cache, epoch, runner.device)):
-            with runner.autocast():
-                logits = trainer(**inputs)
-                loss = F.cross_entropy(logits.float(), labels)
-                if hasattr(model, "extra_loss"):
-                    loss = loss + model.extra_loss(labels, epoch)
-            if all_sum([not torch.isfinite(loss).item()], runner.device)[0]:  # in any process: all stop
-                raise UserError(f"the loss is nan or inf at epoch {epoch + 1}, step {step + 1}: lower --lr or use "
-                                f"--precision fp32 and start again; {out} keeps the checkpoint and results.json of "
-                                f"epoch {epoch} (the last good one)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            seen += len(labels)
-            loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(-1) == labels).sum().item()
-        seen, loss_sum, correct = all_sum([seen, loss_sum, correct], runner.device)
+        tic = time.time()
+        seen, loss_sum, correct = runner.train_epoch(trainer, optimizer, batches(loader, cache, epoch, runner.device),
+                                                     epoch, out)
         history.append(dict(epoch=epoch + 1, loss=loss_sum / seen, acc=100 * correct / seen,
                             lr=optimizer.param_groups[0]["lr"], seconds=time.time() - tic))
         this_run = time.time() - started
@@ -391,7 +403,7 @@ def run(args):
         save_atomic(functools.partial(torch.save, state), out / "checkpoint.pt")
         write_json({**results, "history": history, "time_s": elapsed}, out / "results.json")  # no accuracy yet
 
-    accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}
+    accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}  # 5. evaluation
     if args.protocol == "base2new":
         base, new = accuracy["base"], accuracy["new"]
         accuracy["hm"] = 2 * base * new / (base + new) if base + new else 0.0

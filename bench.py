@@ -158,9 +158,8 @@ def method_row(name, model, cfg, clip, backbone, batch, repeats, device):
 
     def step():
         model.train()
-        loss = F.cross_entropy(model(images), labels)
-        if hasattr(model, "extra_loss"):
-            loss = loss + model.extra_loss(labels, 0)
+        logits = model(images)
+        loss = model.loss(logits, labels, 0) if hasattr(model, "loss") else F.cross_entropy(logits, labels)
         if optimizer:
             optimizer.zero_grad()
             loss.backward()

@@ -139,6 +139,7 @@ class CAVPTCLIP(nn.Module):
         self.register_buffer("template", template, persistent=False)  # (C, E), queries for vpt-cavpt
         self.register_buffer("template_features", F.normalize(template, dim=-1), persistent=False)
         self.cached = None  # (version, DPT's (C, E) text features), reused while evaluating
+        self.topk = self.aux_logits = self.guidance = None  # kept by a training forward for loss()
 
     def text_features(self):
         """(C, E) before normalisation: the template's, or the learned context's (without gradients in eval
@@ -161,21 +162,22 @@ class CAVPTCLIP(nn.Module):
         image, text, scale = F.normalize(image, dim=-1), F.normalize(text, dim=-1), self.clip.logit_scale.exp()
         logits = scale * image @ text.t()  # (B, C)
         if self.training and self.cfg.guidance_epochs:  # the code's guidance: each side against frozen CLIP's
-            self.guidance = logits, scale * zeroshot @ text.t(), scale * image @ self.template_features.t()
+            self.guidance = scale * zeroshot @ text.t(), scale * image @ self.template_features.t()  # (B, C) each
         return logits
 
-    def extra_loss(self, labels, epoch):
-        """aux_weight x CE of the class-aware prompt at the true class's slot, over the images whose label is
-        among their top K (and every class-aware block); the code's guidance loss in its first epochs."""
+    def loss(self, logits, labels, epoch):
+        """Eq. 12: CE(logits) + aux_weight x CE of the class-aware prompt at the true class's slot, over the
+        images whose label is among their top K (and every class-aware block). In the first guidance_epochs the
+        official code's guidance replaces CE(logits) by CE(to learned text) + CE(to template) + 0.1 CE(logits)."""
+        loss = F.cross_entropy(logits.float(), labels)
+        if epoch < self.cfg.guidance_epochs:
+            to_learned_text, to_template = (F.cross_entropy(z.float(), labels) for z in self.guidance)
+            loss = to_learned_text + to_template + 0.1 * loss
         rows, slots = (self.topk == labels[:, None]).nonzero(as_tuple=True)  # at most one slot per image
-        loss = self.aux_logits.new_zeros(())
         if len(rows) and self.cfg.aux_weight:
-            logits = self.aux_logits[rows, :, slots]  # (hits, J, C)
-            target = labels[rows, None].expand(-1, logits.shape[1])  # (hits, J)
-            loss = self.cfg.aux_weight * F.cross_entropy(logits.float().transpose(1, 2), target)
-        if epoch < self.cfg.guidance_epochs:  # train.py adds CE(main): the total is CE(l1) + CE(l2) + 0.1 CE(main)
-            main, to_learned_text, to_template = (F.cross_entropy(z.float(), labels) for z in self.guidance)
-            loss = loss + to_learned_text + to_template - 0.9 * main
+            aux = self.aux_logits[rows, :, slots]  # (hits, J, C)
+            target = labels[rows, None].expand(-1, aux.shape[1])  # (hits, J)
+            loss = loss + self.cfg.aux_weight * F.cross_entropy(aux.float().transpose(1, 2), target)
         return loss
 
     def param_groups(self, cfg):

@@ -15,17 +15,16 @@ details (Eq. 5). CoDUAL-PT adds CoCoOp's meta-net: the global image feature shif
 - Learned: `ctx` (M, n_ctx, D), M = 4 unified contexts; CoDUAL-PT adds `meta_net` E -> E/16 -> D.
 - Injected where: rows 1..n_ctx of "[SOT] X ... X {class}. [EOT]", one prompt per class and context.
 - Frozen: all of CLIP; the plan (no gradient); the descriptions' text features (encoded once, at build).
-- Deviations (the spec's "ours"): marginals p = 1/N over regions, q = 1/M over prompts (the paper swaps them); 5
-  outer GW iterations, each a Sinkhorn from a = b = 1, lambda = 0.1 (PLOT), log-domain, fp32 (cost / lambda
-  magnifies bf16 rounding), at most 100 steps, stopped once the worst plan's row sums are within `sinkhorn_tol` (L1)
-  of p (PLOT: mean change of a < 1e-2; tol 0: a fixed count); alpha = 0: one Sinkhorn. The plan is computed under
-  no_grad (PLOT). Eq. 5's cos of an M x d and an e x d matrix: the cos of their means. Eq. 9 exactly: `extra_loss` =
-  beta (L_LLM - CE), as train.py adds CE. Descriptions encoded as written, cut at 77 tokens; without a file a
-  class's description is its template sentence (L_LLM then pulls toward zero-shot CLIP; the paper's "None" row is
-  beta = 0). A file must cover every class the model is built for (base2new: new ones too, unused). distill = wd:
-  entropic OT cost between a class's M prompts and e descriptions. CoDUAL-PT: 4 tokens, prompt 0 from "a photo of
-  a", the others N(0, 0.02); the meta-net's last layer starts at zero, so CoDUAL-PT starts as DUAL-PT (CoCoOp's
-  random init made the M prompts identical); L_LLM per image, averaged; batch 1 (CoCoOp).
+- Deviations (the spec's "ours"): marginals p = 1/N over regions, q = 1/M over prompts (the paper swaps them); 5 outer
+  GW iterations, each a Sinkhorn from a = b = 1, lambda = 0.1 (PLOT), log-domain, fp32 (cost / lambda magnifies bf16
+  rounding), at most 100 steps, stopped once the worst plan's row sums are within `sinkhorn_tol` (L1) of p (PLOT: mean
+  change of a < 1e-2; tol 0: a fixed count); alpha = 0: one Sinkhorn. The plan is computed under no_grad (PLOT). Eq.
+  5's cos of an M x d and an e x d matrix: the cos of their means. Descriptions encoded as written,
+  cut at 77 tokens; without a file a class's description is its template sentence (L_LLM then pulls toward zero-shot
+  CLIP; the paper's "None" row is beta = 0). A file must cover every class the model is built for (base2new: new ones
+  too, unused). distill = wd: entropic OT cost between a class's M prompts and e descriptions. CoDUAL-PT: 4 tokens,
+  prompt 0 from "a photo of a", the others N(0, 0.02); the meta-net's last layer starts at zero, so CoDUAL-PT starts
+  as DUAL-PT (CoCoOp's random init made the M prompts identical); L_LLM per image, averaged; batch 1 (CoCoOp).
 """
 import json
 import math
@@ -176,7 +175,8 @@ class DualPT(nn.Module):
         self.register_buffer("desc_log_q", nn.utils.rnn.pad_sequence(  # (K, e) wd's marginal 1/e_k; -inf: padding
             [torch.full((len(f),), -math.log(len(f)), device=device) for f in features], True, -math.inf),
             persistent=False)
-        self.cached = self.text = self.logits = self.plan = None  # cached: (version, (K, M, E)) while evaluating
+        self.cached = None  # (version, (K, M, E) text features), reused while evaluating
+        self.text = self.plan = None  # kept by a forward: the text features for loss(), the plan for analysis
 
     def encode_prompts(self, prompts):
         """(..., K, M, L, D) -> (..., K, M, E) normalised text features, all prompts in one EOT-cut pass."""
@@ -203,8 +203,8 @@ class DualPT(nn.Module):
             text = self.cached[1]
         self.plan = graph_plan(local, text, self.cfg)  # (B, K, N, M), no gradient
         logits = self.clip.logit_scale.exp() * (self.plan * (local[:, None] @ text.transpose(-1, -2))).sum((-2, -1))
-        if self.training:  # for extra_loss
-            self.text, self.logits = text, logits
+        if self.training:  # for loss()
+            self.text = text
         return logits  # (B, K), Eq. 8: s * sum_ij T_ij (Z W_k^T)_ij
 
     def llm_loss(self, text):
@@ -218,17 +218,17 @@ class DualPT(nn.Module):
             plan = sinkhorn(log_kernel, log_p, self.desc_log_q, self.cfg.sinkhorn_iters, self.cfg.sinkhorn_tol)
         return (plan * cost).sum((-2, -1)).mean()
 
-    def extra_loss(self, labels, epoch):
-        """beta (L_LLM - CE(logits)) of the last forward: train.py adds CE(logits), so the total is Eq. 9,
-        beta L_LLM + (1 - beta) L_img."""
+    def loss(self, logits, labels, epoch):
+        """Eq. 9: beta L_LLM + (1 - beta) L_img, L_img = CE(logits), L_LLM of the last forward's prompts."""
+        image_loss = F.cross_entropy(logits.float(), labels)
         if not self.cfg.beta:
-            return self.logits.new_zeros(())
-        return self.cfg.beta * (self.llm_loss(self.text) - F.cross_entropy(self.logits.float(), labels))
+            return image_loss
+        return self.cfg.beta * self.llm_loss(self.text) + (1 - self.cfg.beta) * image_loss
 
     def train(self, mode=True):
         super().train(mode)
         self.clip.eval()  # frozen CLIP: BatchNorm statistics stay as they were trained
-        self.cached = self.text = self.logits = None
+        self.cached = self.text = None
         return self
 
 def check_config(cfg):

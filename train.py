@@ -2,8 +2,9 @@
 
 A method file gives a `Config` (its paper's defaults), `VARIANTS` (CLI name -> Config changes) and `build(clip,
 classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C). Optionally the module has
-`extra_loss(labels, epoch)` (auxiliary terms from the last forward), `param_groups(cfg)` (its own learning rates),
-`check_config(cfg)` (a ValueError for values it cannot use, raised before CLIP is loaded),
+`loss(logits, labels, epoch)` (its whole training loss, with auxiliary terms from the last forward; default
+cross-entropy), `param_groups(cfg)` (learned parameters in groups, each with its own "lr" and "warmup_epochs";
+default one group at cfg.lr), `check_config(cfg)` (a ValueError for values it cannot use, raised before CLIP loads),
 `class_specific = True` (learned parameters tied to the training classes), and, when its image tower is frozen,
 `frozen_features(images)` with `forward(features=...)` (for `--cache-features`). This file does the rest, the same
 for every method: data, SGD with CoOp's warm-up + cosine schedule, precision, evaluation per protocol, atomic
@@ -238,9 +239,10 @@ class Runner:
         for step, (inputs, labels) in enumerate(inputs_and_labels):
             with self.autocast():
                 logits = trainer(**inputs)
-                loss = F.cross_entropy(logits.float(), labels)
-                if hasattr(model, "extra_loss"):
-                    loss = loss + model.extra_loss(labels, epoch)
+                if hasattr(model, "loss"):  # the method's own objective (auxiliary terms, guidance)
+                    loss = model.loss(logits, labels, epoch)
+                else:
+                    loss = F.cross_entropy(logits.float(), labels)
             if all_sum([not torch.isfinite(loss).item()], self.device)[0]:  # in any process: all stop
                 raise UserError(f"the loss is nan or inf at epoch {epoch + 1}, step {step + 1}: lower --lr or use "
                                 f"--precision fp32 and start again; {out} keeps the checkpoint and results.json of "

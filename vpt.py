@@ -97,6 +97,7 @@ class VPTCLIP(nn.Module):
             template = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])
             self.register_buffer("template_features", F.normalize(clip.encode_text(template), dim=-1), persistent=False)
         self.cached = None  # (version, VLP's (C, E) text features), reused while evaluating
+        self.guidance = None  # kept by a training forward for loss()
 
     def text_features(self):
         """(C, E) normalised; VLP's without gradients in eval mode computed once, until a parameter changes."""
@@ -113,22 +114,23 @@ class VPTCLIP(nn.Module):
         image = F.normalize(self.visual_prompts(self.clip.visual, images), dim=-1)  # (B, E)
         text = self.text_features()  # (C, E)
         logits = self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
-        if self.training and self.cfg.guidance_epochs:  # for extra_loss
-            self.guidance = images, image, text, logits
+        if self.training and self.cfg.guidance_epochs:  # for loss()
+            self.guidance = images, image, text
         return logits
 
-    def extra_loss(self, labels, epoch):
-        """The VLP code's guidance in its first guidance_epochs, else 0: each side against frozen CLIP's. train.py
-        adds CE(logits), so the total is the code's CE(to learned text) + CE(to template) + 0.1 CE(logits)."""
+    def loss(self, logits, labels, epoch):
+        """CE(logits); in the first guidance_epochs the official VLP code's guidance, each side against frozen
+        CLIP's: CE(frozen image, learned text) + CE(prompted image, template text) + 0.1 CE(logits)."""
+        loss = F.cross_entropy(logits.float(), labels)
         if epoch >= self.cfg.guidance_epochs:
-            return self.clip.logit_scale.new_zeros(())
-        images, image, text, logits = self.guidance
+            return loss
+        images, image, text = self.guidance
         with torch.no_grad():  # frozen CLIP's own image feature: the learned text must still fit it
             zeroshot = F.normalize(self.clip.encode_image(images), dim=-1)  # (B, E)
         scale = self.clip.logit_scale.exp()
         to_learned_text = F.cross_entropy((scale * zeroshot @ text.t()).float(), labels)
         to_template = F.cross_entropy((scale * image @ self.template_features.t()).float(), labels)
-        return to_learned_text + to_template - 0.9 * F.cross_entropy(logits.float(), labels)
+        return to_learned_text + to_template + 0.1 * loss
 
     def param_groups(self, cfg):
         groups = [{"params": [self.visual_prompts.prompts], "lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs}]

@@ -51,9 +51,8 @@ def train_steps(model, images, labels, lr, steps=15):
     losses = []
     for _ in range(steps):
         model.train()
-        loss = F.cross_entropy(model(images), labels)
-        if hasattr(model, "extra_loss"):  # as train.py does
-            loss = loss + model.extra_loss(labels, 0)
+        logits = model(images)
+        loss = model.loss(logits, labels, 0) if hasattr(model, "loss") else F.cross_entropy(logits, labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

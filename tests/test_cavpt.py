@@ -115,37 +115,42 @@ def test_images_do_not_interact(clip):
     assert model.cached is not None and model.train().cached is None  # cached while evaluating only
 
 
+def aux_term(model, logits, labels):
+    """The aux part of Eq. 12: the method's loss minus CE(logits)."""
+    return model.loss(logits, labels, epoch=0) - F.cross_entropy(logits, labels)
+
+
 def test_aux_loss_is_ce_at_the_true_class_slot(clip):
     model = cavpt.build(clip, NAMES, config("cavpt", n_classes=2)).train()
     shake(model)
     x = images(3)
-    model(x)
+    logits = model(x)
     top, aux = model.topk, model.aux_logits.detach()  # (3, 2), (3, 1, 2, 6)
     outside = next(c for c in range(len(NAMES)) if c not in top[2])
     labels = torch.tensor([int(top[0, 0]), int(top[1, 1]), outside])  # slot 0, slot 1, not among the top K
     by_hand = -(aux[0, 0, 0].log_softmax(-1)[labels[0]] + aux[1, 0, 1].log_softmax(-1)[labels[1]]) / 2
-    torch.testing.assert_close(model.extra_loss(labels, epoch=0), by_hand, rtol=1e-6, atol=0)
+    torch.testing.assert_close(aux_term(model, logits, labels), by_hand, rtol=1e-5, atol=1e-6)
     assert by_hand > 0.1
     model.cfg = replace(model.cfg, aux_weight=0.3)
-    torch.testing.assert_close(model.extra_loss(labels, epoch=0), 0.3 * by_hand, rtol=1e-6, atol=0)
+    torch.testing.assert_close(aux_term(model, logits, labels), 0.3 * by_hand, rtol=1e-5, atol=1e-6)
     nowhere = torch.tensor([next(c for c in range(len(NAMES)) if c not in top[b]) for b in range(3)])
-    assert model.extra_loss(nowhere, epoch=0).item() == 0.0  # no image's label among its top K: no aux loss
+    assert torch.equal(model.loss(logits, nowhere, 0), F.cross_entropy(logits, nowhere))  # no label in top K
     model.cfg = replace(model.cfg, aux_weight=0.0)  # the paper's "w/o loss"
-    assert model.extra_loss(labels, epoch=0).item() == 0.0
+    assert torch.equal(model.loss(logits, labels, 0), F.cross_entropy(logits, labels))
 
 
 def test_aux_loss_averages_over_class_aware_blocks(clip):
     model = cavpt.build(clip, NAMES, config("vpt-cavpt", n_classes=3, bottom_limit=1)).train()  # both blocks
     shake(model)
-    model(images(2))
+    logits = model(images(2))
     labels = model.topk[:, 2].clone()  # the third most likely class of each image
     aux = model.aux_logits.detach()  # (2, 2 blocks, 3, 6)
     by_hand = -torch.stack([aux[b, j, 2].log_softmax(-1)[labels[b]] for b in range(2) for j in range(2)]).mean()
-    torch.testing.assert_close(model.extra_loss(labels, epoch=0), by_hand, rtol=1e-6, atol=0)
+    torch.testing.assert_close(aux_term(model, logits, labels), by_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_guidance_loss_in_its_first_epochs(clip):
-    model = cavpt.build(clip, NAMES, config("cavpt", n_classes=2, guidance_epochs=3)).train()
+    model = cavpt.build(clip, NAMES, config("cavpt", n_classes=2, guidance_epochs=3, aux_weight=0.0)).train()
     shake(model)
     x, y = images(4), torch.tensor([0, 1, 2, 3])
     logits = model(x)
@@ -156,8 +161,8 @@ def test_guidance_loss_in_its_first_epochs(clip):
 
     def ce(logits):
         return F.cross_entropy(logits, y)
-    guided = model.extra_loss(y, epoch=2) - model.extra_loss(y, epoch=3)  # epoch 3: aux loss only
-    torch.testing.assert_close(guided + ce(logits), ce(to_learned_text) + ce(to_template) + 0.1 * ce(logits))
+    torch.testing.assert_close(model.loss(logits, y, epoch=2), ce(to_learned_text) + ce(to_template) + 0.1 * ce(logits))
+    assert torch.equal(model.loss(logits, y, epoch=3), ce(logits))  # guidance over
 
 
 def test_gradients_reach_only_learned_parameters(clip):
@@ -166,13 +171,13 @@ def test_gradients_reach_only_learned_parameters(clip):
     clip.visual.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))  # the zero-shot pass only
     model = cavpt.build(clip, NAMES, config("cavpt", n_classes=3)).train()
     x = images(6)
-    model(x)
+    logits = model(x)
     labels = model.topk[:, 0]  # every image's label is among its top K: the aux loss is on
-    model.extra_loss(labels, epoch=0).backward()
+    model.loss(logits.detach(), labels, epoch=0).backward()  # the aux term's gradients alone
     assert seen == [False]
     assert model.visual_prompts.prompts.grad is None  # keys and values are detached: the aux loss stops there
     assert model.text_context.ctx.grad.abs().sum() > 0  # through the queries (learned text features)
-    (F.cross_entropy(model(x), labels) + model.extra_loss(labels, epoch=0)).backward()
+    model.loss(model(x), labels, epoch=0).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learned(model))
     assert all(p.grad is None for p in clip.parameters())
 

@@ -235,8 +235,8 @@ def _sinkhorn64(cost, lam=0.1, iters=2000):
 @pytest.mark.parametrize("variant", list(dualpt.VARIANTS))
 @pytest.mark.parametrize("distill", ["cosine", "wd"])
 def test_total_loss_is_eq9(clip, tmp_path, variant, distill):
-    """train.py's CE(logits) + extra_loss = beta L_LLM + (1 - beta) CE, with L_LLM from descriptions of unequal
-    counts (1, 2, 3 per class: the padding must not count)."""
+    """loss() = beta L_LLM + (1 - beta) CE, with L_LLM from descriptions of unequal counts (1, 2, 3 per class:
+    the padding must not count)."""
     model = dualpt.build(clip, NAMES, config(variant, distill=distill, descriptions=describe_file(tmp_path)))
     model.train()
     x, y = images(clip, 3), torch.tensor([0, 3, 1])
@@ -244,9 +244,9 @@ def test_total_loss_is_eq9(clip, tmp_path, variant, distill):
     ce = F.cross_entropy(logits, y)
     llm = by_hand_llm_loss(clip, model.text, DESCRIPTIONS, distill)
     assert llm > 0.05
-    torch.testing.assert_close(ce + model.extra_loss(y, epoch=0), 0.2 * llm + 0.8 * ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.loss(logits, y, epoch=0), 0.2 * llm + 0.8 * ce, rtol=1e-5, atol=1e-5)
     model.cfg = replace(model.cfg, beta=0.5)
-    torch.testing.assert_close(ce + model.extra_loss(y, epoch=0), 0.5 * llm + 0.5 * ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.loss(logits, y, epoch=0), 0.5 * llm + 0.5 * ce, rtol=1e-5, atol=1e-5)
 
 
 def test_without_a_file_the_description_is_the_template(clip, tmp_path):
@@ -255,8 +255,8 @@ def test_without_a_file_the_description_is_the_template(clip, tmp_path):
                                                                   for n in NAMES])), dim=-1)
     torch.testing.assert_close(model.desc_mean, expected, rtol=0, atol=1e-6)
     off = dualpt.build(clip, NAMES, config(beta=0.0, descriptions=str(tmp_path / "missing.json")))  # nothing read
-    off.train()(images(clip, 2))
-    assert off.extra_loss(torch.tensor([0, 1]), epoch=0).item() == 0.0
+    logits, y = off.train()(images(clip, 2)), torch.tensor([0, 1])
+    assert torch.equal(off.loss(logits, y, epoch=0), F.cross_entropy(logits, y))  # beta = 0: the image loss alone
 
 
 @pytest.mark.parametrize("variant", list(dualpt.VARIANTS))
@@ -266,7 +266,7 @@ def test_gradients_reach_only_learned_parameters(clip, tmp_path, variant):
     x, y = images(clip, 4), torch.tensor([0, 1, 2, 3])
     if model.meta_net is not None:  # away from the zero start, so that every meta-net weight has a gradient
         torch.nn.init.normal_(model.meta_net[2].weight, 0, 0.02)
-    (F.cross_entropy(model(x), y) + model.extra_loss(y, epoch=0)).backward()
+    model.loss(model(x), y, epoch=0).backward()
     assert not model.plan.requires_grad and model.plan.grad_fn is None
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learned(model))
     assert all(p.grad is None for p in clip.parameters()) and not clip.training

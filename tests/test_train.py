@@ -165,17 +165,25 @@ def readme_loop():
     return re.search(r"<!-- copy-loop -->\n```python\n(.*?)```", text, re.S).group(1)
 
 
+def module_config_lr(name):
+    return next(m for m, _ in train.METHODS.values() if m.__name__ == name).Config().lr
+
+
 @pytest.mark.parametrize("module", sorted({m.__name__ for m, _ in train.METHODS.values()}))
 def test_a_copied_method_file_trains_alone(tmp_path, module):
     """The README's promise: the method file, clip_model.py and the vocabulary, nothing else of the repo."""
     for name in (f"{module}.py", "clip_model.py", "bpe_simple_vocab_16e6.txt.gz"):
         shutil.copy(ROOT / name, tmp_path / name)
-    (tmp_path / "loop.py").write_text(readme_loop().replace("import coop as method", f"import {module} as method"))
+    loop = readme_loop().replace("import coop as method", f"import {module} as method")
+    (tmp_path / "loop.py").write_text(loop + 'print("lrs", sorted({g["lr"] for g in optimizer.param_groups}))\n')
     done = subprocess.run([sys.executable, "-s", "-E", "loop.py"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     losses = [float(x) for x in re.findall(r"loss ([\d.]+)", done.stdout)]
     assert len(losses) == 30 and losses[-1] < losses[0]
+    # the method's own learning rates (cavpt.py: DPT's text context at 0.002, the visual prompts at 0.01)
+    assert done.stdout.strip().splitlines()[-1] == ("lrs [0.002, 0.01]" if module == "cavpt" else
+                                                   f"lrs [{module_config_lr(module)}]")
 
 
 @pytest.mark.parametrize("method", [m for m in train.METHODS if m != "zeroshot"])  # zeroshot learns nothing

@@ -89,7 +89,7 @@ def test_vlp_has_two_learning_rates(clip):
 
 def test_vlp_guidance_loss_in_its_first_epochs(clip):
     """The official VLP trainer's loss for epoch < PRETRAIN.C: CE(zero-shot image, learned text) + CE(prompted
-    image, template text) + 0.1 CE(logits); train.py adds CE(logits) to extra_loss."""
+    image, template text) + 0.1 CE(logits); afterwards CE(logits)."""
     model = vpt.build(clip, NAMES, config("vlp", guidance_epochs=3)).train()
     with torch.no_grad():
         model.visual_prompts.prompts.normal_(0, 1)
@@ -100,13 +100,15 @@ def test_vlp_guidance_loss_in_its_first_epochs(clip):
     to_learned_text = scale * F.normalize(clip.encode_image(x), dim=-1) @ text.t()
     image = F.normalize(model.visual_prompts(clip.visual, x), dim=-1)
     to_template = scale * image @ model.template_features.t()
-    assert model.extra_loss(y, epoch=3) == 0  # guidance over
-    torch.testing.assert_close(model.extra_loss(y, epoch=2) + F.cross_entropy(logits, y),
+    assert torch.equal(model.loss(logits, y, epoch=3), F.cross_entropy(logits, y))  # guidance over
+    torch.testing.assert_close(model.loss(logits, y, epoch=2),
                                F.cross_entropy(to_learned_text, y) + F.cross_entropy(to_template, y)
                                + 0.1 * F.cross_entropy(logits, y))
-    model.extra_loss(y, epoch=0).backward()  # it trains both the visual prompts and the text context
+    model.loss(logits.detach(), y, epoch=0).backward()  # the guidance terms alone train both prompt groups
     assert model.visual_prompts.prompts.grad.abs().sum() > 0 and model.text_context.ctx.grad.abs().sum() > 0
-    assert vpt.build(clip, NAMES, config("vlp")).train().extra_loss(y, epoch=0) == 0  # off by default (cavpt.py's)
+    default = vpt.build(clip, NAMES, config("vlp")).train()  # off by default (as cavpt.py)
+    logits = default(x)
+    assert torch.equal(default.loss(logits, y, epoch=0), F.cross_entropy(logits, y))
 
 
 @torch.no_grad()

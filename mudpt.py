@@ -68,8 +68,10 @@ class InjectionModel(nn.Module):
             return torch.stack(fused_text), torch.stack(fused_image)
         to_image = self.text_to_image[0](text[1:])  # (depth-1, n, W): one map for every deep block at once
         to_text = self.image_to_text[0](image[1:])  # (depth-1, n, D)
-        first = image[:1] + self.first(text[:1])  # (1, n, W)
-        return torch.cat([text[:1], text[1:] + to_text]), torch.cat([first, image[1:] + to_image])
+        image0 = image[:1] + self.first(text[:1])  # (1, n, W): block 0's image prompts get block 0's text too
+        fused_text = torch.cat([text[:1], text[1:] + to_text])  # (depth, n, D): block 0's text stays as it is
+        fused_image = torch.cat([image0, image[1:] + to_image])  # (depth, n, W)
+        return fused_text, fused_image
 
 def version(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,
@@ -80,16 +82,19 @@ class MuDPT(nn.Module):
     def __init__(self, clip, classnames, cfg):
         super().__init__()
         blocks = min(len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks))
-        self.clip, n, J = clip, cfg.n_tokens, min(cfg.depth, blocks)  # a small model has fewer blocks
+        self.clip = clip
+        n, depth = cfg.n_tokens, min(cfg.depth, blocks)  # a small model has fewer blocks
         D, W = clip.ln_final.weight.shape[0], clip.visual.conv1.out_channels
         device = clip.token_embedding.weight.device
-        text = torch.randn(J, n, D, device=device) * 0.02
+        text = torch.randn(depth, n, D, device=device) * 0.02
         init = clip_model.tokenize(cfg.ctx_init.replace("_", " "))
         if cfg.ctx_init and int(init.argmax()) - 1 == n:  # as many words' tokens as prompt tokens
             text[0] = clip.embed_text(init)[0, 1:1 + n].detach()
-        self.text_prompts = nn.Parameter(text)  # (J, n, D)
-        self.image_prompts = nn.Parameter(torch.randn(J, n, W, device=device) * 0.02)  # (J, n, W)
-        self.injection = None if cfg.injection == "off" else InjectionModel(D, W, J, cfg.injection == "per_layer")
+        self.text_prompts = nn.Parameter(text)  # (depth, n, D)
+        self.image_prompts = nn.Parameter(torch.randn(depth, n, W, device=device) * 0.02)  # (depth, n, W)
+        self.injection = None
+        if cfg.injection != "off":
+            self.injection = InjectionModel(D, W, depth, per_layer=cfg.injection == "per_layer")
         tokens = clip_model.tokenize([" ".join(["X"] * n + [c.replace("_", " ")]) + "." for c in classnames])
         self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (C,): never moves
         with torch.no_grad():
@@ -102,8 +107,9 @@ class MuDPT(nn.Module):
         return self.injection(self.text_prompts, self.image_prompts)
 
     def encode_text(self, prompts):
-        """Deep text prompts (J, n, D) -> (C, E): rows 1..n replaced before each of the first J blocks."""
-        x, n, L = self.embedded, prompts.shape[1], self.embedded.shape[1]  # (C, L, D), cut after the last EOT
+        """Deep text prompts (depth, n, D) -> (C, E): rows 1..n replaced before each of the first depth blocks."""
+        x = self.embedded  # (C, L, D), cut after the last EOT
+        n, L = prompts.shape[1], x.shape[1]
         x = torch.cat([x[:, :1], prompts[0].expand(len(x), -1, -1), x[:, 1 + n:]], dim=1)  # input prompts
         x = x + self.clip.positional_embedding[:L]  # positions for the input only, as in CLIP (and the code)
         mask = clip_model.causal_mask(L, x.device)
@@ -114,13 +120,14 @@ class MuDPT(nn.Module):
         return self.clip.text_head(x, self.eot)
 
     def encode_image(self, images, prompts):
-        """Deep image prompts (J, n, W) -> (B, E): appended before block 0, replaced before blocks < J."""
+        """Deep image prompts (depth, n, W) -> (B, E): appended before block 0, replaced before blocks < depth."""
         visual, n = self.clip.visual, prompts.shape[1]
         x = visual.embed(images)  # (B, 1+N, W)
         for i, block in enumerate(visual.transformer.resblocks):
-            if i < len(prompts):
-                p = visual.ln_pre(prompts[0]) if i == 0 else prompts[i]  # the code adds them before ln_pre
-                x = torch.cat([x[:, :x.shape[1] - (n if i else 0)], p.expand(len(x), -1, -1)], dim=1)
+            if i == 0:  # appended; the official code adds them before ln_pre, like the patches
+                x = torch.cat([x, visual.ln_pre(prompts[0]).expand(len(x), -1, -1)], dim=1)  # (B, 1+N+n, W)
+            elif i < len(prompts):  # the previous block's prompt outputs dropped, this block's appended
+                x = torch.cat([x[:, :-n], prompts[i].expand(len(x), -1, -1)], dim=1)
             x = block(x)  # (B, 1+N+n, W)
         return visual.head(x)
 

@@ -8,7 +8,7 @@ of the text tower gets one learned vector, added to all tokens of its output. Wi
 a few prompt tokens it matches or beats prompt tuning (the paper's Table 1: 79.5 vs IVLP's 77.8 at 16
 shots, averaged over 11 datasets).
 
-- Learned: `text_bias` (L_t, D) and `image_bias` (L_v, W), one vector per block; zero at initialisation.
+- Learned: `text_bias` (text blocks, D) and `image_bias` (image blocks, W), one vector per block; zero at start.
 - Injected where: after block i, x <- block_i(x) + b_i, broadcast over the batch and every token.
 - Frozen: all of CLIP; the text input is the dataset's hand-crafted template.
 - Deviations: the paper gives no initialisation; zero (ours) makes the untrained model exactly zero-shot
@@ -46,12 +46,12 @@ class BiasTuning(nn.Module):
         super().__init__()
         self.clip = clip
         device = clip.token_embedding.weight.device
-        D, L_t = clip.ln_final.weight.shape[0], len(clip.transformer.resblocks)
-        self.text_bias = nn.Parameter(torch.zeros(L_t, D, device=device)) if cfg.text else None
+        D, text_blocks = clip.ln_final.weight.shape[0], len(clip.transformer.resblocks)
+        self.text_bias = nn.Parameter(torch.zeros(text_blocks, D, device=device)) if cfg.text else None
         self.image_bias = None
         if cfg.visual:
-            W, L_v = clip.visual.conv1.out_channels, len(clip.visual.transformer.resblocks)
-            self.image_bias = nn.Parameter(torch.zeros(L_v, W, device=device))
+            W, image_blocks = clip.visual.conv1.out_channels, len(clip.visual.transformer.resblocks)
+            self.image_bias = nn.Parameter(torch.zeros(image_blocks, W, device=device))
         self.register_buffer("tokens", clip_model.tokenize([cfg.template.format(c.replace("_", " "))
                                                             for c in classnames]), persistent=False)
         self.cached = None  # (version, (C, E) text features), reused while evaluating

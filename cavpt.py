@@ -1,7 +1,9 @@
 """CAVPT and DPT: deep visual prompts plus class-aware visual prompts made from each image's likely classes.
 
 Xing et al., "Dual Modality Prompt Tuning for Vision-Language Pre-Trained Model", IEEE TMM 2023,
-https://arxiv.org/abs/2208.08340. Official code: github.com/fanrena/DPT (`trainers/DPT.py`).
+https://arxiv.org/abs/2208.08340. Official code: github.com/fanrena/DPT (`trainers/DPT.py`). Shapes as in
+clip_model.py, plus the paper's K (top-K classes per image), J (class-aware blocks) and the official code's b
+(BOTTOMLIMIT: the first class-aware block, 1-based).
 
 Deep visual prompts (VPT) steer CLIP's image tower with the same learned tokens for every image. CAVPT adds
 prompts that depend on the image and on the task's classes: a frozen zero-shot pass of CLIP picks each
@@ -16,7 +18,7 @@ with the frozen hand-crafted text prompt; DPT (VLP-CLIP-CAVPT) also learns a CoO
   attention `q_proj`, `k_proj` W -> 32 and `v_proj` W -> W (no biases), `tokens` (10, W), two LayerNorms,
   `classifier` W -> C (aux loss only); DPT adds CoOp's `ctx` (16, D).
 - Injected where: VPT prompts appended after the patches before blocks 0..b-2, the previous block's prompt
-  outputs dropped (as in vpt.py); blocks b-1..L-1 get K class-aware prompts instead, appended and dropped
+  outputs dropped (as in vpt.py); blocks b-1 to the last get K class-aware prompts instead, appended and dropped
   after the block. CoOp's context replaces the placeholder rows of "X X ... X {class}.".
 - Frozen: all of CLIP, and the zero-shot pass that picks the K classes (no gradient).
 - Deviations: the generator follows the code, not Eq. 9: one Linear for the paper's two-layer MLP; keys and
@@ -27,7 +29,7 @@ with the frozen hand-crafted text prompt; DPT (VLP-CLIP-CAVPT) also learns a CoO
   uniform targets, which the code computes and discards. K = 10 (train_single.sh; code default 5; Table 1
   takes the best K per dataset, e.g. DTD's 68.68 is K = 5); aux weight 1 (Eq. 12 and code default; script
   0.3); 200 epochs (paper; script 60); visual warm-up 10 epochs everywhere (code: 1 on ImageNet); the code's
-  "general knowledge guidance" is off (code and script: 30 epochs). b is capped at L for small models. On
+  "general knowledge guidance" is off (code and script: 30 epochs). b is capped at the block count for small models. On
   other classes (base2new, cross) the aux classifiers, sized for the training classes, are not loaded.
 """
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ class Config:
     n_tokens: int = 10                  # deep VPT prompt tokens per block below the class-aware blocks
     text_ctx: int = 16                  # CoOp context tokens in the text prompt (DPT); 0 = the template
     n_classes: int = 10                 # K: class-aware prompts per image, one per top-K zero-shot class
-    bottom_limit: int = 12              # code's BOTTOMLIMIT b: blocks b..L (1-based) are class-aware; 12 = last
+    bottom_limit: int = 12              # code's BOTTOMLIMIT b: blocks b.. (1-based) are class-aware; 12 = last
     key_tokens: int = 10                # learned tokens added to each generator's keys and values
     attn_dim: int = 32                  # the generator's query/key width
     aux_weight: float = 1.0             # weight of the class-aware prompts' CE; 0 = the paper's "w/o loss"
@@ -62,34 +64,38 @@ VARIANTS = {"vpt-cavpt": dict(text_ctx=0), "cavpt": dict()}
 class ClassAwarePrompts(nn.Module):
     """One class-aware block's generator: K text features + the block's tokens -> K prompts, aux logits."""
 
-    def __init__(self, E, W, n_classes, cfg):
+    def __init__(self, E, W, C, cfg):
         super().__init__()
         self.meta_net = nn.Linear(E, W)  # text feature -> query in the image tower's width
         self.tokens = nn.Parameter(torch.randn(cfg.key_tokens, W) * 0.02)  # (10, W) extra keys and values
         self.q_proj, self.k_proj = nn.Linear(W, cfg.attn_dim, bias=False), nn.Linear(W, cfg.attn_dim, bias=False)
         self.v_proj = nn.Linear(W, W, bias=False)
         self.ln_logits, self.ln_prompts = nn.LayerNorm(W), nn.LayerNorm(W)
-        self.classifier = nn.Linear(W, n_classes, bias=False)
+        self.classifier = nn.Linear(W, C, bias=False)  # the aux classifier over all C classes
 
     def forward(self, x, text):
         """x (B, 1+N, W) the block's input, text (B, K, E) -> prompts (B, K, W), aux logits (B, K, C)."""
         query = self.meta_net(text)  # (B, K, W)
-        # detached (code): the generator reads the earlier blocks' output but sends no gradient back into it
-        kv = torch.cat([x.detach(), self.tokens.expand(len(x), -1, -1)], dim=1)  # (B, 1+N+10, W)
-        scores = self.q_proj(query) @ self.k_proj(kv).transpose(1, 2) / self.k_proj.out_features ** 0.5
-        out = self.v_proj(scores.softmax(-1) @ kv)  # (B, K, W)
-        return self.ln_prompts(out + query), self.classifier(self.ln_logits(out))
+        # detached (official code): the generator reads the earlier blocks' output, sends no gradient into it
+        kv = torch.cat([x.detach(), self.tokens.expand(len(x), -1, -1)], dim=1)  # (B, 1+N+key_tokens, W)
+        q, k = self.q_proj(query), self.k_proj(kv)  # (B, K, attn_dim), (B, 1+N+key_tokens, attn_dim)
+        attention = (q @ k.transpose(1, 2) / k.shape[-1] ** 0.5).softmax(-1)  # (B, K, 1+N+key_tokens)
+        out = self.v_proj(attention @ kv)  # (B, K, W)
+
+        prompts = self.ln_prompts(out + query)  # (B, K, W)
+        aux_logits = self.classifier(self.ln_logits(out))  # (B, K, C)
+        return prompts, aux_logits
 
 class VisualPrompts(nn.Module):
-    """Deep VPT prompts for blocks 0..b-2, a class-aware prompt generator for each block b-1..L-1."""
+    """Deep VPT prompts for blocks 0..b-2, a class-aware prompt generator for each later block (J of them)."""
 
-    def __init__(self, clip, n_classes, cfg):
+    def __init__(self, clip, C, cfg):
         super().__init__()
-        W, L = clip.visual.conv1.out_channels, len(clip.visual.transformer.resblocks)
-        first = min(cfg.bottom_limit, L) - 1  # index of the first class-aware block
+        W, blocks = clip.visual.conv1.out_channels, len(clip.visual.transformer.resblocks)
+        first = min(cfg.bottom_limit, blocks) - 1  # index of the first class-aware block
         self.prompts = nn.Parameter(torch.randn(first, cfg.n_tokens, W) * 0.02)  # (b-1, n, W)
-        self.generators = nn.ModuleList(ClassAwarePrompts(clip.visual.output_dim, W, n_classes, cfg)
-                                        for _ in range(L - first))
+        self.generators = nn.ModuleList(ClassAwarePrompts(clip.visual.output_dim, W, C, cfg)
+                                        for _ in range(blocks - first))  # J
 
     def forward(self, visual, images, text):
         """text (B, K, E): the top-K classes' features -> image feature (B, E), aux logits (B, J, K, C)."""
@@ -130,13 +136,14 @@ def version(module):
 class CAVPTCLIP(nn.Module):
     def __init__(self, clip, classnames, cfg):
         super().__init__()
-        self.clip, self.cfg, self.n_classes = clip, cfg, min(cfg.n_classes, len(classnames))  # K <= C
+        self.clip, self.cfg = clip, cfg
+        self.K = min(cfg.n_classes, len(classnames))  # top-K classes per image; K <= C
         self.visual_prompts = VisualPrompts(clip, len(classnames), cfg)
         self.text_context = TextContext(clip, classnames, cfg.text_ctx) if cfg.text_ctx else None
         with torch.no_grad():  # the hand-crafted side is frozen: its features are computed once
             template = clip.encode_text(clip_model.tokenize([cfg.template.format(c.replace("_", " "))
                                                              for c in classnames]))
-        self.register_buffer("template", template, persistent=False)  # (C, E), queries for vpt-cavpt
+        self.register_buffer("template_text", template, persistent=False)  # (C, E) unnormalised: vpt-cavpt's queries
         self.register_buffer("template_features", F.normalize(template, dim=-1), persistent=False)
         self.cached = None  # (version, DPT's (C, E) text features), reused while evaluating
         self.topk = self.aux_logits = self.guidance = None  # kept by a training forward for loss()
@@ -145,7 +152,7 @@ class CAVPTCLIP(nn.Module):
         """(C, E) before normalisation: the template's, or the learned context's (without gradients in eval
         mode computed once, until a parameter changes)."""
         if self.text_context is None:
-            return self.template
+            return self.template_text
         if self.training or torch.is_grad_enabled():
             return self.text_context(self.clip)
         key = version(self)
@@ -157,7 +164,7 @@ class CAVPTCLIP(nn.Module):
         text = self.text_features()  # (C, E)
         with torch.no_grad():  # plain frozen CLIP picks each image's K likely classes; nothing trains it
             zeroshot = F.normalize(self.clip.encode_image(images), dim=-1)  # (B, E)
-            self.topk = (zeroshot @ self.template_features.t()).topk(self.n_classes, dim=-1).indices  # (B, K)
+            self.topk = (zeroshot @ self.template_features.t()).topk(self.K, dim=-1).indices  # (B, K)
         image, self.aux_logits = self.visual_prompts(self.clip.visual, images, text[self.topk])  # (B, J, K, C)
         image, text, scale = F.normalize(image, dim=-1), F.normalize(text, dim=-1), self.clip.logit_scale.exp()
         logits = scale * image @ text.t()  # (B, C)

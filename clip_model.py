@@ -7,6 +7,11 @@ weights (train.py picks precision once, by autocast). What methods build on (no 
 images `visual.embed -> visual.transformer.resblocks -> visual.head`, or `visual.dense` (global + local
 features); text `embed_text -> encode_text_embeddings`, or its parts `positional_embedding`, `causal_mask`,
 `transformer.resblocks`, `text_head`; attention maps from `block(x, mask, return_attn=True)`.
+
+Shape letters, one meaning in every file of the repository (a method file adds its paper's own symbols and
+says so): B images in a batch, C classes, L tokens of a text prompt, N image tokens after the class token
+(patches, or a ResNet's positions), D text width, W image width, E joint embedding width (both towers'
+output), H attention heads, R image resolution, n learned prompt tokens per block.
 """
 import gzip
 import hashlib

@@ -11,7 +11,7 @@ The class token, read out at the end, attends to the prompts in every block, so 
 image feature without touching any weight of CLIP. The text side is the dataset's hand-crafted prompt
 (frozen), or for VLP a CoOp context of 16 learned word vectors, trained at CoOp's own learning rate.
 
-- Learned: `prompts` (layers, n, W) with layers = 1 (shallow) or L (deep); VLP adds `ctx` (16, D).
+- Learned: `prompts` (layers, n, W) with layers = 1 (shallow) or every block (deep); VLP adds `ctx` (16, D).
 - Injected where: appended after the patch tokens of the image sequence (official code; the ViT has no
   mask and positions are added before insertion, so the place does not change any number); VLP's
   context replaces the placeholder rows of "X X ... X {class}." in the text prompt.
@@ -52,8 +52,8 @@ class VisualPrompts(nn.Module):
 
     def __init__(self, clip, cfg):
         super().__init__()
-        W, L = clip.visual.conv1.out_channels, len(clip.visual.transformer.resblocks)
-        self.prompts = nn.Parameter(torch.randn(L if cfg.deep else 1, cfg.n_tokens, W) * 0.02)
+        W, blocks = clip.visual.conv1.out_channels, len(clip.visual.transformer.resblocks)
+        self.prompts = nn.Parameter(torch.randn(blocks if cfg.deep else 1, cfg.n_tokens, W) * 0.02)
 
     def forward(self, visual, images):
         x = visual.embed(images)  # (B, 1+N, W): class token, patches, positions, ln_pre

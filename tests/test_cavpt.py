@@ -84,7 +84,7 @@ def test_forward_follows_the_spec_equations(clip, variant):
     model = cavpt.build(clip, NAMES, config(variant, n_classes=3)).eval()
     shake(model)
     x, visual, g = images(4), clip.visual, model.visual_prompts.generators[0]
-    text = model.text_context(clip) if variant == "cavpt" else model.template  # unnormalised features
+    text = model.text_context(clip) if variant == "cavpt" else model.template_text  # unnormalised features
     tokens = visual.embed(x)
     tokens = visual.transformer.resblocks[0](torch.cat([tokens, model.visual_prompts.prompts[0].expand(4, -1, -1)], 1))
     tokens = tokens[:, :tokens.shape[1] - 10]
@@ -103,7 +103,7 @@ def test_forward_follows_the_spec_equations(clip, variant):
 
 
 def _topk(clip, model, x):
-    return (F.normalize(clip.encode_image(x), dim=-1) @ model.template_features.t()).topk(model.n_classes).indices
+    return (F.normalize(clip.encode_image(x), dim=-1) @ model.template_features.t()).topk(model.K).indices
 
 
 @torch.no_grad()

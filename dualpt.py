@@ -67,29 +67,37 @@ def sinkhorn(log_kernel, log_p, log_q, iters=100, tol=1e-4):
     (-inf = no mass) -> T = diag(a) K diag(b) (..., R, S), rows summing to p and columns to q."""
     u, v = torch.zeros_like(log_kernel[..., 0]), torch.zeros_like(log_kernel[..., 0, :])  # log a, log b: a = b = 1
     for i in range(iters):
-        previous, u = u, log_p - torch.logsumexp(log_kernel + v[..., None, :], dim=-1)  # a = p / K b
+        previous = u
+        u = log_p - torch.logsumexp(log_kernel + v[..., None, :], dim=-1)  # a = p / K b
         v = log_q - torch.logsumexp(log_kernel + u[..., None], dim=-2)  # b = q / K^T a
-        # the previous plan's row sums were p exp(previous - u): stop on their L1 error, worst plan (one sync)
-        if i and tol and float((log_p.exp() * (previous - u).expm1().abs()).sum(-1).max()) < tol:
-            break
+        if i and tol:  # the previous plan's row sums were p exp(previous - u): stop once they are close to p
+            row_error = (log_p.exp() * (previous - u).expm1().abs()).sum(-1)  # (...,) L1 error of each plan
+            if float(row_error.max()) < tol:  # the worst plan decides: one host sync per step
+                break
     return (u[..., None] + log_kernel + v[..., None, :]).exp()
 
 @torch.no_grad()
 def graph_plan(local, text, cfg):
-    """Algorithm 1 for every image and class at once: local (B, N, E), text (K, M, E) or (B, K, M, E),
-    both normalised -> plan T (B, K, N, M), each summing to 1."""
+    """Algorithm 1 for every image and class at once: local (B, N, E), text (C, M, E) or (B, C, M, E),
+    both normalised -> plan T (B, C, N, M), each summing to 1. Z and P are the paper's Z and W (the local
+    features and the prompts' text features; W is the image width everywhere else in this repository)."""
     with torch.autocast(local.device.type, enabled=False):
-        Z, W = local.float()[:, None], text.float()  # (B, 1, N, E), (K or B, K, M, E) by broadcasting
-        cost_wd = 1 - Z @ W.transpose(-1, -2)  # (B, K, N, M) node cost C_WD
+        Z = local.float()[:, None]  # (B, 1, N, E)
+        P = text.float()  # (C, M, E) or (B, C, M, E): broadcast against Z
+        cost_wd = 1 - Z @ P.transpose(-1, -2)  # (B, C, N, M) node cost C_WD
         N, M = cost_wd.shape[-2:]
-        log_p, log_q = cost_wd.new_full((N,), -math.log(N)), cost_wd.new_full((M,), -math.log(M))
+        log_p = cost_wd.new_full((N,), -math.log(N))  # p = 1/N over the regions
+        log_q = cost_wd.new_full((M,), -math.log(M))  # q = 1/M over the prompts
         plan, cost = torch.full_like(cost_wd, 1 / (N * M)), cost_wd  # T = p q^T
-        if cfg.alpha:
-            C_z, C_w = Z @ Z.transpose(-1, -2), W @ W.transpose(-1, -2)  # (B, 1, N, N), (., K, M, M) edges
-            C_zw = (C_z ** 2).mean(-1, keepdim=True) + (C_w ** 2).mean(-1)[..., None, :]  # uniform p, q: means
+        if cfg.alpha:  # edges: each graph's cosine similarities among its own nodes
+            C_z = Z @ Z.transpose(-1, -2)  # (B, 1, N, N)
+            C_w = P @ P.transpose(-1, -2)  # (C, M, M) or (B, C, M, M)
+            # GW linearised at the plan: L(C_z, C_w) ⊗ T = C_z² p 1ᵀ + 1 qᵀ (C_w²)ᵀ − 2 C_z T C_wᵀ
+            C_zw = (C_z ** 2).mean(-1, keepdim=True) + (C_w ** 2).mean(-1)[..., None, :]  # the first two terms
         for _ in range(cfg.gw_iters if cfg.alpha else 1):
             if cfg.alpha:
-                cost = cfg.alpha * (C_zw - 2 * C_z @ plan @ C_w.transpose(-1, -2)) + (1 - cfg.alpha) * cost_wd
+                cost_gw = C_zw - 2 * C_z @ plan @ C_w.transpose(-1, -2)  # (B, C, N, M) C_GWD at this plan
+                cost = cfg.alpha * cost_gw + (1 - cfg.alpha) * cost_wd  # C_graph
             plan = sinkhorn(-cost / cfg.ot_lambda, log_p, log_q, cfg.sinkhorn_iters, cfg.sinkhorn_tol)
     assert not plan.isnan().any(), "NaN in the transport plan"
     return plan
@@ -123,7 +131,7 @@ def read_descriptions(path, classnames):
     return [table[name(c)] for c in classnames]
 
 class PromptLearner(nn.Module):
-    """M unified contexts -> (..., K, M, L, D) prompt embeddings [SOT, ctx_m, class name, ".", EOT], cut after
+    """M unified contexts -> (..., C, M, L, D) prompt embeddings [SOT, ctx_m, class name, ".", EOT], cut after
     the last EOT; with a shift (B, D) from the meta-net, one set per image."""
 
     def __init__(self, clip, classnames, cfg):
@@ -136,16 +144,19 @@ class PromptLearner(nn.Module):
             ctx[0] = clip.embed_text(init.to(device))[0, 1:1 + n_ctx].detach()
         self.ctx = nn.Parameter(ctx)  # (M, n_ctx, D)
         tokens = clip_model.tokenize([" ".join(["X"] * n_ctx + [c.replace("_", " ")]) + "." for c in classnames])
-        self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (K,)
+        self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (C,)
         with torch.no_grad():
-            embedded = clip.embed_text(tokens[:, :int(self.eot.max()) + 1].to(device))  # (K, L, D)
-        self.register_buffer("prefix", embedded[:, None, :1], persistent=False)  # (K, 1, 1, D) SOT
+            embedded = clip.embed_text(tokens[:, :int(self.eot.max()) + 1].to(device))  # (C, L, D)
+        self.register_buffer("prefix", embedded[:, None, :1], persistent=False)  # (C, 1, 1, D) SOT
         self.register_buffer("suffix", embedded[:, None, 1 + n_ctx:], persistent=False)  # name, ".", EOT, padding
 
     def forward(self, shift=None):
-        ctx = self.ctx if shift is None else self.ctx + shift[:, None, None]  # (M, n, D) or (B, M, n, D)
-        size = (*ctx.shape[:-3], len(self.prefix), *ctx.shape[-3:-2], -1, ctx.shape[-1])  # (..., K, M, rows, D)
-        return torch.cat([self.prefix.expand(size), ctx.unsqueeze(-4).expand(size), self.suffix.expand(size)], dim=-2)
+        ctx = self.ctx if shift is None else self.ctx + shift[:, None, None]  # (M, n, D), or (B, M, n, D)
+        batch, C, M, D = ctx.shape[:-3], len(self.prefix), ctx.shape[-3], ctx.shape[-1]  # batch: () or (B,)
+        prefix = self.prefix.expand(*batch, C, M, 1, D)  # SOT
+        ctx = ctx.unsqueeze(-4).expand(*batch, C, M, -1, D)  # every class reads the same M contexts
+        suffix = self.suffix.expand(*batch, C, M, -1, D)  # class name, ".", EOT
+        return torch.cat([prefix, ctx, suffix], dim=-2)  # (..., C, M, L, D)
 
 def version(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,
@@ -170,16 +181,16 @@ class DualPT(nn.Module):
             features = torch.cat([clip.encode_text_embeddings(clip.embed_text(t.to(device)), t.argmax(-1))
                                   for t in tokens.split(1000)])  # (sum of e_k, E), 1,000 per pass
         features = F.normalize(features, dim=-1).split([len(ds) for ds in descriptions])
-        self.register_buffer("desc", nn.utils.rnn.pad_sequence(features, True), persistent=False)  # (K, e, E)
-        self.register_buffer("desc_mean", torch.stack([f.mean(0) for f in features]), persistent=False)  # (K, E) h_k
-        self.register_buffer("desc_log_q", nn.utils.rnn.pad_sequence(  # (K, e) wd's marginal 1/e_k; -inf: padding
+        self.register_buffer("desc", nn.utils.rnn.pad_sequence(features, True), persistent=False)  # (C, e, E)
+        self.register_buffer("desc_mean", torch.stack([f.mean(0) for f in features]), persistent=False)  # (C, E) h_k
+        self.register_buffer("desc_log_q", nn.utils.rnn.pad_sequence(  # (C, e) wd's marginal 1/e_k; -inf: padding
             [torch.full((len(f),), -math.log(len(f)), device=device) for f in features], True, -math.inf),
             persistent=False)
-        self.cached = None  # (version, (K, M, E) text features), reused while evaluating
+        self.cached = None  # (version, (C, M, E) text features), reused while evaluating
         self.text = self.plan = None  # kept by a forward: the text features for loss(), the plan for analysis
 
     def encode_prompts(self, prompts):
-        """(..., K, M, L, D) -> (..., K, M, E) normalised text features, all prompts in one EOT-cut pass."""
+        """(..., C, M, L, D) -> (..., C, M, E) normalised text features, all prompts in one EOT-cut pass."""
         eot = self.prompt_learner.eot[:, None].expand(prompts.shape[:-2])
         x = self.clip.encode_text_embeddings(prompts.flatten(0, -3), eot.flatten())
         return F.normalize(x, dim=-1).view(*prompts.shape[:-2], -1)
@@ -193,25 +204,26 @@ class DualPT(nn.Module):
         if self.meta_net is not None:  # CoDUAL-PT: images x classes x prompts, max_prompts per text pass
             per_pass = max(1, self.cfg.max_prompts // self.prompt_learner.eot.numel() // self.cfg.n_prompts)
             text = torch.cat([self.encode_prompts(self.prompt_learner(self.meta_net(g)))
-                              for g in dense[:, 0].split(per_pass)])  # (B, K, M, E)
+                              for g in dense[:, 0].split(per_pass)])  # (B, C, M, E)
         elif self.training or torch.is_grad_enabled():
-            text = self.encode_prompts(self.prompt_learner())  # (K, M, E)
+            text = self.encode_prompts(self.prompt_learner())  # (C, M, E)
         else:  # evaluating: computed once, until a parameter changes
             key = version(self)
             if self.cached is None or self.cached[0] != key:
                 self.cached = key, self.encode_prompts(self.prompt_learner())
             text = self.cached[1]
-        self.plan = graph_plan(local, text, self.cfg)  # (B, K, N, M), no gradient
-        logits = self.clip.logit_scale.exp() * (self.plan * (local[:, None] @ text.transpose(-1, -2))).sum((-2, -1))
+        self.plan = graph_plan(local, text, self.cfg)  # (B, C, N, M), no gradient
+        similarity = local[:, None] @ text.transpose(-1, -2)  # (B, C, N, M): region i against prompt j, Z P_c^T
+        logits = self.clip.logit_scale.exp() * (self.plan * similarity).sum((-2, -1))  # (B, C), Eq. 8
         if self.training:  # for loss()
             self.text = text
-        return logits  # (B, K), Eq. 8: s * sum_ij T_ij (Z W_k^T)_ij
+        return logits
 
     def llm_loss(self, text):
-        """L_LLM over the classes (and images, for per-image prompts): text (..., K, M, E) normalised."""
+        """L_LLM over the classes (and images, for per-image prompts): text (..., C, M, E) normalised."""
         if self.cfg.distill == "cosine":  # Eq. 5: 1 - cos(mean of the M prompts, mean of the e descriptions)
             return (1 - F.cosine_similarity(text.mean(-2), self.desc_mean, dim=-1)).mean()
-        cost = 1 - text @ self.desc.transpose(-1, -2)  # (..., K, M, e) wd: prompts -> descriptions
+        cost = 1 - text @ self.desc.transpose(-1, -2)  # (..., C, M, e) wd: prompts -> descriptions
         with torch.no_grad(), torch.autocast(cost.device.type, enabled=False):  # the plan in fp32, as graph_plan
             log_p = cost.new_full(cost.shape[-2:-1], -math.log(cost.shape[-2]), dtype=torch.float)  # (M,) uniform
             log_kernel = (text.float() @ self.desc.transpose(-1, -2) - 1) / self.cfg.ot_lambda  # -C / lambda

@@ -21,16 +21,15 @@ with the frozen hand-crafted text prompt; DPT (VLP-CLIP-CAVPT) also learns a CoO
   outputs dropped (as in vpt.py); blocks b-1 to the last get K class-aware prompts instead, appended and dropped
   after the block. CoOp's context replaces the placeholder rows of "X X ... X {class}.".
 - Frozen: all of CLIP, and the zero-shot pass that picks the K classes (no gradient).
-- Deviations: the generator follows the code, not Eq. 9: one Linear for the paper's two-layer MLP; keys and
-  values are the block's whole input (detached) plus 10 learned tokens, not the class token alone; prompt =
-  LN(out + query), not LP(LN(out)) + class token. Queries are text features before normalisation: the
-  learned ones for DPT (code; the paper says the template's), the template's for VPT-CLIP-CAVPT (not in the
-  code). The aux loss supervises only the true class's slot (code); Eq. 10 also gives the other slots
-  uniform targets, which the code computes and discards. K = 10 (train_single.sh; code default 5; Table 1
-  takes the best K per dataset, e.g. DTD's 68.68 is K = 5); aux weight 1 (Eq. 12 and code default; script
-  0.3); 200 epochs (paper; script 60); visual warm-up 10 epochs everywhere (code: 1 on ImageNet); the code's
-  "general knowledge guidance" is off (code and script: 30 epochs). b is capped at the block count for small models. On
-  other classes (base2new, cross) the aux classifiers, sized for the training classes, are not loaded.
+- Deviations (the official code, which produced the paper's numbers, wins over the paper's text):
+  - The generator is the official code's, not Eq. 9 (see `ClassAwarePrompts`).
+  - Queries are text features before normalisation: the learned ones for DPT (official code; the paper
+    says the template's), the template's for VPT-CLIP-CAVPT (not in the official code).
+  - The aux loss supervises only the true class's slot (official code; Eq. 10 also has the other slots).
+  - K = 10 (official script; Table 1 takes the best K per dataset), aux weight 1 (Eq. 12; script 0.3), 200
+    epochs (the paper; script 60), visual warm-up 10 epochs everywhere (official: 1 on ImageNet), the
+    official "general knowledge guidance" off (script: 30 epochs).
+  - On other classes (base2new, cross) the aux classifiers, sized for the training classes, are not loaded.
 """
 from dataclasses import dataclass
 
@@ -62,7 +61,10 @@ class Config:
 VARIANTS = {"vpt-cavpt": dict(text_ctx=0), "cavpt": dict()}
 
 class ClassAwarePrompts(nn.Module):
-    """One class-aware block's generator: K text features + the block's tokens -> K prompts, aux logits."""
+    """One class-aware block's generator: K text features + the block's tokens -> K prompts, aux logits.
+    As the official code, not Eq. 9: one Linear for the paper's two-layer MLP; keys and values are the
+    block's whole input (detached) plus learned tokens, not the class token alone; prompt = LN(out + query),
+    not LP(LN(out)) + class token."""
 
     def __init__(self, E, W, C, cfg):
         super().__init__()
@@ -92,7 +94,7 @@ class VisualPrompts(nn.Module):
     def __init__(self, clip, C, cfg):
         super().__init__()
         W, blocks = clip.visual.conv1.out_channels, len(clip.visual.transformer.resblocks)
-        first = min(cfg.bottom_limit, blocks) - 1  # index of the first class-aware block
+        first = min(cfg.bottom_limit, blocks) - 1  # index of the first class-aware block (b capped: small models)
         self.prompts = nn.Parameter(torch.randn(first, cfg.n_tokens, W) * 0.02)  # (b-1, n, W)
         self.generators = nn.ModuleList(ClassAwarePrompts(clip.visual.output_dim, W, C, cfg)
                                         for _ in range(blocks - first))  # J
@@ -168,7 +170,7 @@ class CAVPTCLIP(nn.Module):
         image, self.aux_logits = self.visual_prompts(self.clip.visual, images, text[self.topk])  # (B, J, K, C)
         image, text, scale = F.normalize(image, dim=-1), F.normalize(text, dim=-1), self.clip.logit_scale.exp()
         logits = scale * image @ text.t()  # (B, C)
-        if self.training and self.cfg.guidance_epochs:  # the code's guidance: each side against frozen CLIP's
+        if self.training and self.cfg.guidance_epochs:  # the official guidance: each side against frozen CLIP's
             self.guidance = scale * zeroshot @ text.t(), scale * image @ self.template_features.t()  # (B, C) each
         return logits
 
@@ -180,6 +182,8 @@ class CAVPTCLIP(nn.Module):
         if epoch < self.cfg.guidance_epochs:
             to_learned_text, to_template = (F.cross_entropy(z.float(), labels) for z in self.guidance)
             loss = to_learned_text + to_template + 0.1 * loss
+        # the true class's slot only (official code; Eq. 10's uniform targets for the others are computed there
+        # and discarded)
         rows, slots = (self.topk == labels[:, None]).nonzero(as_tuple=True)  # at most one slot per image
         if len(rows) and self.cfg.aux_weight:
             aux = self.aux_logits[rows, :, slots]  # (hits, J, C)
@@ -188,7 +192,7 @@ class CAVPTCLIP(nn.Module):
         return loss
 
     def param_groups(self, cfg):
-        visual = self.visual_prompts  # the code's three optimisers: ctx_learner, extractor, prompt_learner
+        visual = self.visual_prompts  # the official code's three optimisers: ctx_learner, extractor, prompt_learner
         groups = [{"params": [visual.prompts], "lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs},
                   {"params": list(visual.generators.parameters()), "lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs}]
         if self.text_context is not None:
@@ -197,7 +201,7 @@ class CAVPTCLIP(nn.Module):
         return groups
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        """Aux classifiers sized for other classes keep this model's weights (the code deletes them on load):
+        """Aux classifiers sized for other classes keep this model's weights (the official code deletes them):
         they only shape training, so prompts learned on base classes still evaluate on new ones."""
         own = self.state_dict()
         state_dict = {k: own[k] if k.endswith(".classifier.weight") and k in own and v.shape != own[k].shape

@@ -13,11 +13,11 @@ transfers better to classes unseen in training.
 - Learned: `ctx` (n_ctx, D), or (C, n_ctx, D) with csc; CoCoOp adds `meta_net` E -> E/16 -> D.
 - Injected where: the prompt's token embeddings, rows 1..n_ctx (next to the class name's rows).
 - Frozen: all of CLIP.
-- Deviations: CoCoOp runs all images x classes through the text encoder in one batched pass (the
-  reference loops over images); an init phrase sets n_ctx to its token count (the reference counts words,
-  the same for "a photo of a"); with `csc` an init phrase starts every class's context from it (the
-  reference then ignores `csc` and learns one shared context); text features that do not depend on the
-  image are cached while evaluating, until a parameter changes.
+- Deviations from the official code (github.com/KaiyangZhou/CoOp):
+  - CoCoOp encodes all images x classes in one batched pass (the official code loops over the images).
+  - An init phrase sets n_ctx to its token count (the official code counts words: the same for "a photo of a").
+  - `csc` with an init phrase: one context per class, each starting as the phrase (the official code then
+    ignores `csc` and learns one shared context).
 """
 from dataclasses import dataclass
 

@@ -15,16 +15,14 @@ details (Eq. 5). CoDUAL-PT adds CoCoOp's meta-net: the global image feature shif
 - Learned: `ctx` (M, n_ctx, D), M = 4 unified contexts; CoDUAL-PT adds `meta_net` E -> E/16 -> D.
 - Injected where: rows 1..n_ctx of "[SOT] X ... X {class}. [EOT]", one prompt per class and context.
 - Frozen: all of CLIP; the plan (no gradient); the descriptions' text features (encoded once, at build).
-- Deviations (the spec's "ours"): marginals p = 1/N over regions, q = 1/M over prompts (the paper swaps them); 5 outer
-  GW iterations, each a Sinkhorn from a = b = 1, lambda = 0.1 (PLOT), log-domain, fp32 (cost / lambda magnifies bf16
-  rounding), at most 100 steps, stopped once the worst plan's row sums are within `sinkhorn_tol` (L1) of p (PLOT: mean
-  change of a < 1e-2; tol 0: a fixed count); alpha = 0: one Sinkhorn. The plan is computed under no_grad (PLOT). Eq.
-  5's cos of an M x d and an e x d matrix: the cos of their means. Descriptions encoded as written,
-  cut at 77 tokens; without a file a class's description is its template sentence (L_LLM then pulls toward zero-shot
-  CLIP; the paper's "None" row is beta = 0). A file must cover every class the model is built for (base2new: new ones
-  too, unused). distill = wd: entropic OT cost between a class's M prompts and e descriptions. CoDUAL-PT: 4 tokens,
-  prompt 0 from "a photo of a", the others N(0, 0.02); the meta-net's last layer starts at zero, so CoDUAL-PT starts
-  as DUAL-PT (CoCoOp's random init made the M prompts identical); L_LLM per image, averaged; batch 1 (CoCoOp).
+- Deviations (ours where the paper is silent; the transport follows PLOT's official code):
+  - Marginals p = 1/N over regions, q = 1/M over prompts (the paper's text swaps them).
+  - 5 outer GW iterations, each a Sinkhorn as PLOT's (lambda 0.1, from a = b = 1, at most 100 steps, no
+    gradient through the plan), stopped on the plan's row sums (`sinkhorn_tol`; PLOT: the change of a).
+  - Eq. 5's cosine of an M x d and an e x d matrix: the cosine of their means.
+  - Without a descriptions file a class's description is its template sentence (the paper's "None": beta 0).
+  - CoDUAL-PT: 4 context tokens, prompt 0 from "a photo of a", the meta-net's last layer at zero (it starts
+    as DUAL-PT), L_LLM per image, batch 1 (CoCoOp's).
 """
 import json
 import math
@@ -81,7 +79,7 @@ def graph_plan(local, text, cfg):
     """Algorithm 1 for every image and class at once: local (B, N, E), text (C, M, E) or (B, C, M, E),
     both normalised -> plan T (B, C, N, M), each summing to 1. Z and P are the paper's Z and W (the local
     features and the prompts' text features; W is the image width everywhere else in this repository)."""
-    with torch.autocast(local.device.type, enabled=False):
+    with torch.autocast(local.device.type, enabled=False):  # fp32: cost / lambda magnifies bf16 rounding
         Z = local.float()[:, None]  # (B, 1, N, E)
         P = text.float()  # (C, M, E) or (B, C, M, E): broadcast against Z
         cost_wd = 1 - Z @ P.transpose(-1, -2)  # (B, C, N, M) node cost C_WD
@@ -115,7 +113,8 @@ def load_json(path, kind, what):
     return content
 
 def read_descriptions(path, classnames):
-    """[[description, ...] per class] from a JSON file {class name: [str, ...]}; names compared lower-case,
+    """[[description, ...] per class] from a JSON file {class name: [str, ...]}, covering every class the model
+    is built for (base2new: the new ones too, though unused); names compared lower-case,
     "_" as a space. A relative path is looked up from the working directory, then from this file's folder."""
     name, here = lambda c: c.replace("_", " ").strip().lower(), Path(__file__).resolve().parent
     file = here / path if not Path(path).is_file() and (here / path).is_file() else Path(path)
@@ -174,9 +173,11 @@ class DualPT(nn.Module):
         self.meta_net = None  # CoDUAL-PT: normalised global image feature -> shift of every context, E -> E/16 -> D
         if cfg.conditional:
             self.meta_net = nn.Sequential(nn.Linear(E, E // 16), nn.ReLU(), nn.Linear(E // 16, D))
-            for p in self.meta_net[2].parameters():  # zero shift at init: CoDUAL-PT starts as DUAL-PT (ours)
+            # zero shift at init, so CoDUAL-PT starts as DUAL-PT (ours; CoCoOp's random init made the M prompts
+            # identical)
+            for p in self.meta_net[2].parameters():
                 nn.init.zeros_(p)
-        tokens = clip_model.tokenize([d for ds in descriptions for d in ds], truncate=True)  # frozen: encoded once
+        tokens = clip_model.tokenize([d for ds in descriptions for d in ds], truncate=True)  # as written, cut at 77
         with torch.no_grad():
             features = torch.cat([clip.encode_text_embeddings(clip.embed_text(t.to(device)), t.argmax(-1))
                                   for t in tokens.split(1000)])  # (sum of e_k, E), 1,000 per pass

@@ -15,17 +15,18 @@ Injection Model off this is IVLP, the independent deep vision-language prompts M
 - Learned: text prompts (depth, n, D), image prompts (depth, n, W), and the Injection Model: text -> image
   D -> W and image -> text W -> D linear maps (one pair for all deep blocks, plus a D -> W map for block 0).
 - Injected where: text prompts at rows 1..n of "[SOT] X X X X {class}. [EOT]" before blocks 0..depth-1;
-  image prompts appended after the patches before block 0 (through `ln_pre`, as the code does) and
+  image prompts appended after the patches before block 0 (through `ln_pre`, as the official code) and
   replacing the previous block's prompt outputs before blocks 1..depth-1; from block `depth` on, the
   prompt outputs of block depth-1 travel on like any token.
 - Frozen: all of CLIP.
-- Deviations (the paper's Fig. 4 and Eqs. 6-7 are lost; we follow the code that produced its numbers):
-  `injection="shared"` is the code (one map per direction for blocks 1..depth-1, and block 0's image
-  prompts get the projected block-0 text prompts); `injection="per_layer"` is a separate pair of maps per
-  block 1..depth-1 and no fusion at block 0 (the project spec's reading, 5x the parameters);
-  `injection="off"` is IVLP. The code maps image -> text into the joint width E; we map into the text
-  width D (E = D in every OpenAI ViT, so nothing changes). The official script uses depth 9 (default
-  here); the paper's text says 12: `--set depth=12`.
+- Deviations (where the paper's text leaves the Injection Model open, the official code, which produced
+  its numbers, decides):
+  - `injection="shared"` (default) is the official code: one map per direction for blocks 1..depth-1, and
+    block 0's image prompts also get block 0's projected text prompts.
+  - `injection="per_layer"` (ours, another reading of the paper): a pair of maps per block 1..depth-1, no
+    fusion at block 0, 5x the parameters. `injection="off"` is IVLP.
+  - image -> text maps into the text width D (official: the joint width E; the same in every OpenAI ViT).
+  - depth 9, as the official script (the paper's text says 12: `--set depth=12`).
 """
 from dataclasses import dataclass
 
@@ -58,7 +59,7 @@ class InjectionModel(nn.Module):
         maps = depth - 1 if per_layer else 1
         self.text_to_image = nn.ModuleList(nn.Linear(D, W) for _ in range(maps))  # A
         self.image_to_text = nn.ModuleList(nn.Linear(W, D) for _ in range(maps))  # B
-        self.first = None if per_layer else nn.Linear(D, W)  # the code also feeds block-0 text into image
+        self.first = None if per_layer else nn.Linear(D, W)  # the official code also feeds block-0 text into image
 
     def forward(self, text, image):
         """text (depth, n, D), image (depth, n, W) -> fused prompts of the same shapes."""
@@ -111,7 +112,7 @@ class MuDPT(nn.Module):
         x = self.embedded  # (C, L, D), cut after the last EOT
         n, L = prompts.shape[1], x.shape[1]
         x = torch.cat([x[:, :1], prompts[0].expand(len(x), -1, -1), x[:, 1 + n:]], dim=1)  # input prompts
-        x = x + self.clip.positional_embedding[:L]  # positions for the input only, as in CLIP (and the code)
+        x = x + self.clip.positional_embedding[:L]  # positions for the input only, as CLIP (and the official code)
         mask = clip_model.causal_mask(L, x.device)
         for i, block in enumerate(self.clip.transformer.resblocks):
             if 0 < i < len(prompts):  # overwrite the previous block's outputs at the prompt rows

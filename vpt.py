@@ -12,15 +12,14 @@ image feature without touching any weight of CLIP. The text side is the dataset'
 (frozen), or for VLP a CoOp context of 16 learned word vectors, trained at CoOp's own learning rate.
 
 - Learned: `prompts` (layers, n, W) with layers = 1 (shallow) or every block (deep); VLP adds `ctx` (16, D).
-- Injected where: appended after the patch tokens of the image sequence (official code; the ViT has no
-  mask and positions are added before insertion, so the place does not change any number); VLP's
-  context replaces the placeholder rows of "X X ... X {class}." in the text prompt.
+- Injected where: appended after the patch tokens (as the official code; the place changes no number, see
+  `VisualPrompts.forward`); VLP's context replaces the rows of "X X ... X" in "X X ... X {class}.".
 - Frozen: all of CLIP.
-- Deviations: the official VPT config runs 100 epochs, the paper 200 (we follow the paper); the official
-  VLP code switches the visual warm-up to 1 epoch on ImageNet only (we keep 10 everywhere). The VLP code's
-  "general knowledge guidance" (not in the paper: for its first epochs the loss is CE of the learned text
-  against frozen CLIP's image feature + CE of the prompted image against the template's text + 0.1 CE of
-  the logits) is `guidance_epochs`, off by default as in cavpt.py (code default and script: 30).
+- Deviations from the official code (github.com/fanrena/DPT, `trainers/VPT.py` and `VLP.py`):
+  - 200 epochs, as the paper (the official VPT configs: 100).
+  - The visual warm-up is 10 epochs everywhere (the official VLP code: 1 on ImageNet).
+  - The official VLP code's "general knowledge guidance" (not in the paper, see `loss`) is off by default,
+    as in cavpt.py (`guidance_epochs`; official default and script: 30).
 """
 from dataclasses import dataclass
 
@@ -56,6 +55,8 @@ class VisualPrompts(nn.Module):
         self.prompts = nn.Parameter(torch.randn(blocks if cfg.deep else 1, cfg.n_tokens, W) * 0.02)
 
     def forward(self, visual, images):
+        # the ViT has no attention mask and the positions are added before the prompts join, so appending them
+        # after the patches gives the same numbers as inserting them after the class token (tested)
         x = visual.embed(images)  # (B, 1+N, W): class token, patches, positions, ln_pre
         n = self.prompts.shape[1]
         for i, block in enumerate(visual.transformer.resblocks):

@@ -50,8 +50,9 @@ def test_csc_with_an_init_phrase_is_one_context_per_class_and_a_listed_deviation
     phrase = clip.embed_text(clip_model.tokenize("a photo of a"))[0, 1:5]  # (4, D)
     assert model.prompt_learner.ctx.shape == (len(NAMES), 4, phrase.shape[-1])
     assert all(torch.equal(ctx, phrase) for ctx in model.prompt_learner.ctx)
-    deviations = coop.__doc__.split("- Deviations:")[1]
-    assert "with `csc` an init phrase starts every class's context from it" in " ".join(deviations.split())
+    deviations = coop.__doc__.split("- Deviations")[1]
+    assert "`csc` with an init phrase: one context per class, each starting as the phrase" in " ".join(
+        deviations.split())
 
 
 def test_ensemble_averages_templates(clip):

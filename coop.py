@@ -79,10 +79,15 @@ class PromptLearner(nn.Module):
         # middle/front: a fixed permutation of the "end" layout's rows, per class (names differ in length)
         order = torch.arange(L).repeat(C, 1)
         for c, name in enumerate(names):
+            n_name = int(clip_model.tokenize(name).argmax()) - 1  # the class name's tokens
             ctx_rows = list(range(1, 1 + n_ctx))
-            name_rows = list(range(1 + n_ctx, n_ctx + int(clip_model.tokenize(name).argmax())))  # its tokens
-            rows = {"end": ctx_rows + name_rows, "front": name_rows + ctx_rows,
-                    "middle": ctx_rows[:n_ctx // 2] + name_rows + ctx_rows[n_ctx // 2:]}[cfg.class_token_position]
+            name_rows = list(range(1 + n_ctx, 1 + n_ctx + n_name))
+            if cfg.class_token_position == "front":
+                rows = name_rows + ctx_rows
+            elif cfg.class_token_position == "middle":  # the name between the context's two halves
+                rows = ctx_rows[:n_ctx // 2] + name_rows + ctx_rows[n_ctx // 2:]
+            else:
+                rows = ctx_rows + name_rows
             order[c, 1:1 + len(rows)] = torch.tensor(rows)
         self.register_buffer("order", None if cfg.class_token_position == "end" else order, persistent=False)
 

@@ -276,17 +276,19 @@ class Runner:
         """(V, n, ...) features of the images augmented with each of V epoch seeds: on the device, or memory-mapped."""
         loader = data.loader(items, data.train_transform(self.n_px), 100, train=False, workers=self.workers,
                              device=self.args.device)
-        store, model = None, self.model.eval()
+        model = self.model.eval()
+        store = None  # (V, n, ...) once the first batch shows the features' shape
         for v, seed in enumerate(seeds):
             loader.dataset.seed = seed
             for i, (images, _) in enumerate(loader):
                 with self.autocast():
                     x = model.frozen_features(images.to(self.device, non_blocking=True))
                 if store is None:
-                    shape, path = (len(seeds), len(items), *x.shape[1:]), folder / f"features.rank{self.rank}.tmp"
+                    shape = (len(seeds), len(items), *x.shape[1:])
                     if math.prod(shape) * x.element_size() <= CACHE_IN_MEMORY:
                         store = torch.empty(shape, dtype=x.dtype, device=self.device)
                     else:
+                        path = folder / f"features.rank{self.rank}.tmp"
                         store = torch.from_file(str(path), True, math.prod(shape), dtype=x.dtype).view(shape)
                         path.unlink()  # the mapping lives until the run ends, and no file outlives it
                 store[v, i * loader.batch_size:i * loader.batch_size + len(x)] = x.to(store.device)
@@ -361,7 +363,9 @@ def run(args):
         log(f"dry run: wrote {out / 'results.json'}")
         return results
 
-    start, history, started, previous = 0, [], time.time(), 0.0  # 4. training
+    # 4. training: from epoch `start` (after a resume), `previous` seconds already spent on this run
+    start, previous, history = 0, 0.0, []
+    started = time.time()
     if epochs:
         groups = model.param_groups(cfg) if hasattr(model, "param_groups") else [{"params": learned}]
         groups = [{"lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs, **g, "base_lr": g.get("lr", cfg.lr)}
@@ -396,7 +400,8 @@ def run(args):
         history.append(dict(epoch=epoch + 1, loss=loss_sum / seen, acc=100 * correct / seen,
                             lr=optimizer.param_groups[0]["lr"], seconds=time.time() - tic))
         this_run = time.time() - started
-        elapsed, eta = previous + this_run, this_run / (epoch + 1 - start) * (epochs - epoch - 1)
+        elapsed = previous + this_run
+        eta = this_run / (epoch + 1 - start) * (epochs - epoch - 1)
         log(f"epoch {epoch + 1}/{epochs}  loss {loss_sum / seen:.3f}  acc {100 * correct / seen:.1f}  "
             f"lr {history[-1]['lr']:.1e}  {seen / (time.time() - tic):.0f} img/s  "
             f"{timedelta(seconds=int(elapsed))} elapsed  ETA {timedelta(seconds=int(eta))}")

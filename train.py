@@ -77,32 +77,34 @@ def parse_args(argv):
     args = p.parse_args(argv)
     return argparse.Namespace(**vars(args), seed=args.seeds[0])  # main() runs each of args.seeds
 
-def check_flags(args):
-    """A UserError for a number no run can use, before anything is loaded or written."""
-    for flag, value, ok, rule in [
-            ("--shots", args.shots, args.shots >= 0, "0 (every image) or more"),
-            ("--epochs", args.epochs, args.epochs is None or args.epochs >= 0, "0 (no training) or more"),
-            ("--batch-size", args.batch_size, args.batch_size is None or args.batch_size >= 1, "1 or more"),
-            ("--lr", args.lr, args.lr is None or 0 < args.lr < math.inf, "a number above 0"),
-            ("--workers", args.workers, args.workers is None or args.workers >= 0, "0 (load in this process) or more"),
-            ("--cache-features", args.cache_features, args.cache_features >= 0, "0 (off) or more")]:
-        if not ok:
-            raise UserError(f"{flag} {value}: must be {rule}")
+def must_be(name, value):
+    """What a number of the loop must be, if `value` is not: for the flags and every Config's fields alike
+    (epochs, batch_size, lr and any *_epochs / *_lr field). None when the value can be used."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    if name == "lr" or name.endswith("_lr"):
+        return None if value > 0 else "above 0"
+    if name == "batch_size":
+        return None if value >= 1 else "1 or more"
+    if name in ("epochs", "shots", "workers", "cache_features") or name.endswith("_epochs"):
+        return None if value >= 0 else "0 or more"
+    return None
 
-def check_numbers(args, module, cfg):
-    """The loop's fields of every Config (epochs, batch size, learning rates), then the method's check_config."""
+def check_flags(args):
+    """A UserError for a flag's number no run can use, before anything is loaded or written."""
+    for name in ("shots", "epochs", "batch_size", "lr", "workers", "cache_features"):
+        value = getattr(args, name)
+        rule = None if value is None else must_be(name, value)
+        if rule:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be {rule}")
+
+def check_config(args, module, cfg):
+    """The loop's numbers in the method's Config (its paper's defaults and --set), then its own check_config."""
     for field in dataclasses.fields(cfg):
-        name, value = field.name, getattr(cfg, field.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{args.method}: {name}={value}: must be a finite number")
-        if name == "lr" or name.endswith("_lr"):
-            ok, rule = value > 0, "above 0"
-        elif name == "epochs" or name.endswith("_epochs"):
-            ok, rule = value >= 0, "0 or more"
-        else:
-            ok, rule = name != "batch_size" or value >= 1, "1 or more"
-        if not ok:
-            raise UserError(f"{args.method}: {name}={value}: must be {rule}")
+        value = getattr(cfg, field.name)
+        rule = must_be(field.name, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if rule:
+            raise UserError(f"{args.method}: {field.name}={value}: must be {rule}")
     try:
         if hasattr(module, "check_config"):
             module.check_config(cfg)
@@ -121,10 +123,9 @@ def make_config(args):
             raise UserError(f"--set {item}: {args.method} has no field {key!r}; its fields are "
                             f"{', '.join(f.name for f in dataclasses.fields(cfg))} (see --help-config)")
         cfg = dataclasses.replace(cfg, **{key: parse_value(getattr(cfg, key), value, key)})
+    check_config(args, module, cfg)  # before the flags: check_flags has checked those
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "backbone": args.backbone}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-    check_numbers(args, module, cfg)
-    return module, cfg
+    return module, dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
 
 def parse_value(default, text, key):
     if isinstance(default, bool):

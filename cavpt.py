@@ -1,35 +1,22 @@
 """CAVPT and DPT: deep visual prompts plus class-aware visual prompts made from each image's likely classes.
 
 Xing et al., "Dual Modality Prompt Tuning for Vision-Language Pre-Trained Model", IEEE TMM 2023,
-https://arxiv.org/abs/2208.08340. Official code: github.com/fanrena/DPT (`trainers/DPT.py`). Shapes as in
-clip_model.py, plus the paper's K (top-K classes per image), J (class-aware blocks) and the official code's b
-(BOTTOMLIMIT: the first class-aware block, 1-based).
+https://arxiv.org/abs/2208.08340. Official code: github.com/fanrena/DPT (`trainers/DPT.py`).
 
-Deep visual prompts (VPT) steer CLIP's image tower with the same learned tokens for every image. CAVPT adds
-prompts that depend on the image and on the task's classes: a frozen zero-shot pass of CLIP picks each
-image's K most likely classes, and before each of the last blocks (by default only the last) their K text
-features, through a meta-net, become queries of a cross-attention over that block's input tokens. Each
-attention output is one class-aware prompt: it joins the sequence for that block, so the class token can
-gather what the image holds of the class. An auxiliary classifier on the prompts, trained with
-cross-entropy at the slot of the true class, keeps each prompt about its class. VPT-CLIP-CAVPT pairs this
-with the frozen hand-crafted text prompt; DPT (VLP-CLIP-CAVPT) also learns a CoOp text context.
+A frozen zero-shot pass of CLIP picks each image's K most likely classes (the paper's K). Before each class-aware
+block (by default only the last) their text features, through a meta-net, query a cross-attention over the block's
+input tokens; each output is one class-aware prompt for that block, kept about its class by an auxiliary
+classifier. Earlier blocks get deep VPT prompts (vpt.py). DPT (VLP-CLIP-CAVPT) also learns a CoOp text context.
 
-- Learned: `prompts` (b-1, n, W) for blocks 0..b-2; per class-aware block a generator: `meta_net` E -> W,
-  attention `q_proj`, `k_proj` W -> 32 and `v_proj` W -> W (no biases), `tokens` (10, W), two LayerNorms,
-  `classifier` W -> C (aux loss only); DPT adds CoOp's `ctx` (16, D).
-- Injected where: VPT prompts appended after the patches before blocks 0..b-2, the previous block's prompt
-  outputs dropped (as in vpt.py); blocks b-1 to the last get K class-aware prompts instead, appended and dropped
-  after the block. CoOp's context replaces the placeholder rows of "X X ... X {class}.".
-- Frozen: all of CLIP, and the zero-shot pass that picks the K classes (no gradient).
-- Deviations (the official code, which produced the paper's numbers, wins over the paper's text):
-  - The generator is the official code's, not Eq. 9 (see `ClassAwarePrompts`).
-  - Queries are text features before normalisation: the learned ones for DPT (official code; the paper
-    says the template's), the template's for VPT-CLIP-CAVPT (not in the official code).
-  - The aux loss supervises only the true class's slot (official code; Eq. 10 also has the other slots).
-  - K = 10 (official script; its default 5; Table 1 takes the best K per dataset, e.g. DTD's 68.68 at K = 5),
-    aux weight 1 (Eq. 12; script 0.3), 200 epochs (the paper; script 60), visual warm-up 10 epochs
-    everywhere (official: 1 on ImageNet), the official "general knowledge guidance" off (script: 30 epochs).
-  - On other classes (base2new, cross) the aux classifiers, sized for the training classes, are not loaded.
+- Learned: `prompts` (b-1, n, W), b = the official BOTTOMLIMIT (first class-aware block, 1-based); one
+  `ClassAwarePrompts` generator per class-aware block (J of them); DPT adds CoOp's `ctx` (16, D).
+- Injected where: appended after the patches before each block, their outputs dropped after it.
+- Frozen: all of CLIP, and the zero-shot pass that picks the K classes.
+- Deviations (details on the lines they concern):
+  - The generator, DPT's queries and the aux loss are the official code's, not Eqs. 9-10 (it made the numbers).
+  - VPT-CLIP-CAVPT queries with the template's text features (ours; not in the official code).
+  - Defaults K 10, aux weight 1, 200 epochs, guidance off (official script: 10, 0.3, 60, 30 guidance epochs).
+  - On other classes than the training ones, the aux classifiers are not loaded (ours; official: deleted).
 """
 from dataclasses import dataclass
 
@@ -45,16 +32,17 @@ class Config:
     template: str = "a photo of a {}."  # hand-crafted text prompt; train.py sets the dataset's
     n_tokens: int = 10                  # deep VPT prompt tokens per block below the class-aware blocks
     text_ctx: int = 16                  # CoOp context tokens in the text prompt (DPT); 0 = the template
-    n_classes: int = 10                 # K: class-aware prompts per image, one per top-K zero-shot class
+    top_k: int = 10                     # K, class-aware prompts per image (official CPN in its script; default 5;
+                                        # Table 1 takes the best K per dataset, e.g. DTD's 68.68 at K = 5)
     bottom_limit: int = 12              # code's BOTTOMLIMIT b: blocks b.. (1-based) are class-aware; 12 = last
     key_tokens: int = 10                # learned tokens added to each generator's keys and values
     attn_dim: int = 32                  # the generator's query/key width
-    aux_weight: float = 1.0             # weight of the class-aware prompts' CE; 0 = the paper's "w/o loss"
-    guidance_epochs: int = 0            # code only: "general knowledge guidance" loss for the first epochs
-    epochs: int = 200
+    aux_weight: float = 1.0             # Eq. 12's weight (official script 0.3); 0 = the paper's "w/o loss"
+    guidance_epochs: int = 0            # official code only (script: 30): "general knowledge guidance", see loss
+    epochs: int = 200                   # the paper (official script: 60)
     batch_size: int = 32
     lr: float = 0.01                    # VPT prompts and generators (official VPT config)
-    warmup_epochs: int = 10             # VPT prompts and generators: constant 1e-5 for the first 10 epochs
+    warmup_epochs: int = 10             # lr 1e-5 for the first 10 epochs, every dataset (official: 1 on ImageNet)
     text_lr: float = 0.002              # DPT text context: CoOp's lr ...
     text_warmup_epochs: int = 1         # ... and CoOp's warm-up
 
@@ -70,9 +58,11 @@ class ClassAwarePrompts(nn.Module):
         super().__init__()
         self.meta_net = nn.Linear(E, W)  # text feature -> query in the image tower's width
         self.tokens = nn.Parameter(torch.randn(cfg.key_tokens, W) * 0.02)  # (10, W) extra keys and values
-        self.q_proj, self.k_proj = nn.Linear(W, cfg.attn_dim, bias=False), nn.Linear(W, cfg.attn_dim, bias=False)
+        self.q_proj = nn.Linear(W, cfg.attn_dim, bias=False)
+        self.k_proj = nn.Linear(W, cfg.attn_dim, bias=False)
         self.v_proj = nn.Linear(W, W, bias=False)
-        self.ln_logits, self.ln_prompts = nn.LayerNorm(W), nn.LayerNorm(W)
+        self.ln_logits = nn.LayerNorm(W)
+        self.ln_prompts = nn.LayerNorm(W)
         self.classifier = nn.Linear(W, C, bias=False)  # the aux classifier over all C classes
 
     def forward(self, x, text):
@@ -80,7 +70,8 @@ class ClassAwarePrompts(nn.Module):
         query = self.meta_net(text)  # (B, K, W)
         # detached (official code): the generator reads the earlier blocks' output, sends no gradient into it
         kv = torch.cat([x.detach(), self.tokens.expand(len(x), -1, -1)], dim=1)  # (B, 1+N+key_tokens, W)
-        q, k = self.q_proj(query), self.k_proj(kv)  # (B, K, attn_dim), (B, 1+N+key_tokens, attn_dim)
+        q = self.q_proj(query)  # (B, K, attn_dim)
+        k = self.k_proj(kv)  # (B, 1+N+key_tokens, attn_dim)
         attention = (q @ k.transpose(1, 2) / k.shape[-1] ** 0.5).softmax(-1)  # (B, K, 1+N+key_tokens)
         out = self.v_proj(attention @ kv)  # (B, K, W)
 
@@ -139,7 +130,7 @@ class CAVPTCLIP(nn.Module):
     def __init__(self, clip, classnames, cfg):
         super().__init__()
         self.clip, self.cfg = clip, cfg
-        self.K = min(cfg.n_classes, len(classnames))  # top-K classes per image; K <= C
+        self.K = min(cfg.top_k, len(classnames))  # top-K classes per image; K <= C
         self.visual_prompts = VisualPrompts(clip, len(classnames), cfg)
         self.text_context = TextContext(clip, classnames, cfg.text_ctx) if cfg.text_ctx else None
         with torch.no_grad():  # the hand-crafted side is frozen: its features are computed once
@@ -167,8 +158,14 @@ class CAVPTCLIP(nn.Module):
         with torch.no_grad():  # plain frozen CLIP picks each image's K likely classes; nothing trains it
             zeroshot = F.normalize(self.clip.encode_image(images), dim=-1)  # (B, E)
             self.topk = (zeroshot @ self.template_features.t()).topk(self.K, dim=-1).indices  # (B, K)
-        image, self.aux_logits = self.visual_prompts(self.clip.visual, images, text[self.topk])  # (B, J, K, C)
-        image, text, scale = F.normalize(image, dim=-1), F.normalize(text, dim=-1), self.clip.logit_scale.exp()
+        # queries: the K classes' text features before normalisation, DPT's learned ones (official code; the paper
+        # says the template's), VPT-CLIP-CAVPT's from the template (ours)
+        queries = text[self.topk]  # (B, K, E)
+        image, self.aux_logits = self.visual_prompts(self.clip.visual, images, queries)  # (B, E), (B, J, K, C)
+
+        image = F.normalize(image, dim=-1)
+        text = F.normalize(text, dim=-1)
+        scale = self.clip.logit_scale.exp()
         logits = scale * image @ text.t()  # (B, C)
         if self.training and self.cfg.guidance_epochs:  # the official guidance: each side against frozen CLIP's
             self.guidance = scale * zeroshot @ text.t(), scale * image @ self.template_features.t()  # (B, C) each
@@ -218,7 +215,7 @@ def check_config(cfg):
     """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
     for name, ok, rule in [("n_tokens", cfg.n_tokens >= 0, "0 or more"),
                            ("text_ctx", cfg.text_ctx >= 0, "0 (the template) or more"),
-                           ("n_classes", cfg.n_classes >= 1, "1 or more"),
+                           ("top_k", cfg.top_k >= 1, "1 or more"),
                            ("bottom_limit", cfg.bottom_limit >= 1, "1 or more"),
                            ("key_tokens", cfg.key_tokens >= 0, "0 or more"),
                            ("attn_dim", cfg.attn_dim >= 1, "1 or more"),

@@ -65,7 +65,7 @@ def test_bottom_limit_moves_blocks_from_vpt_to_class_aware():
 @pytest.mark.parametrize("k,expected_k", [(3, 3), (100, len(NAMES))])
 def test_top_k_is_the_zero_shot_pick(clip, k, expected_k):
     template = "{} texture."  # not the default: the pick must use the dataset's template
-    model = cavpt.build(clip, NAMES, config("cavpt", n_classes=k, template=template)).train()
+    model = cavpt.build(clip, NAMES, config("cavpt", top_k=k, template=template)).train()
     shake(model)
     x = images(6)
     model(x)
@@ -81,7 +81,7 @@ def test_top_k_is_the_zero_shot_pick(clip, k, expected_k):
 def test_forward_follows_the_spec_equations(clip, variant):
     """Block 0: VPT prompts; block 1 (the last, b = 12 capped at L = 2): K class-aware prompts
     p = LN2(((softmax(Q0 A_q (KV A_k)^T / sqrt 32)) KV) A_v + Q0), Q0 = meta_net(text[top-K])."""
-    model = cavpt.build(clip, NAMES, config(variant, n_classes=3)).eval()
+    model = cavpt.build(clip, NAMES, config(variant, top_k=3)).eval()
     shake(model)
     x, visual, g = images(4), clip.visual, model.visual_prompts.generators[0]
     text = model.text_context(clip) if variant == "cavpt" else model.template_text  # unnormalised features
@@ -108,7 +108,7 @@ def _topk(clip, model, x):
 
 @torch.no_grad()
 def test_images_do_not_interact(clip):
-    model = cavpt.build(clip, NAMES, config("cavpt", n_classes=3)).eval()
+    model = cavpt.build(clip, NAMES, config("cavpt", top_k=3)).eval()
     shake(model)
     x = images(4)
     torch.testing.assert_close(model(x), torch.cat([model(x[i:i + 1]) for i in range(4)]), rtol=0, atol=1e-5)
@@ -121,7 +121,7 @@ def aux_term(model, logits, labels):
 
 
 def test_aux_loss_is_ce_at_the_true_class_slot(clip):
-    model = cavpt.build(clip, NAMES, config("cavpt", n_classes=2)).train()
+    model = cavpt.build(clip, NAMES, config("cavpt", top_k=2)).train()
     shake(model)
     x = images(3)
     logits = model(x)
@@ -140,7 +140,7 @@ def test_aux_loss_is_ce_at_the_true_class_slot(clip):
 
 
 def test_aux_loss_averages_over_class_aware_blocks(clip):
-    model = cavpt.build(clip, NAMES, config("vpt-cavpt", n_classes=3, bottom_limit=1)).train()  # both blocks
+    model = cavpt.build(clip, NAMES, config("vpt-cavpt", top_k=3, bottom_limit=1)).train()  # both blocks
     shake(model)
     logits = model(images(2))
     labels = model.topk[:, 2].clone()  # the third most likely class of each image
@@ -150,7 +150,7 @@ def test_aux_loss_averages_over_class_aware_blocks(clip):
 
 
 def test_guidance_loss_in_its_first_epochs(clip):
-    model = cavpt.build(clip, NAMES, config("cavpt", n_classes=2, guidance_epochs=3, aux_weight=0.0)).train()
+    model = cavpt.build(clip, NAMES, config("cavpt", top_k=2, guidance_epochs=3, aux_weight=0.0)).train()
     shake(model)
     x, y = images(4), torch.tensor([0, 1, 2, 3])
     logits = model(x)
@@ -169,7 +169,7 @@ def test_gradients_reach_only_learned_parameters(clip):
     clip = copy.deepcopy(clip)
     seen = []
     clip.visual.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))  # the zero-shot pass only
-    model = cavpt.build(clip, NAMES, config("cavpt", n_classes=3)).train()
+    model = cavpt.build(clip, NAMES, config("cavpt", top_k=3)).train()
     x = images(6)
     logits = model(x)
     labels = model.topk[:, 0]  # every image's label is among its top K: the aux loss is on
@@ -187,7 +187,7 @@ def test_training_lowers_the_loss_and_moves_only_prompts(clip, variant):
     clip = copy.deepcopy(clip)
     before = copy.deepcopy(clip.state_dict())
     torch.manual_seed(0)
-    model = cavpt.build(clip, NAMES, config(variant, n_classes=3))
+    model = cavpt.build(clip, NAMES, config(variant, top_k=3))
     x, y = images(12), torch.arange(12) % len(NAMES)
     losses = train_steps(model, x, y, lr=0.5, steps=15)
     assert losses[-1] < losses[0] - 0.05, losses

@@ -240,7 +240,7 @@ def test_ctx_init_underscores_are_spaces(method, field):
     ("vpt", "n_tokens=-1", "n_tokens=-1: must be 0 (no visual prompts) or more"),
     ("vlp", "text_lr=0", "text_lr=0.0: must be above 0"),
     ("vlp", "guidance_epochs=-2", "guidance_epochs=-2: must be 0 or more"),
-    ("cavpt", "n_classes=0", "n_classes=0: must be 1 or more"),
+    ("cavpt", "top_k=0", "top_k=0: must be 1 or more"),
     ("cavpt", "aux_weight=-1", "aux_weight=-1.0: must be 0 (no aux loss) or more"),
     ("mudpt", "depth=0", "depth=0: must be 1 or more"),
     ("mudpt", "n_tokens=0", "n_tokens=0: must be 1 or more"),

@@ -3,30 +3,20 @@
 Miao et al., "MuDPT: Multi-modal Deep-symphysis Prompt Tuning for Large Pre-trained Vision-Language
 Models", ICME 2023, https://arxiv.org/abs/2306.11400. Official code: github.com/YzM1a0/MuDPT.
 
-Prompting only one tower moves its features away from the other tower's, and CLIP was trained to keep
-the two aligned. MuDPT prompts both, deeply: the first `depth` blocks of the text tower get n learned
-word vectors (the first set replaces the words "a photo of a" before the class name, the later sets
-replace the outputs of the previous block at those rows), and the same blocks of the image tower get n
-learned tokens next to the patches. The Injection Model ties the two sets together before every block:
-each modality's prompts are added to a linear projection of the other modality's prompts for that
-block ("deep-symphysis"), so the text and image prompts are learned as one system, not two. With the
-Injection Model off this is IVLP, the independent deep vision-language prompts MuDPT improves on.
+Prompting one tower moves its features away from the other's, and CLIP was trained to keep the two aligned.
+MuDPT prompts both, deeply: the first `depth` blocks of each tower get n learned tokens (in the text, at the
+rows of "a photo of a" before the class name; in the image, next to the patches). Before every block the
+Injection Model adds to each modality's prompts a linear projection of the other's ("deep-symphysis"), so the
+two sets are learned as one system. With the Injection Model off this is IVLP, the baseline MuDPT improves on.
 
-- Learned: text prompts (depth, n, D), image prompts (depth, n, W), and the Injection Model: text -> image
-  D -> W and image -> text W -> D linear maps (one pair for all deep blocks, plus a D -> W map for block 0).
-- Injected where: text prompts at rows 1..n of "[SOT] X X X X {class}. [EOT]" before blocks 0..depth-1;
-  image prompts appended after the patches before block 0 (through `ln_pre`, as the official code) and
-  replacing the previous block's prompt outputs before blocks 1..depth-1; from block `depth` on, the
-  prompt outputs of block depth-1 travel on like any token.
+- Learned: text prompts (depth, n, D), image prompts (depth, n, W), the Injection Model's linear maps.
+- Injected where: text rows 1..n before blocks 0..depth-1; image prompts appended after the patches before
+  block 0, replacing the previous block's prompt outputs before blocks 1..depth-1.
 - Frozen: all of CLIP.
-- Deviations (where the paper's text leaves the Injection Model open, the official code, which produced
-  its numbers, decides):
-  - `injection="shared"` (default) is the official code: one map per direction for blocks 1..depth-1, and
-    block 0's image prompts also get block 0's projected text prompts.
-  - `injection="per_layer"` (ours, another reading of the paper): a pair of maps per block 1..depth-1, no
-    fusion at block 0, 5x the parameters. `injection="off"` is IVLP.
-  - image -> text maps into the text width D (official: the joint width E; the same in every OpenAI ViT).
-  - depth 9, as the official script (the paper's text says 12: `--set depth=12`).
+- Deviations (the paper leaves the Injection Model open; the official code, which made its numbers, decides):
+  - `injection="shared"` is the official code's; `per_layer` is ours, another reading of the paper.
+  - The image -> text maps end in the text width D (official: E; equal in every OpenAI ViT).
+  - depth 9, the official script's (the paper's text: 12).
 """
 from dataclasses import dataclass
 
@@ -51,14 +41,17 @@ class Config:
 VARIANTS = {"mudpt": dict(), "ivlp": dict(injection="off")}
 
 class InjectionModel(nn.Module):
-    """Fuses the two towers' prompts: image_i + A(text_i) and text_i + B(image_i) for blocks i >= 1."""
+    """Fuses the two towers' prompts: image_i + A(text_i) and text_i + B(image_i) for blocks i >= 1.
+    shared (the official code): one A and one B for all those blocks, and block 0's image prompts also get a
+    projection of block 0's text prompts. per_layer (ours): a pair per block, no fusion at block 0, 5x the
+    parameters at depth 9."""
 
     def __init__(self, D, W, depth, per_layer):
         super().__init__()
         self.per_layer = per_layer
         maps = depth - 1 if per_layer else 1
         self.text_to_image = nn.ModuleList(nn.Linear(D, W) for _ in range(maps))  # A
-        self.image_to_text = nn.ModuleList(nn.Linear(W, D) for _ in range(maps))  # B
+        self.image_to_text = nn.ModuleList(nn.Linear(W, D) for _ in range(maps))  # B; into D (official code: E)
         self.first = None if per_layer else nn.Linear(D, W)  # the official code also feeds block-0 text into image
 
     def forward(self, text, image):
@@ -84,7 +77,8 @@ class MuDPT(nn.Module):
         super().__init__()
         blocks = min(len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks))
         self.clip = clip
-        n, depth = cfg.n_tokens, min(cfg.depth, blocks)  # a small model has fewer blocks
+        n = cfg.n_tokens
+        depth = min(cfg.depth, blocks)  # a small model has fewer blocks
         D, W = clip.ln_final.weight.shape[0], clip.visual.conv1.out_channels
         device = clip.token_embedding.weight.device
         text = torch.randn(depth, n, D, device=device) * 0.02
@@ -122,7 +116,8 @@ class MuDPT(nn.Module):
 
     def encode_image(self, images, prompts):
         """Deep image prompts (depth, n, W) -> (B, E): appended before block 0, replaced before blocks < depth."""
-        visual, n = self.clip.visual, prompts.shape[1]
+        visual = self.clip.visual
+        n = prompts.shape[1]
         x = visual.embed(images)  # (B, 1+N, W)
         for i, block in enumerate(visual.transformer.resblocks):
             if i == 0:  # appended; the official code adds them before ln_pre, like the patches

@@ -1,28 +1,24 @@
 """DUAL-PT and CoDUAL-PT: M learned prompts graph-matched to local image features and aligned with LLM descriptions.
 
 Hu et al., "Context-Aware Prompt Tuning for Vision-Language Model with Dual-Alignment", 2023,
-https://arxiv.org/abs/2309.04158. No official code; the transport step is written as PLOT's (Chen et al.,
-ICLR 2023, github.com/CHENGY12/PLOT). `python describe.py` asks an LLM for the class descriptions.
+https://arxiv.org/abs/2309.04158. No official code; the transport is written as PLOT's official code (Chen et
+al., ICLR 2023, github.com/CHENGY12/PLOT). `python describe.py` asks an LLM for the class descriptions.
 
-CoOp learns one context, scored against the image's global feature. DUAL-PT learns M contexts (M text
-features per class) and scores them against the image's N local features: a plan T (N x M) says how much
-each region talks to each prompt, solved by Sinkhorn from node costs (1 - cos of region and prompt:
-Wasserstein) and edge costs (the regions' similarities among themselves against the prompts':
-Gromov-Wasserstein); the logit is the plan-weighted similarity (Eq. 8). A distillation loss pulls the
-prompts toward an LLM's short descriptions of each class ("black eye patches"), so that they learn its
-details (Eq. 5). CoDUAL-PT adds CoCoOp's meta-net: the global image feature shifts every context.
+CoOp learns one context, scored against the image's global feature. DUAL-PT learns M contexts and scores their
+M text features per class against the image's N local features: a transport plan T (N x M), solved by Sinkhorn
+from node costs (1 - cos of region and prompt: Wasserstein) and edge costs (the regions' similarities among
+themselves against the prompts': Gromov-Wasserstein), weights the region-prompt similarities into the logit
+(Eq. 8). A distillation loss pulls the prompts toward an LLM's short descriptions of each class (Eq. 5).
+CoDUAL-PT adds CoCoOp's meta-net: the global image feature shifts every context.
 
 - Learned: `ctx` (M, n_ctx, D), M = 4 unified contexts; CoDUAL-PT adds `meta_net` E -> E/16 -> D.
 - Injected where: rows 1..n_ctx of "[SOT] X ... X {class}. [EOT]", one prompt per class and context.
 - Frozen: all of CLIP; the plan (no gradient); the descriptions' text features (encoded once, at build).
-- Deviations (ours where the paper is silent; the transport follows PLOT's official code):
+- Deviations (ours where the paper is silent, PLOT's where it is about transport; details on their lines):
   - Marginals p = 1/N over regions, q = 1/M over prompts (the paper's text swaps them).
-  - 5 outer GW iterations, each a Sinkhorn as PLOT's (lambda 0.1, from a = b = 1, at most 100 steps, no
-    gradient through the plan), stopped on the plan's row sums (`sinkhorn_tol`; PLOT: the change of a).
-  - Eq. 5's cosine of an M x d and an e x d matrix: the cosine of their means.
-  - Without a descriptions file a class's description is its template sentence (the paper's "None": beta 0).
-  - CoDUAL-PT: 4 context tokens, prompt 0 from "a photo of a", the meta-net's last layer at zero (it starts
-    as DUAL-PT), L_LLM per image, batch 1 (CoCoOp's).
+  - Sinkhorn stops on the plan's row sums (PLOT: on the change of a).
+  - Eq. 5's cosine of an M x E and an e x E matrix is the cosine of their means.
+  - CoDUAL-PT's settings (see `VARIANTS`) and its meta-net's zero init.
 """
 import json
 import math
@@ -47,10 +43,12 @@ class Config:
     alpha: float = 0.2                  # edge (GW) weight in the graph cost; 0 = node (WD) only, 1 = edge only
     beta: float = 0.2                   # L_LLM weight in Eq. 9; 0 = no descriptions
     distill: str = "cosine"             # cosine (Eq. 5) | wd (the ablation's Wasserstein distillation)
-    ot_lambda: float = 0.1              # entropic regularisation: K = exp(-C / lambda) (PLOT)
-    gw_iters: int = 5                   # outer iterations of Algorithm 1 (GW linearisation)
+    ot_lambda: float = 0.1              # entropic regularisation: kernel exp(-cost / lambda) (PLOT)
+    gw_iters: int = 5                   # outer iterations of Algorithm 1 (GW linearisation; ours: the paper's count
+                                        # is open)
     sinkhorn_iters: int = 100           # at most, per Sinkhorn (PLOT)
-    sinkhorn_tol: float = 1e-4          # stop when the plan's row sums are this close (L1); 0 = always all
+    sinkhorn_tol: float = 1e-4          # stop when the plan's row sums are this close (L1; ours; PLOT: when a's
+                                        # mean change is below 0.01); 0 = always sinkhorn_iters
     max_prompts: int = 32768            # CoDUAL-PT: images x classes x prompts per text-encoder pass
     epochs: int = 0                     # 0: CoOp's schedule by shots, 50 (1 shot), 100 (2-4), 200 (8+); base2new 10
     batch_size: int = 32
@@ -58,12 +56,16 @@ class Config:
     warmup_epochs: int = 1              # at constant lr 1e-5, then cosine (train.py)
 
 VARIANTS = {"dualpt": dict(),  # --method name -> the Config changes that make it
+            # CoDUAL-PT (ours; the paper gives none): CoCoOp's 4 context tokens from "a photo of a" (prompt 0),
+            # 10 epochs and batch 1
             "codualpt": dict(conditional=True, n_ctx=4, ctx_init="a photo of a", epochs=10, batch_size=1)}
 
 def sinkhorn(log_kernel, log_p, log_q, iters=100, tol=1e-4):
-    """Entropic OT in the log domain: log K (..., R, S) = -C / lambda, marginals log p (..., R), log q (..., S)
-    (-inf = no mass) -> T = diag(a) K diag(b) (..., R, S), rows summing to p and columns to q."""
-    u, v = torch.zeros_like(log_kernel[..., 0]), torch.zeros_like(log_kernel[..., 0, :])  # log a, log b: a = b = 1
+    """Entropic OT in the log domain: log kernel (..., R, S) = -cost / lambda (Algorithm 1's K), marginals log p
+    (..., R) and log q (..., S) (-inf = no mass) -> T = diag(a) K diag(b) (..., R, S), rows summing to p and
+    columns to q."""
+    u = torch.zeros_like(log_kernel[..., 0])  # log a: a = 1 at the start (PLOT)
+    v = torch.zeros_like(log_kernel[..., 0, :])  # log b: b = 1
     for i in range(iters):
         previous = u
         u = log_p - torch.logsumexp(log_kernel + v[..., None, :], dim=-1)  # a = p / K b
@@ -84,9 +86,10 @@ def graph_plan(local, text, cfg):
         P = text.float()  # (C, M, E) or (B, C, M, E): broadcast against Z
         cost_wd = 1 - Z @ P.transpose(-1, -2)  # (B, C, N, M) node cost C_WD
         N, M = cost_wd.shape[-2:]
-        log_p = cost_wd.new_full((N,), -math.log(N))  # p = 1/N over the regions
+        log_p = cost_wd.new_full((N,), -math.log(N))  # p = 1/N over the regions (the paper's text swaps p, q)
         log_q = cost_wd.new_full((M,), -math.log(M))  # q = 1/M over the prompts
-        plan, cost = torch.full_like(cost_wd, 1 / (N * M)), cost_wd  # T = p q^T
+        plan = torch.full_like(cost_wd, 1 / (N * M))  # T = p q^T, where the GW linearisation starts
+        cost = cost_wd  # with alpha 0: Wasserstein only
         if cfg.alpha:  # edges: each graph's cosine similarities among its own nodes
             C_z = Z @ Z.transpose(-1, -2)  # (B, 1, N, N)
             C_w = P @ P.transpose(-1, -2)  # (C, M, M) or (B, C, M, M)
@@ -116,7 +119,10 @@ def read_descriptions(path, classnames):
     """[[description, ...] per class] from a JSON file {class name: [str, ...]}, covering every class the model
     is built for (base2new: the new ones too, though unused); names compared lower-case,
     "_" as a space. A relative path is looked up from the working directory, then from this file's folder."""
-    name, here = lambda c: c.replace("_", " ").strip().lower(), Path(__file__).resolve().parent
+    def name(c):
+        return c.replace("_", " ").strip().lower()
+
+    here = Path(__file__).resolve().parent
     file = here / path if not Path(path).is_file() and (here / path).is_file() else Path(path)
     table = load_json(file, dict, "descriptions {class: [description, ...]} (python describe.py writes "
                                   "them; descriptions= uses the template)")
@@ -151,7 +157,9 @@ class PromptLearner(nn.Module):
 
     def forward(self, shift=None):
         ctx = self.ctx if shift is None else self.ctx + shift[:, None, None]  # (M, n, D), or (B, M, n, D)
-        batch, C, M, D = ctx.shape[:-3], len(self.prefix), ctx.shape[-3], ctx.shape[-1]  # batch: () or (B,)
+        batch = ctx.shape[:-3]  # () for shared prompts, (B,) for per-image ones
+        C = len(self.prefix)
+        M, _, D = ctx.shape[-3:]
         prefix = self.prefix.expand(*batch, C, M, 1, D)  # SOT
         ctx = ctx.unsqueeze(-4).expand(*batch, C, M, -1, D)  # every class reads the same M contexts
         suffix = self.suffix.expand(*batch, C, M, -1, D)  # class name, ".", EOT
@@ -169,7 +177,8 @@ class DualPT(nn.Module):
         super().__init__()
         self.clip, self.cfg = clip, cfg
         self.prompt_learner = PromptLearner(clip, classnames, cfg)
-        E, D, device = clip.text_projection.shape[1], clip.ln_final.weight.shape[0], clip.token_embedding.weight.device
+        E, D = clip.text_projection.shape[1], clip.ln_final.weight.shape[0]
+        device = clip.token_embedding.weight.device
         self.meta_net = None  # CoDUAL-PT: normalised global image feature -> shift of every context, E -> E/16 -> D
         if cfg.conditional:
             self.meta_net = nn.Sequential(nn.Linear(E, E // 16), nn.ReLU(), nn.Linear(E // 16, D))
@@ -184,9 +193,9 @@ class DualPT(nn.Module):
         features = F.normalize(features, dim=-1).split([len(ds) for ds in descriptions])
         self.register_buffer("desc", nn.utils.rnn.pad_sequence(features, True), persistent=False)  # (C, e, E)
         self.register_buffer("desc_mean", torch.stack([f.mean(0) for f in features]), persistent=False)  # (C, E) h_k
-        self.register_buffer("desc_log_q", nn.utils.rnn.pad_sequence(  # (C, e) wd's marginal 1/e_k; -inf: padding
-            [torch.full((len(f),), -math.log(len(f)), device=device) for f in features], True, -math.inf),
-            persistent=False)
+        log_q = [torch.full((len(f),), -math.log(len(f)), device=device) for f in features]  # 1/e_k per class
+        log_q = nn.utils.rnn.pad_sequence(log_q, True, -math.inf)  # (C, e); -inf: padding, no mass
+        self.register_buffer("desc_log_q", log_q, persistent=False)  # wd's marginal over the descriptions
         self.cached = None  # (version, (C, M, E) text features), reused while evaluating
         self.text = self.plan = None  # kept by a forward: the text features for loss(), the plan for analysis
 
@@ -204,8 +213,11 @@ class DualPT(nn.Module):
         local = dense[:, 1:]  # (B, N, E)
         if self.meta_net is not None:  # CoDUAL-PT: images x classes x prompts, max_prompts per text pass
             per_pass = max(1, self.cfg.max_prompts // self.prompt_learner.eot.numel() // self.cfg.n_prompts)
-            text = torch.cat([self.encode_prompts(self.prompt_learner(self.meta_net(g)))
-                              for g in dense[:, 0].split(per_pass)])  # (B, C, M, E)
+            text = []
+            for image in dense[:, 0].split(per_pass):  # (b, E) global features
+                shift = self.meta_net(image)  # (b, D)
+                text.append(self.encode_prompts(self.prompt_learner(shift)))  # (b, C, M, E)
+            text = torch.cat(text)  # (B, C, M, E)
         elif self.training or torch.is_grad_enabled():
             text = self.encode_prompts(self.prompt_learner())  # (C, M, E)
         else:  # evaluating: computed once, until a parameter changes
@@ -222,7 +234,8 @@ class DualPT(nn.Module):
 
     def llm_loss(self, text):
         """L_LLM over the classes (and images, for per-image prompts): text (..., C, M, E) normalised."""
-        if self.cfg.distill == "cosine":  # Eq. 5: 1 - cos(mean of the M prompts, mean of the e descriptions)
+        if self.cfg.distill == "cosine":  # Eq. 5's cosine of an M x E and an e x E matrix, read (ours) as the
+            # cosine of their means: 1 - cos(mean of the M prompts, mean of the e descriptions)
             return (1 - F.cosine_similarity(text.mean(-2), self.desc_mean, dim=-1)).mean()
         cost = 1 - text @ self.desc.transpose(-1, -2)  # (..., C, M, e) wd: prompts -> descriptions
         with torch.no_grad(), torch.autocast(cost.device.type, enabled=False):  # the plan in fp32, as graph_plan

@@ -66,7 +66,8 @@ class PromptLearner(nn.Module):
             ctx = ctx.repeat(C, 1, 1) if cfg.csc else ctx
         else:
             n_ctx = cfg.n_ctx
-            ctx = torch.randn(C, n_ctx, D) * 0.02 if cfg.csc else torch.randn(n_ctx, D) * 0.02
+            shape = (C, n_ctx, D) if cfg.csc else (n_ctx, D)
+            ctx = torch.randn(shape) * 0.02
         self.ctx = nn.Parameter(ctx)
         names = [name.replace("_", " ") for name in classnames]
         tokens = clip_model.tokenize([" ".join(["X"] * n_ctx + [name]) + "." for name in names])  # (C, 77)
@@ -100,7 +101,9 @@ class PromptLearner(nn.Module):
         else:
             B = shift.shape[0]
             ctx = ctx + shift[:, None, None]  # (B, C, n_ctx, D): each image shifts every class's context
-            x = torch.cat([self.prefix.expand(B, -1, -1, -1), ctx, self.suffix.expand(B, -1, -1, -1)], dim=2)
+            prefix = self.prefix.expand(B, -1, -1, -1)  # (B, C, 1, D)
+            suffix = self.suffix.expand(B, -1, -1, -1)
+            x = torch.cat([prefix, ctx, suffix], dim=2)  # (B, C, L, D)
         if self.order is None:
             return x
         return x.gather(-2, self.order[..., None].expand(x.shape))  # class name moved to its position
@@ -117,10 +120,14 @@ class ZeroShotCLIP(nn.Module):
         super().__init__()
         self.clip = clip
         names = [name.replace("_", " ") for name in classnames]
+        templates = [cfg.template] + (ENSEMBLE if cfg.ensemble else [])
+        features = []
         with torch.no_grad():
-            features = [F.normalize(clip.encode_text(clip_model.tokenize([t.format(n) for n in names])), dim=-1)
-                        for t in [cfg.template] + (ENSEMBLE if cfg.ensemble else [])]
-        self.register_buffer("text_features", F.normalize(torch.stack(features).mean(0), dim=-1), persistent=False)
+            for template in templates:
+                text = clip.encode_text(clip_model.tokenize([template.format(n) for n in names]))  # (C, E)
+                features.append(F.normalize(text, dim=-1))
+        mean = torch.stack(features).mean(0)  # (C, E): the ensemble's average, one template = itself
+        self.register_buffer("text_features", F.normalize(mean, dim=-1), persistent=False)
 
     def frozen_features(self, images):
         """(B, E) normalised image features; the image tower is frozen, so train.py may cache them."""
@@ -174,9 +181,13 @@ class CoOp(nn.Module):
         scale = self.clip.logit_scale.exp()
         if self.meta_net is None:
             return scale * image @ self.text_features().t()  # (B, C)
-        logits = []  # CoCoOp: images x classes prompts, as many images per pass as max_prompts allows
-        for chunk in image.split(max(1, self.cfg.max_prompts // self.prompt_learner.prefix.shape[0])):
-            text = self.encode_prompts(self.prompt_learner(self.meta_net(chunk)))  # (b, C, E)
+        # CoCoOp: images x classes prompts, in one batched pass per chunk of images (the official code loops over
+        # the images), as many images per pass as max_prompts allows
+        per_pass = max(1, self.cfg.max_prompts // self.prompt_learner.prefix.shape[0])
+        logits = []
+        for chunk in image.split(per_pass):  # (b, E)
+            shift = self.meta_net(chunk)  # (b, D)
+            text = self.encode_prompts(self.prompt_learner(shift))  # (b, C, E)
             logits.append(scale * torch.einsum("be,bce->bc", chunk, text))
         return torch.cat(logits)  # (B, C)
 

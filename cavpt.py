@@ -118,8 +118,10 @@ class TextContext(nn.Module):
         self.register_buffer("suffix", embedded[:, 1 + n_ctx:], persistent=False)  # class, ".", EOT
 
     def forward(self, clip):
-        ctx = self.ctx.expand(len(self.prefix), -1, -1)
-        return clip.encode_text_embeddings(torch.cat([self.prefix, ctx, self.suffix], dim=1), self.eot)
+        """(C, E) text features, before normalisation."""
+        ctx = self.ctx.expand(len(self.prefix), -1, -1)  # (C, n, D): every class reads the same context
+        prompts = torch.cat([self.prefix, ctx, self.suffix], dim=1)  # (C, L, D)
+        return clip.encode_text_embeddings(prompts, self.eot)
 
 def version(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,

@@ -1,25 +1,21 @@
 """VPT on CLIP: learned visual prompt tokens in the image tower (shallow or deep), optionally with CoOp text context.
 
 Jia et al., "Visual Prompt Tuning", ECCV 2022, https://arxiv.org/abs/2203.12119, applied to CLIP as the
-baselines of Xing et al., "Dual Modality Prompt Tuning for Vision-Language Pre-Trained Model" (CAVPT),
-https://arxiv.org/abs/2208.08340: VPT-CLIP-Shallow, VPT-CLIP-Deep and VLP-CLIP-Deep.
+baselines of the CAVPT paper (Xing et al., https://arxiv.org/abs/2208.08340; official code github.com/fanrena/DPT,
+`trainers/VPT.py` and `VLP.py`): VPT-CLIP-Shallow, VPT-CLIP-Deep and VLP-CLIP-Deep.
 
-The image tower's token sequence gets n extra learned vectors. Shallow VPT inserts them once, before the
-first block, and they travel through the whole ViT. Deep VPT gives every block its own n vectors: before
-block i the n outputs of the previous block's prompts are dropped and block i's prompts take their place.
-The class token, read out at the end, attends to the prompts in every block, so the prompts steer the
-image feature without touching any weight of CLIP. The text side is the dataset's hand-crafted prompt
-(frozen), or for VLP a CoOp context of 16 learned word vectors, trained at CoOp's own learning rate.
+The image tower's token sequence gets n extra learned vectors. Shallow VPT inserts them once, before the first
+block, and they travel through the whole ViT. Deep VPT gives every block its own n vectors, which replace the
+previous block's prompt outputs. The class token attends to the prompts in every block, so they steer the image
+feature without touching a weight of CLIP. The text side is the hand-crafted prompt (frozen), or for VLP a CoOp
+context of 16 learned word vectors, trained at CoOp's own learning rate.
 
-- Learned: `prompts` (layers, n, W) with layers = 1 (shallow) or every block (deep); VLP adds `ctx` (16, D).
-- Injected where: appended after the patch tokens (as the official code; the place changes no number, see
-  `VisualPrompts.forward`); VLP's context replaces the rows of "X X ... X" in "X X ... X {class}.".
+- Learned: `prompts` (layers, n, W), layers = 1 (shallow) or every block (deep); VLP adds `ctx` (16, D).
+- Injected where: after the patch tokens (as the official code; see `VisualPrompts.forward`); VLP's context at
+  the rows of "X X ... X" in "X X ... X {class}.".
 - Frozen: all of CLIP.
-- Deviations from the official code (github.com/fanrena/DPT, `trainers/VPT.py` and `VLP.py`):
-  - 200 epochs, as the paper (the official VPT configs: 100).
-  - The visual warm-up is 10 epochs everywhere (the official VLP code: 1 on ImageNet).
-  - The official VLP code's "general knowledge guidance" (not in the paper, see `loss`) is off by default,
-    as in cavpt.py (`guidance_epochs`; official default and script: 30).
+- Deviations (details in `Config`): 200 epochs, as the paper (official VPT configs: 100); a 10-epoch visual
+  warm-up everywhere (official VLP: 1 on ImageNet); the official VLP code's guidance loss is off.
 """
 from dataclasses import dataclass
 
@@ -36,11 +32,12 @@ class Config:
     n_tokens: int = 10                  # visual prompt tokens (per block when deep)
     deep: bool = True                   # fresh prompts before every block; False = shallow (input only)
     text_ctx: int = 0                   # VLP: learned CoOp context tokens in the text prompt (0 = template)
-    guidance_epochs: int = 0            # code only: "general knowledge guidance" loss for the first epochs
-    epochs: int = 200
+    guidance_epochs: int = 0            # official VLP code only (not in the paper; its script: 30), see loss
+    epochs: int = 200                   # the paper (official VPT configs: 100)
     batch_size: int = 32
     lr: float = 0.01                    # visual prompts (official vit_b32_deep.yaml; shallow: 0.001)
-    warmup_epochs: int = 10             # visual prompts: constant 1e-5 for the first 10 epochs
+    warmup_epochs: int = 10             # visual prompts: lr 1e-5 for 10 epochs, every dataset (official VLP: 1
+                                        # on ImageNet)
     text_lr: float = 0.002              # VLP text context: CoOp's lr ...
     text_warmup_epochs: int = 1         # ... and CoOp's warm-up
 
@@ -51,8 +48,9 @@ class VisualPrompts(nn.Module):
 
     def __init__(self, clip, cfg):
         super().__init__()
-        W, blocks = clip.visual.conv1.out_channels, len(clip.visual.transformer.resblocks)
-        self.prompts = nn.Parameter(torch.randn(blocks if cfg.deep else 1, cfg.n_tokens, W) * 0.02)
+        W = clip.visual.conv1.out_channels
+        layers = len(clip.visual.transformer.resblocks) if cfg.deep else 1
+        self.prompts = nn.Parameter(torch.randn(layers, cfg.n_tokens, W) * 0.02)  # (layers, n, W)
 
     def forward(self, visual, images):
         # the ViT has no attention mask and the positions are added before the prompts join, so appending them
@@ -61,8 +59,10 @@ class VisualPrompts(nn.Module):
         n = self.prompts.shape[1]
         for i, block in enumerate(visual.transformer.resblocks):
             if i < len(self.prompts):  # deep: every block; shallow: block 0 only, then they stay
-                x = x[:, :x.shape[1] - n] if i > 0 else x  # drop the previous block's prompt outputs
-                x = torch.cat([x, self.prompts[i].expand(x.shape[0], -1, -1)], dim=1)  # (B, 1+N+n, W)
+                if i > 0:  # drop the previous block's prompt outputs
+                    x = x[:, :x.shape[1] - n]  # (B, 1+N, W)
+                prompts = self.prompts[i].expand(len(x), -1, -1)  # (B, n, W)
+                x = torch.cat([x, prompts], dim=1)  # (B, 1+N+n, W)
             x = block(x)
         return visual.head(x)  # (B, E): the class token
 
@@ -80,8 +80,10 @@ class TextContext(nn.Module):
         self.register_buffer("suffix", embedded[:, 1 + n_ctx:], persistent=False)  # class, ".", EOT
 
     def forward(self, clip):
-        ctx = self.ctx.expand(len(self.prefix), -1, -1)
-        return clip.encode_text_embeddings(torch.cat([self.prefix, ctx, self.suffix], dim=1), self.eot)
+        """(C, E) text features, before normalisation."""
+        ctx = self.ctx.expand(len(self.prefix), -1, -1)  # (C, n, D): every class reads the same context
+        prompts = torch.cat([self.prefix, ctx, self.suffix], dim=1)  # (C, L, D)
+        return clip.encode_text_embeddings(prompts, self.eot)
 
 def version(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,
@@ -94,9 +96,10 @@ class VPTCLIP(nn.Module):
         self.clip, self.cfg = clip, cfg
         self.visual_prompts = VisualPrompts(clip, cfg)
         self.text_context = TextContext(clip, classnames, cfg.text_ctx) if cfg.text_ctx else None
+        tokens = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])
         with torch.no_grad():  # the hand-crafted side is frozen: its features are computed once
-            template = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])
-            self.register_buffer("template_features", F.normalize(clip.encode_text(template), dim=-1), persistent=False)
+            template = F.normalize(clip.encode_text(tokens), dim=-1)  # (C, E)
+        self.register_buffer("template_features", template, persistent=False)
         self.cached = None  # (version, VLP's (C, E) text features), reused while evaluating
         self.guidance = None  # kept by a training forward for loss()
 

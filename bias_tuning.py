@@ -1,19 +1,19 @@
 """Bias tuning: one learned vector added to every token after each block of both CLIP towers.
 
-From "Understanding Multi-modal Prompts" (the paper in shared/papers/bias_tuning.txt), section 4.4 and
-Table 1. Probing what learned prompts do, the paper finds that they act mostly as a dataset bias: the
-class token and the EOT token attend to them, but what they carry hardly depends on the input. Bias
-tuning tests that reading directly: instead of prompt tokens, every transformer block of the image and
-of the text tower gets one learned vector, added to all tokens of its output. With as many parameters as
-a few prompt tokens it matches or beats prompt tuning (the paper's Table 1: 79.5 vs IVLP's 77.8 at 16
-shots, averaged over 11 datasets).
+Ma et al., "Understanding the Multi-modal Prompts of the Pre-trained Vision-Language Model", 2023,
+https://arxiv.org/abs/2312.11570, section 4.4 and Table 1. No official code.
 
-- Learned: `text_bias` (text blocks, D) and `image_bias` (image blocks, W), one vector per block; zero at start.
+Probing what learned prompts do, the paper finds that they act mostly as a dataset bias: the class token and the
+EOT token attend to them, but what they carry hardly depends on the input. Bias tuning tests that reading
+directly: instead of prompt tokens, every transformer block of both towers gets one learned vector, added to all
+tokens of its output. With as many parameters as a few prompt tokens it matches or beats prompt tuning (the
+paper's Table 1: 79.5 vs IVLP's 77.8 at 16 shots, averaged over 11 datasets).
+
+- Learned: `text_bias` (text blocks, D) and `image_bias` (image blocks, W), one vector per block.
 - Injected where: after block i, x <- block_i(x) + b_i, broadcast over the batch and every token.
 - Frozen: all of CLIP; the text input is the dataset's hand-crafted template.
-- Deviations: the paper gives no initialisation; zero (ours) makes the untrained model exactly zero-shot
-  CLIP. `text=false` / `visual=false` run the single-branch ablations; ResNet backbones have no image
-  token blocks, so they need `visual=false` (ours).
+- Deviations (ours where the paper is silent): zero initialisation (the untrained model is zero-shot CLIP);
+  `text=false` / `visual=false` ablations, the latter for ResNets, which have no image token blocks.
 """
 from dataclasses import dataclass
 
@@ -46,14 +46,18 @@ class BiasTuning(nn.Module):
         super().__init__()
         self.clip = clip
         device = clip.token_embedding.weight.device
-        D, text_blocks = clip.ln_final.weight.shape[0], len(clip.transformer.resblocks)
-        self.text_bias = nn.Parameter(torch.zeros(text_blocks, D, device=device)) if cfg.text else None
+        self.text_bias = None  # zero at start (ours: the paper gives no init): the model starts as zero-shot CLIP
+        if cfg.text:
+            D = clip.ln_final.weight.shape[0]
+            text_blocks = len(clip.transformer.resblocks)
+            self.text_bias = nn.Parameter(torch.zeros(text_blocks, D, device=device))
         self.image_bias = None
         if cfg.visual:
-            W, image_blocks = clip.visual.conv1.out_channels, len(clip.visual.transformer.resblocks)
+            W = clip.visual.conv1.out_channels
+            image_blocks = len(clip.visual.transformer.resblocks)
             self.image_bias = nn.Parameter(torch.zeros(image_blocks, W, device=device))
-        self.register_buffer("tokens", clip_model.tokenize([cfg.template.format(c.replace("_", " "))
-                                                            for c in classnames]), persistent=False)
+        tokens = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])  # (C, 77)
+        self.register_buffer("tokens", tokens, persistent=False)
         self.cached = None  # (version, (C, E) text features), reused while evaluating
 
     def encode_text(self):
@@ -62,14 +66,16 @@ class BiasTuning(nn.Module):
         x = self.clip.embed_text(self.tokens[:, :L]) + self.clip.positional_embedding[:L]
         mask = clip_model.causal_mask(L, x.device)
         for i, block in enumerate(self.clip.transformer.resblocks):
-            x = block(x, mask) + (self.text_bias[i] if self.text_bias is not None else 0)  # (C, L, D)
+            x = block(x, mask)  # (C, L, D)
+            if self.text_bias is not None:
+                x = x + self.text_bias[i]
         return self.clip.text_head(x, eot)
 
     def encode_image(self, images):
         visual = self.clip.visual
         if self.image_bias is None:
             return visual(images)
-        x = visual.embed(images)
+        x = visual.embed(images)  # (B, 1+N, W)
         for i, block in enumerate(visual.transformer.resblocks):
             x = block(x) + self.image_bias[i]  # (B, 1+N, W)
         return visual.head(x)

@@ -5,7 +5,7 @@
 
 On N test images (fixed seed) it records every attention map of both towers (the explicit-probability
 path of clip_model's blocks, kept in the autograd graph) and computes, per block and head, following the
-probing paper in shared/papers/bias_tuning.txt (sections 4.2-4.3):
+probing paper of bias_tuning.py (Ma et al., arXiv 2312.11570, sections 4.2-4.3):
 - attention distance: mean over patch queries of sum_j A_ij |c_i - c_j| in pixels, over patch keys only,
   renormalised ("w/o prompt") and not ("w/ prompt": cls and prompt keys count 0);
 - attention entropy of the patch queries over all keys (nats; uniform over L keys = ln L);

@@ -1,4 +1,4 @@
-"""Shared helpers: tiny CLIP configurations and randomised weights (see specs/clip_model.md section 10)."""
+"""Shared helpers: tiny CLIP configurations and randomised weights (std 1/sqrt(fan-in): features differ by input)."""
 import torch
 
 # CLIP constructor arguments (reference order); widths >= 128 so several heads are split and merged.

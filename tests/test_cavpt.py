@@ -44,7 +44,7 @@ def shake(model, seed=0):
                                                    ("vpt-cavpt", 10, 1_128_192 + 768 * 10),
                                                    ("cavpt", 100, 1_128_192 + 768 * 100 + 8_192)])
 def test_parameter_counts_for_vit_b32(variant, classes, count):
-    """specs/cavpt.md: VPT 11·10·768 + meta-net 393,984 + attention 638,976 + LayerNorms 3,072 + tokens 7,680
+    """VPT 11·10·768 + meta-net 393,984 + attention 638,976 + LayerNorms 3,072 + tokens 7,680
     + aux classifier 768·C (+ CoOp 16·512); the official code's trainable set (ctx_learner, extractor,
     prompt_learner) is the same."""
     with torch.device("meta"):

@@ -100,7 +100,7 @@ def test_nine_architectures_match_reference_on_meta(name):
     assert clip_model.config_from_state_dict(theirs) == args
     totals = {"RN50": 102_007_137, "RN101": 119_688_033, "RN50x4": 178_300_601, "RN50x16": 290_979_217,
               "RN50x64": 623_258_305, "ViT-B/32": 151_277_313, "ViT-B/16": 149_620_737,
-              "ViT-L/14": 427_616_513, "ViT-L/14@336px": 427_944_193}  # spec table, from open_clip configs
+              "ViT-L/14": 427_616_513, "ViT-L/14@336px": 427_944_193}  # from open_clip's model configs
     assert sum(p.numel() for p in ours.parameters()) == totals[name]
 
 

@@ -82,7 +82,7 @@ def test_cocoop_count_for_vit_b16():
     with torch.device("meta"):
         clip = clip_model.CLIP(*clip_model.CONFIGS["ViT-B/16"])
     model = coop.build(clip, NAMES, config("cocoop"))
-    assert learned_count(model) == 35_360  # specs/coop.md: 4*512 + (512*32 + 32) + (32*512 + 512)
+    assert learned_count(model) == 35_360  # ctx 4*512 + (512*32 + 32) + (32*512 + 512)
 
 
 @pytest.mark.parametrize("position", ["middle", "front"])

@@ -145,7 +145,7 @@ def test_sinkhorn_is_safe_where_the_plain_kernel_underflows():
 # ---- parameters ----
 
 @pytest.mark.parametrize("variant,changes,count", [
-    ("dualpt", {}, 4 * 16 * 512),  # specs/dualpt.md: M * n_ctx * D = 32,768
+    ("dualpt", {}, 4 * 16 * 512),  # M * n_ctx * D = 32,768
     ("codualpt", {}, 4 * 4 * 512 + (1024 * 64 + 64) + (64 * 512 + 512)),  # 8,192 + 65,600 + 33,280 = 107,072
     ("dualpt", {"n_prompts": 2, "n_ctx": 8}, 2 * 8 * 512)])
 def test_parameter_counts_for_rn50(variant, changes, count):

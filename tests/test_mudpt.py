@@ -32,7 +32,7 @@ def learned(model):
 @pytest.mark.parametrize("depth,ivlp,shared,per_layer", [(9, 46_080, 1_227_776, 6_347_776),
                                                           (12, 61_440, 1_243_136, 8_726_272)])
 def test_parameter_counts_for_vit_b16(depth, ivlp, shared, per_layer):
-    """ivlp and per_layer: specs/mudpt.md's table; shared: the official code's trainable count (its
+    """ivlp and per_layer: counted by hand from the shapes; shared: the official code's trainable count (its
     MuDPTPromptLearner + visual_ctx* parameters: 2,048 + 16,384 + 393,984 + 393,984 + 3,072 + 24,576 +
     393,728 = 1,227,776 at depth 9)."""
     with torch.device("meta"):

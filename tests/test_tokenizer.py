@@ -7,7 +7,7 @@ import torch
 
 import clip_model
 
-CHECKS = [  # (text, ids without padding); from specs/clip_model.md section 6, agreed by openai/CLIP and open_clip
+CHECKS = [  # (text, ids without padding); agreed by openai/CLIP and open_clip
     ("a photo of a dog.", [320, 1125, 539, 320, 1929, 269]),
     ("A centered satellite photo of Annual Crop Land.", [320, 24584, 10316, 1125, 539, 2906, 9955, 973, 269]),
     ("X X X X banded texture.", [343, 343, 343, 343, 37804, 16505, 269]),

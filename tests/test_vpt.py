@@ -64,7 +64,7 @@ def test_parameter_counts_for_vit_b32(variant, count):
     with torch.device("meta"):
         clip = clip_model.CLIP(*clip_model.CONFIGS["ViT-B/32"])
     model = vpt.build(clip, NAMES, config(variant))
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count  # specs/vpt.md
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count  # n x W per prompted block (+ VLP's 16 x 512)
 
 
 def test_resnet_is_refused(clip):

@@ -61,10 +61,11 @@ def test_every_block_prompts_matter_when_deep(clip):
 
 @pytest.mark.parametrize("variant,count", [("vpt-shallow", 7_680), ("vpt", 92_160), ("vlp", 100_352)])
 def test_parameter_counts_for_vit_b32(variant, count):
+    """n x W per prompted block (1 or 12 blocks, 10 x 768), VLP adds 16 x 512."""
     with torch.device("meta"):
         clip = clip_model.CLIP(*clip_model.CONFIGS["ViT-B/32"])
     model = vpt.build(clip, NAMES, config(variant))
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count  # n x W per prompted block (+ VLP's 16 x 512)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
 
 
 def test_resnet_is_refused(clip):

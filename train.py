@@ -191,17 +191,25 @@ class Runner:
 
     def __init__(self, args, module, cfg, task):
         self.args, self.module, self.cfg, self.task = args, module, cfg, task
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" else "cpu")
+        self.rank, self.world = 0, 1  # this process's rank among `world` (torchrun)
+        if dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cpu")
+        if args.device == "cuda":
+            self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         bf16 = args.precision == "bf16" or (args.precision == "auto" and args.device == "cuda")
         self.precision = "bf16" if bf16 else "fp32"
         self.autocast = lambda: torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16)
-        self.workers = args.workers if args.workers is not None else (8 if args.device == "cuda" else 0)
+        self.workers = args.workers
+        if self.workers is None:
+            self.workers = 8 if args.device == "cuda" else 0
         self.clip, _ = clip_model.load(cfg.backbone, device=self.device, pretrained=args.init == "pretrained",
                                        seed=args.seed)
         self.n_px = self.clip.visual.input_resolution
-        for block in (m for m in self.clip.modules() if args.compile and isinstance(m, COMPILED)):
-            block.compile()  # block by block: methods put prompts between blocks, so every method gains
+        if args.compile:  # block by block: methods put prompts between blocks, so every method gains
+            for block in self.clip.modules():
+                if isinstance(block, COMPILED):
+                    block.compile()
         torch.manual_seed(args.seed)  # the method's own initialisation
         self.model = self.build(task.classnames, task.template)
 
@@ -217,7 +225,8 @@ class Runner:
             missing, unexpected = model.load_state_dict(learned, strict=False)  # copies onto the model's device
         except RuntimeError:  # shapes differ: class-specific parameters, or another backbone
             missing = unexpected = ["(shapes differ)"]
-        missing = [k for k in missing if k in dict(model.named_parameters()) and model.get_parameter(k).requires_grad]
+        learnable = {name for name, p in model.named_parameters() if p.requires_grad}
+        missing = [k for k in missing if k in learnable]  # frozen weights are not in a checkpoint
         if missing or unexpected:
             raise UserError(f"the parameters from {where} do not fit {self.args.method} on {self.cfg.backbone} "
                             f"with {len(self.task.classnames)} classes (class-specific context on other classes, "
@@ -244,7 +253,8 @@ class Runner:
                     loss = model.loss(logits, labels, epoch)
                 else:
                     loss = F.cross_entropy(logits.float(), labels)
-            if all_sum([not torch.isfinite(loss).item()], self.device)[0]:  # in any process: all stop
+            not_finite = not torch.isfinite(loss).item()
+            if all_sum([not_finite], self.device)[0]:  # in any process: all stop
                 raise UserError(f"the loss is nan or inf at epoch {epoch + 1}, step {step + 1}: lower --lr or use "
                                 f"--precision fp32 and start again; {out} keeps the checkpoint and results.json of "
                                 f"epoch {epoch} (the last good one)")
@@ -292,17 +302,26 @@ class Runner:
                         path = folder / f"features.rank{self.rank}.tmp"
                         store = torch.from_file(str(path), True, math.prod(shape), dtype=x.dtype).view(shape)
                         path.unlink()  # the mapping lives until the run ends, and no file outlives it
-                store[v, i * loader.batch_size:i * loader.batch_size + len(x)] = x.to(store.device)
+                first = i * loader.batch_size  # the loader keeps the items' order (train=False)
+                store[v, first:first + len(x)] = x.to(store.device)
         return store
 
 def batches(loader, cache, epoch, device):
     """This process's (inputs, labels): images, or view epoch % V of the cached features in the loader's order."""
     if cache is None:
-        yield from ((dict(images=x.to(device, non_blocking=True)), y.to(device, non_blocking=True)) for x, y in loader)
+        for images, labels in loader:
+            yield dict(images=images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
         return
     labels = torch.tensor([y for _, y in loader.dataset.items])
+    view = cache[epoch % len(cache)]  # (n, ...): every training image's features, augmented by this view's seed
     for idx in torch.utils.data.BatchSampler(loader.sampler, loader.batch_size, loader.drop_last):
-        yield dict(features=cache[epoch % len(cache)][idx].to(device, non_blocking=True)), labels[idx].to(device)
+        yield dict(features=view[idx].to(device, non_blocking=True)), labels[idx].to(device)
+
+def default_output(args, cfg):
+    """runs/<data>/<method>/<backbone>/shots<K>[-<protocol>]/seed<S>"""
+    protocol = "" if args.protocol == "fewshot" else f"-{args.protocol}"
+    backbone = cfg.backbone.replace("/", "-")
+    return Path("runs", Path(args.data).name, args.method, backbone, f"shots{args.shots}{protocol}", f"seed{args.seed}")
 
 def run(args):
     """One run: config, data and model, the run folder, training, evaluation; returns its results."""
@@ -316,10 +335,13 @@ def run(args):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k in known})
     shots = 0 if args.eval_only else args.shots
     task = data.make_task(args.data, args.protocol, shots, args.seed, args.eval_data)
-    epochs = 0 if args.eval_only else args.epochs if args.epochs is not None else epochs_for(cfg, shots)
-    out = Path(args.output or Path("runs", Path(args.data).name, args.method, cfg.backbone.replace("/", "-"),
-                                   f"shots{args.shots}" + ("" if args.protocol == "fewshot" else f"-{args.protocol}"),
-                                   f"seed{args.seed}"))
+    if args.eval_only:
+        epochs = 0
+    elif args.epochs is not None:
+        epochs = args.epochs
+    else:
+        epochs = epochs_for(cfg, shots)
+    out = Path(args.output or default_output(args, cfg))
 
     runner = Runner(args, module, cfg, task)  # 2. CLIP and the method; a bad backbone leaves nothing behind
     model, rank, world = runner.model, runner.rank, runner.world
@@ -382,13 +404,16 @@ def run(args):
             log(f"resumed after epoch {start}")
         loader = data.loader(task.train, data.train_transform(runner.n_px), cfg.batch_size, train=True,
                              workers=runner.workers, device=args.device, rank=rank, world=world)
-        # order and augmentation depend on the epoch's seed alone: a resumed run, another process and view v = epoch v
-        epoch_seeds = [args.seed * 100_003 + e for e in range(epochs)]  # of --cache-features see the same batches
+        # order and augmentation depend on the epoch's seed alone, so a resumed run, every process, and view v of
+        # --cache-features (= epoch v) see the same batches
+        epoch_seeds = [args.seed * 100_003 + e for e in range(epochs)]
         cache = runner.encode_views(task.train, epoch_seeds[:args.cache_features], out) if args.cache_features else None
-        with warnings.catch_warnings():  # broadcast_buffers: renamed in torch 2.14, the only spelling before
-            warnings.simplefilter("ignore", FutureWarning)  # False: the frozen buffers are never re-sent
-            trainer = model if world == 1 else torch.nn.parallel.DistributedDataParallel(  # averages the gradients
-                model, [runner.device] if args.device == "cuda" else None, broadcast_buffers=False)
+        trainer = model
+        if world > 1:  # DDP averages the gradients over the processes
+            device_ids = [runner.device] if args.device == "cuda" else None
+            with warnings.catch_warnings():  # broadcast_buffers: renamed in torch 2.14, the only spelling before
+                warnings.simplefilter("ignore", FutureWarning)  # False: the frozen buffers are never re-sent
+                trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids, broadcast_buffers=False)
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, group["base_lr"], epochs, group["warmup_epochs"])
@@ -396,8 +421,8 @@ def run(args):
         loader.sampler.set_epoch(epoch_seeds[epoch])
         loader.dataset.seed = epoch_seeds[epoch]
         tic = time.time()
-        seen, loss_sum, correct = runner.train_epoch(trainer, optimizer, batches(loader, cache, epoch, runner.device),
-                                                     epoch, out)
+        inputs_and_labels = batches(loader, cache, epoch, runner.device)
+        seen, loss_sum, correct = runner.train_epoch(trainer, optimizer, inputs_and_labels, epoch, out)
         history.append(dict(epoch=epoch + 1, loss=loss_sum / seen, acc=100 * correct / seen,
                             lr=optimizer.param_groups[0]["lr"], seconds=time.time() - tic))
         this_run = time.time() - started
@@ -422,7 +447,8 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if torchrun := int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():  # one of N processes
+    torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()  # one of N processes
+    if torchrun:
         if args.device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")

@@ -15,8 +15,8 @@ probing paper of bias_tuning.py (Ma et al., arXiv 2312.11570, sections 4.2-4.3):
 - relevancy (Chefer et al.): R = I, R <- R + mean_h(clamp(dy/dA * A, 0)) R per block, for the target logit
   y; image relevancy = R[cls, patches] on the g x g grid, text relevancy = R[EOT, :EOT].
 It writes RUN_DIR/analysis/stats.json, relevancy_<i>.png (image | zero-shot | method) and, with matplotlib
-installed, one plot per statistic (method against zero-shot CLIP, per layer).
-"""
+installed, one plot per statistic (method against zero-shot CLIP, per layer). Shapes as clip_model.py's legend,
+plus S, the length of a tower's token sequence, and Chefer et al.'s relevancy matrix R (S, S)."""
 import argparse
 import functools
 import json
@@ -46,7 +46,7 @@ class Recorder:
         for tower, attn in self.blocks:
             def forward(x, mask=None, return_attn=False, run=attn.forward, tower=tower):
                 out, probs = run(x, mask, True)
-                self.maps[tower].append(probs)  # (B, H, L, L), in the graph
+                self.maps[tower].append(probs)  # (B, H, S, S), in the graph
                 return out, probs
             attn.forward = forward  # an instance attribute shadows the class's method
         # position embeddings need gradients so that every map is in the graph, whatever the method learns
@@ -60,7 +60,7 @@ class Recorder:
         self.clip.requires_grad_(False)
 
 def attention_distance(A, grid, patch):
-    """A (B, H, L, L) with patches at rows 1..g² -> (H,) distances: renormalised over patch keys, and not."""
+    """A (B, H, S, S) with patches at rows 1..g² -> (H,) distances: renormalised over patch keys, and not."""
     G = grid * grid
     centres = (torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1)
                .reshape(G, 2).float() + 0.5) * patch
@@ -79,9 +79,9 @@ def share(A, queries, keys):
     return A[:, :, queries][..., keys].sum(-1).mean((0, 2))
 
 def rollout(maps, grads):
-    """Chefer et al.'s relevancy: maps and grads lists of (B, H, L, L) -> R (B, L, L)."""
-    B, _, L, _ = maps[0].shape
-    R = torch.eye(L).expand(B, L, L)
+    """Chefer et al.'s relevancy: maps and grads lists of (B, H, S, S) -> R (B, S, S)."""
+    B, _, S, _ = maps[0].shape
+    R = torch.eye(S).expand(B, S, S)
     for A, g in zip(maps, grads):
         R = R + (g * A).clamp(min=0).mean(1) @ R
     return R
@@ -119,7 +119,8 @@ def text_rows(cfg, classname, template_only=False):
         text = " ".join(["X"] * n + [name]) + "."
     else:  # a hand-crafted template: the context is the words before the class name
         template = getattr(cfg, "template", "a photo of a {}.")
-        text, n = template.format(name), int(clip_model.tokenize(template.split("{}")[0]).argmax()) - 1
+        text = template.format(name)
+        n = int(clip_model.tokenize(template.split("{}")[0]).argmax()) - 1
     k = int(clip_model.tokenize(name).argmax()) - 1
     return list(range(1, 1 + n)), list(range(1 + n, 1 + n + k)), int(clip_model.tokenize(text).argmax())
 
@@ -132,7 +133,8 @@ def analyse(model, clip, cfg, images, classnames, target):
         logits = model(images)
         target = logits.argmax(-1) if target is None else target
         y = logits.gather(1, target[:, None])[:, 0]  # (B,)
-        image_maps, text_side = rec.maps["image"], "learned" if rec.maps["text"] else "frozen"
+        image_maps = rec.maps["image"]
+        text_side = "learned" if rec.maps["text"] else "frozen"
         if text_side == "frozen":  # the method's text features were computed at build: rerun the template
             template = getattr(cfg, "template", "a photo of a {}.")
             text = clip.encode_text(clip_model.tokenize([template.format(c.replace("_", " ")) for c in classnames]))
@@ -140,11 +142,15 @@ def analyse(model, clip, cfg, images, classnames, target):
         else:
             text_y = y
         text_maps = rec.maps["text"]
-        stats, image_relevancy = {"text_side": text_side}, None
+        stats = {"text_side": text_side}
+        image_relevancy = None
         if image_maps:
             grid = int((clip.visual.positional_embedding.shape[0] - 1) ** 0.5)
-            patch, G, L = clip.visual.conv1.kernel_size[0], grid * grid, image_maps[0].shape[-1]
-            patches, prompts = list(range(1, 1 + G)), list(range(1 + G, L))
+            patch = clip.visual.conv1.kernel_size[0]  # pixels
+            G = grid * grid  # N, the patches
+            S = image_maps[0].shape[-1]  # 1 + N + the prompts, if any
+            patches = list(range(1, 1 + G))
+            prompts = list(range(1 + G, S))
             d = [attention_distance(A.detach(), grid, patch) for A in image_maps]
             stats["image"] = {
                 "distance": [x[0].tolist() for x in d], "distance_with_prompts": [x[1].tolist() for x in d],

@@ -145,8 +145,10 @@ def method_rows(backbone, batch, repeats, device):
 
 
 def method_row(name, model, cfg, clip, backbone, batch, repeats, device):
-    R, B = clip.visual.input_resolution, batch or cfg.batch_size
-    images, labels = torch.randn(B, 3, R, R, device=device), torch.arange(B, device=device) % len(DTD)
+    R = clip.visual.input_resolution
+    B = batch or cfg.batch_size
+    images = torch.randn(B, 3, R, R, device=device)
+    labels = torch.arange(B, device=device) % len(DTD)
     template = getattr(cfg, "template", "a photo of a {}.")
     tokens = clip_model.tokenize([template.format(c) for c in DTD]).to(device)
     learned = [p for p in model.parameters() if p.requires_grad]

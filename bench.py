@@ -11,14 +11,19 @@ download). --quick (default) fits a 2-core CPU in a few minutes;
 in seconds (the test suite does). Rows 1-2 need the dev requirements (clip-anytorch, open_clip_torch).
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import random
+import resource
+import string
 import subprocess
 import sys
 import tempfile
 import time
+import types
 import warnings
 
 import torch
@@ -173,6 +178,113 @@ def method_row(name, model, cfg, clip, backbone, batch, repeats, device):
             f"peak +{peak:.0f} MiB", t_step, t_frozen, t_step / t_frozen, None)
 
 
+def loop_row(clip, batch, steps, repeats, device):
+    """train.py's epoch (Runner.train_epoch: the method's loss, the scaler, the running sums and the finiteness
+    check) against bare SGD steps on the same batches: what the loop's bookkeeping costs. CoOp on cached image
+    features, the cheapest step, shows it most."""
+    module, changes = train.METHODS["coop"]
+    model = module.build(clip, DTD, dataclasses.replace(module.Config(), **changes)).to(device)
+    E = clip.text_projection.shape[1]
+    data = [(dict(features=F.normalize(torch.randn(batch, E, device=device), dim=-1)),
+             torch.randint(0, len(DTD), (batch,), device=device)) for _ in range(steps)]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
+    runner = types.SimpleNamespace(model=model, device=torch.device(device), autocast=contextlib.nullcontext,
+                                   scaler=torch.amp.GradScaler(device, enabled=False))
+
+    def loop():
+        return train.Runner.train_epoch(runner, model, optimizer, data, 0, "bench")
+
+    def bare():
+        model.train()
+        for inputs, labels in data:
+            loss = F.cross_entropy(model(**inputs).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    t_loop, _ = timed(loop, repeats, device)
+    t_bare, _ = timed(bare, repeats, device)
+    return [(f"train.py's epoch vs bare SGD steps (CoOp on features, {steps} steps of {batch})", t_loop, t_bare,
+             t_bare / t_loop, None)]
+
+
+def random_names(n, seed=0):
+    """n distinct made-up class names of one to three words, 3-9 letters each (ImageNet-like token counts)."""
+    rng = random.Random(seed)
+    names = set()
+    while len(names) < n:
+        words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(rng.randint(1, 3))]
+        names.add(" ".join(words))
+    return sorted(names)
+
+
+def memory_child(method, backbone, classes, checkpoint, device):
+    """In a fresh process: one training step of `method` on `classes` made-up classes at its paper's batch size,
+    with or without activation checkpointing in the text tower -> prints {"peak_mib", "seconds"}."""
+    module, changes = train.METHODS[method]
+    cfg = dataclasses.replace(module.Config(), **changes)
+    if not checkpoint:
+        cfg = dataclasses.replace(cfg, checkpoint_prompts=0)
+    clip = clip_model.load(backbone, device=device, pretrained=False)[0]
+    model = module.build(clip, random_names(classes), cfg).to(device)
+    R = clip.visual.input_resolution
+    images = torch.randn(cfg.batch_size, 3, R, R, device=device)
+    labels = torch.arange(cfg.batch_size, device=device) % classes
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
+    precision = train.resolve_precision("auto", device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def step():
+        model.train()
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            logits = model(images)
+            loss = model.loss(logits, labels, 0) if hasattr(model, "loss") else F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    start = time.perf_counter()
+    peak = peak_memory_mib(step, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    print(json.dumps(dict(peak_mib=peak, seconds=seconds, precision=precision, batch=cfg.batch_size)))
+
+
+def cap_memory():
+    """In a CPU child: address space capped at the memory now available, so that a step too large for this
+    machine fails with an allocation error (reported in its row) instead of waking the out-of-memory killer."""
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (available, available))
+
+
+MEMORY_CASES = [("cocoop", "ViT-B/16"), ("codualpt", "RN50")]  # per-image prompts: images x classes (x M) texts
+
+
+def memory_rows(cases, classes, device):
+    """Peak memory of one training step on `classes` classes, text-tower checkpointing on against off: each
+    measured in its own process (CPU: peak RSS; CUDA: max allocated)."""
+    rows = []
+    for method, backbone in cases:
+        measured = {}
+        for checkpoint in (True, False):
+            spec = json.dumps([method, backbone, classes, checkpoint, device])
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", spec],
+                                  capture_output=True, text=True, preexec_fn=cap_memory if device == "cpu" else None)
+            if done.returncode:  # e.g. out of memory: the row says so instead of a number
+                measured[checkpoint] = dict(peak_mib=float("nan"), seconds=float("nan"),
+                                            error=(done.stderr.strip().splitlines() or ["killed"])[-1][:80])
+            else:
+                measured[checkpoint] = json.loads(done.stdout.strip().splitlines()[-1])
+        on, off = measured[True], measured[False]
+        settings = f"{backbone}, batch {on.get('batch', off.get('batch'))}, {on.get('precision', off.get('precision'))}"
+        errors = "; ".join(m["error"] for m in (on, off) if "error" in m)
+        rows.append((f"one training step, {classes:,} classes: {method} ({settings}), peak +{on['peak_mib']:,.0f} MiB "
+                     f"with text checkpointing vs +{off['peak_mib']:,.0f} MiB without"
+                     f"{f' ({errors})' if errors else ''}", on["seconds"], off["seconds"],
+                     off["seconds"] / on["seconds"], None))
+    return rows
+
+
 def eval_row(clip, batch, repeats, device):
     module, changes = train.METHODS["coop"]
     model = module.build(clip, DTD, dataclasses.replace(module.Config(), **changes)).to(device).eval()
@@ -233,7 +345,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the default: fits a 2-core CPU in a few minutes")
     p.add_argument("--smoke", action="store_true", help="every row on `tiny`, in seconds (tests)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--memory", action="store_true", help="only the 1,000-class memory rows (also in --full)")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)  # one measurement of memory_rows, in its own process
     args = p.parse_args(argv)
+    if args.memory_child:
+        return memory_child(*json.loads(args.memory_child))
+    if args.memory:
+        return report(memory_rows(MEMORY_CASES, 1000, args.device), "--memory", args.device)
     torch.manual_seed(0)
     device, repeats = args.device, 1 if args.smoke else 3
     tiny = clip_model.CONFIGS["tiny"]
@@ -247,11 +365,19 @@ def main(argv=None):
     rows += method_rows("tiny" if args.smoke else "ViT-B/16" if args.full else "ViT-B/32",
                         None if args.full else batch, repeats, device)
     rows += eval_row(clip, batch, repeats, device)
+    rows += loop_row(clip, batch if args.smoke else 32, 4 if args.smoke else 20, repeats, device)
     rows += scaling_rows("tiny" if args.smoke else "ViT-B/16" if args.full else "ViT-B/32",
                          2 if args.smoke else 16 if args.full else 4, device)
+    if args.smoke:
+        rows += memory_rows([("cocoop", "tiny"), ("codualpt", "tiny-rn")], 20, device)
+    elif args.full:
+        rows += memory_rows(MEMORY_CASES, 1000, device)
+    return report(rows, "--smoke" if args.smoke else "--full" if args.full else "--quick", device)
+
+
+def report(rows, mode, device):
     where = torch.cuda.get_device_name() if device == "cuda" else \
         f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    mode = "--smoke" if args.smoke else "--full" if args.full else "--quick"
     print(f"bench.py {mode} on {where}, torch {torch.__version__}\n")
     print("| measurement | ours (s) | reference or naive (s) | ratio | max abs diff |\n|---|---|---|---|---|")
     for what, ours, other, ratio, diff in rows:

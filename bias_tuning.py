@@ -58,18 +58,19 @@ class BiasTuning(nn.Module):
             self.image_bias = nn.Parameter(torch.zeros(image_blocks, W, device=device))
         tokens = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])  # (C, 77)
         self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (C,)
+        self.length = int(self.eot.max()) + 1  # L: positions after the last EOT are never read (causal mask)
         self.cached = None  # (version, (C, E) text features), reused while evaluating
 
     def encode_text(self):
-        eot = self.tokens.argmax(-1)
-        L = int(eot.max()) + 1  # positions after the last EOT are never read (causal mask)
-        x = self.clip.embed_text(self.tokens[:, :L]) + self.clip.positional_embedding[:L]
+        L = self.length  # known at build: reading it from the tokens here would make every step wait for a GPU
+        x = self.clip.embed_text(self.tokens[:, :L]) + self.clip.positional_embedding[:L]  # (C, L, D)
         mask = clip_model.causal_mask(L, x.device)
         for i, block in enumerate(self.clip.transformer.resblocks):
             x = block(x, mask)  # (C, L, D)
             if self.text_bias is not None:
                 x = x + self.text_bias[i]
-        return self.clip.text_head(x, eot)
+        return self.clip.text_head(x, self.eot)
 
     def encode_image(self, images):
         visual = self.clip.visual

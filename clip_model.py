@@ -32,6 +32,7 @@ import ftfy
 import regex
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torchvision import transforms as T
 
@@ -182,9 +183,14 @@ class Transformer(nn.Module):
         self.width, self.layers = width, layers
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, checkpoint=False):
+        """checkpoint: keep only each block's input for backward and recompute the rest there (activation
+        checkpointing: about 1.3x the compute for a fraction of the memory; exact). Only when gradients flow."""
         for block in self.resblocks:
-            x = block(x, mask)
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return x
 
 class VisionTransformer(nn.Module):
@@ -317,12 +323,15 @@ class CLIP(nn.Module):
     def embed_text(self, tokens):
         return self.token_embedding(tokens.to(self.token_embedding.weight.device))  # (N, 77, D), no positions
 
-    def encode_text_embeddings(self, x, eot_index):
-        """(N, 77, D) token embeddings -> (N, E). Positions after the batch's last EOT are cut: under
-        the causal mask no earlier position can see them, so the result is exact and ~77/L cheaper."""
-        L = int(eot_index.max()) + 1
+    def encode_text_embeddings(self, x, eot_index, checkpoint=False):
+        """(N, 77, D) token embeddings -> (N, E). Positions after the batch's last EOT are cut: under the causal
+        mask no earlier position can see them, so the result is exact and ~77/L cheaper. Embeddings shorter than
+        77 are taken as they are (methods cut theirs once, at build; reading eot_index here would make every
+        training step wait for the GPU). checkpoint: see Transformer.forward."""
+        L = x.shape[1] if x.shape[1] < self.context_length else int(eot_index.max()) + 1
         x = x[:, :L] + self.positional_embedding[:L]
-        return self.text_head(self.transformer(x, causal_mask(L, x.device)), eot_index)
+        x = self.transformer(x, causal_mask(L, x.device), checkpoint)
+        return self.text_head(x, eot_index)
 
     def text_head(self, x, eot_index):
         return self.ln_final(x[torch.arange(x.shape[0]), eot_index]) @ self.text_projection  # (N, E)

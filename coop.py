@@ -42,6 +42,8 @@ class Config:
     class_token_position: str = "end"  # end | middle | front
     conditional: bool = False          # CoCoOp: the meta-net shifts the context per image
     max_prompts: int = 32768           # CoCoOp: images x classes per text-encoder pass (bounds memory)
+    checkpoint_prompts: int = 1000     # activation checkpointing in the text tower for training passes of at least
+                                       # this many prompts (ImageNet's 1,000 classes; exact); 0 = never
     epochs: int = 0                    # 0: CoOp's schedule by shots, 50 (1 shot), 100 (2-4), 200 (8+)
     batch_size: int = 32
     lr: float = 0.002
@@ -159,7 +161,9 @@ class CoOp(nn.Module):
     def encode_prompts(self, prompts):
         """(..., L, D) prompt embeddings -> (..., E) normalised text features."""
         eot = self.prompt_learner.eot.expand(prompts.shape[:-2])
-        x = self.clip.encode_text_embeddings(prompts.flatten(0, -3), eot.flatten())
+        flat = prompts.flatten(0, -3)  # (P, L, D), P prompts
+        checkpoint = 0 < self.cfg.checkpoint_prompts <= len(flat)  # memory for compute, when the pass is large
+        x = self.clip.encode_text_embeddings(flat, eot.flatten(), checkpoint)
         return F.normalize(x, dim=-1).view(*prompts.shape[:-2], -1)
 
     def text_features(self):
@@ -202,7 +206,8 @@ def check_config(cfg):
     if cfg.class_token_position not in ("end", "middle", "front"):
         raise ValueError(f"class_token_position={cfg.class_token_position!r}: use end, middle or front")
     for name, ok, rule in [("n_ctx", cfg.n_ctx >= 0, "0 (zero-shot) or more"),
-                           ("max_prompts", cfg.max_prompts >= 1, "1 or more")]:
+                           ("max_prompts", cfg.max_prompts >= 1, "1 or more"),
+                           ("checkpoint_prompts", cfg.checkpoint_prompts >= 0, "0 (never) or more")]:
         if not ok:
             raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
 

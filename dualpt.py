@@ -50,6 +50,8 @@ class Config:
     sinkhorn_tol: float = 1e-4          # stop when the plan's row sums are this close (L1; ours; PLOT: when a's
                                         # mean change is below 0.01); 0 = always sinkhorn_iters
     max_prompts: int = 32768            # CoDUAL-PT: images x classes x prompts per text-encoder pass
+    checkpoint_prompts: int = 1000      # activation checkpointing in the text tower for training passes of at
+                                        # least this many prompts (ImageNet: 4,000; exact); 0 = never
     epochs: int = 0                     # 0: CoOp's schedule by shots, 50 (1 shot), 100 (2-4), 200 (8+); base2new 10
     batch_size: int = 32
     lr: float = 0.002
@@ -202,7 +204,9 @@ class DualPT(nn.Module):
     def encode_prompts(self, prompts):
         """(..., C, M, L, D) -> (..., C, M, E) normalised text features, all prompts in one EOT-cut pass."""
         eot = self.prompt_learner.eot[:, None].expand(prompts.shape[:-2])
-        x = self.clip.encode_text_embeddings(prompts.flatten(0, -3), eot.flatten())
+        flat = prompts.flatten(0, -3)  # (P, L, D), P prompts
+        checkpoint = 0 < self.cfg.checkpoint_prompts <= len(flat)  # memory for compute, when the pass is large
+        x = self.clip.encode_text_embeddings(flat, eot.flatten(), checkpoint)
         return F.normalize(x, dim=-1).view(*prompts.shape[:-2], -1)
 
     def frozen_features(self, images):  # the image tower is frozen: train.py may cache these (--cache-features)
@@ -266,7 +270,8 @@ def check_config(cfg):
                            ("ot_lambda", cfg.ot_lambda > 0, "above 0"), ("gw_iters", cfg.gw_iters >= 1, "1 or more"),
                            ("sinkhorn_iters", cfg.sinkhorn_iters >= 1, "1 or more"),
                            ("sinkhorn_tol", cfg.sinkhorn_tol >= 0, "0 (a fixed count) or more"),
-                           ("max_prompts", cfg.max_prompts >= 1, "1 or more")]:
+                           ("max_prompts", cfg.max_prompts >= 1, "1 or more"),
+                           ("checkpoint_prompts", cfg.checkpoint_prompts >= 0, "0 (never) or more")]:
         if not ok:
             raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
 

@@ -66,7 +66,8 @@ def parse_args(argv):
     p.add_argument("--checkpoint", help="checkpoint.pt of a finished run, for --eval-only")
     p.add_argument("--dry-run", action="store_true", help="build data and model, write results.json, stop")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast; auto: bf16 on a GPU that has it, else fp16 with a gradient scaler; fp32 on a CPU")
     p.add_argument("--workers", type=int, help="data-loading processes (default 8 on CUDA, 0 on CPU)")
     p.add_argument("--cache-features", type=int, default=0, metavar="V", help="frozen image tower only: encode V "
                    "augmented views of the training images once; epoch e trains on view e mod V")
@@ -148,6 +149,15 @@ def lr_at(epoch, base_lr, epochs, warmup_epochs):
         return WARMUP_LR
     return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
+def resolve_precision(requested, device):
+    """auto: bf16 on a GPU with native bf16 (Ampere and later), fp16 on older GPUs (T4, V100: bf16 only emulated),
+    fp32 on a CPU. An explicit choice is kept (bf16 and fp16 autocast also run on a CPU)."""
+    if requested != "auto":
+        return requested
+    if device != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
 def learned_state(model):
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
@@ -180,8 +190,9 @@ def load_checkpoint(path, method):
     return ckpt
 
 def all_sum(values, device):
-    """Sums over the processes of a torchrun job; in a single process, the values themselves."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    """Numbers or device tensors summed over the processes of a torchrun job (in a single process, the values
+    themselves), read on the host: one synchronisation for all of them."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
@@ -197,9 +208,12 @@ class Runner:
         self.device = torch.device("cpu")
         if args.device == "cuda":
             self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
-        bf16 = args.precision == "bf16" or (args.precision == "auto" and args.device == "cuda")
-        self.precision = "bf16" if bf16 else "fp32"
-        self.autocast = lambda: torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16)
+        self.precision = resolve_precision(args.precision, args.device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.autocast = lambda: torch.autocast(args.device, dtype=dtype, enabled=dtype is not None)
+        # fp16 gradients of small losses underflow: the scaler multiplies the loss before backward and skips a
+        # step whose gradients overflowed (learned parameters stay fp32 in every precision)
+        self.scaler = torch.amp.GradScaler(args.device, enabled=self.precision == "fp16")
         self.workers = args.workers
         if self.workers is None:
             self.workers = 8 if args.device == "cuda" else 0
@@ -242,10 +256,14 @@ class Runner:
 
     def train_epoch(self, trainer, optimizer, inputs_and_labels, epoch, out):
         """One epoch of SGD steps (trainer: the model, or its DDP wrapper) -> images, summed loss and correct
-        predictions, over every process."""
+        predictions, over every process. The sums stay on the device and are read once, at the end: a step never
+        waits for the host (fp16's scaler aside, which reads its overflow flag every step)."""
         model = self.model
         model.train()
-        seen, loss_sum, correct = 0, 0.0, 0
+        seen = 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        first_bad = torch.full((), -1, device=self.device)  # the first step with a nan or inf loss; -1: none
         for step, (inputs, labels) in enumerate(inputs_and_labels):
             with self.autocast():
                 logits = trainer(**inputs)
@@ -253,18 +271,22 @@ class Runner:
                     loss = model.loss(logits, labels, epoch)
                 else:
                     loss = F.cross_entropy(logits.float(), labels)
-            not_finite = not torch.isfinite(loss).item()
-            if all_sum([not_finite], self.device)[0]:  # in any process: all stop
-                raise UserError(f"the loss is nan or inf at epoch {epoch + 1}, step {step + 1}: lower --lr or use "
-                                f"--precision fp32 and start again; {out} keeps the checkpoint and results.json of "
-                                f"epoch {epoch} (the last good one)")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            self.scaler.scale(loss).backward()  # fp32 and bf16: the scaler is off and passes the loss through
+            self.scaler.step(optimizer)
+            self.scaler.update()
 
             seen += len(labels)
-            loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(-1) == labels).sum().item()
+            loss_sum += loss.detach().double() * len(labels)
+            correct += (logits.argmax(-1) == labels).sum()
+            finite = torch.isfinite(loss.detach())
+            first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)
+        # after the epoch, in any process: all stop, before this epoch's checkpoint replaces the last good one
+        bad_processes, = all_sum([first_bad >= 0], self.device)
+        if bad_processes:
+            raise UserError(f"the loss is nan or inf at epoch {epoch + 1} (first at step {int(first_bad) + 1} in a "
+                            f"process that saw it): lower --lr or use --precision fp32 and start again; {out} "
+                            f"keeps the checkpoint and results.json of epoch {epoch} (the last good one)")
         return all_sum([seen, loss_sum, correct], self.device)
 
     @torch.no_grad()
@@ -273,13 +295,13 @@ class Runner:
         model = self.model_for(evalset).eval()
         loader = data.loader(evalset.test, clip_model.transform(self.n_px), 100, train=False, workers=self.workers,
                              device=self.args.device, rank=self.rank, world=self.world)
-        correct = 0
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)  # on the device: no sync per batch
         for images, labels in loader:
             with self.autocast():
                 logits = model(images.to(self.device, non_blocking=True))
             if evalset.class_subset is not None:
                 logits = logits[:, evalset.class_subset]
-            correct += (logits.argmax(-1).cpu() == labels).sum().item()
+            correct += (logits.argmax(-1) == labels.to(self.device, non_blocking=True)).sum()
         return 100 * all_sum([correct], self.device)[0] / len(evalset.test)
 
     @torch.no_grad()
@@ -398,8 +420,13 @@ def run(args):
             ckpt = load_checkpoint(out / "checkpoint.pt", args.method)
             if ckpt["config"] != results["config"]:
                 raise UserError(f"{out / 'checkpoint.pt'} was trained with another config; use another --output")
+            if ckpt.get("precision", runner.precision) != runner.precision:
+                raise UserError(f"{out / 'checkpoint.pt'} was trained in {ckpt['precision']}, this run would use "
+                                f"{runner.precision}: pass --precision {ckpt['precision']} to resume it exactly")
             runner.load_learned(model, ckpt["learned"], out / "checkpoint.pt")
             optimizer.load_state_dict(ckpt["optimizer"])
+            if "scaler" in ckpt and runner.scaler.is_enabled():
+                runner.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale reached, and its counter
             start, history, previous = ckpt["epoch"], ckpt["history"], ckpt["time_s"]
             log(f"resumed after epoch {start}")
         loader = data.loader(task.train, data.train_transform(runner.n_px), cfg.batch_size, train=True,
@@ -432,7 +459,8 @@ def run(args):
             f"lr {history[-1]['lr']:.1e}  {seen / (time.time() - tic):.0f} img/s  "
             f"{timedelta(seconds=int(elapsed))} elapsed  ETA {timedelta(seconds=int(eta))}")
         state = dict(method=args.method, backbone=cfg.backbone, config=results["config"], epoch=epoch + 1,
-                     learned=learned_state(model), optimizer=optimizer.state_dict(), history=history, time_s=elapsed)
+                     learned=learned_state(model), optimizer=optimizer.state_dict(), history=history, time_s=elapsed,
+                     precision=runner.precision, scaler=runner.scaler.state_dict())
         save_atomic(functools.partial(torch.save, state), out / "checkpoint.pt")
         write_json({**results, "history": history, "time_s": elapsed}, out / "results.json")  # no accuracy yet
 

@@ -475,7 +475,9 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()  # one of N processes
+    # one of the processes of a torchrun job (of 1 process too: its sums then still go through NCCL or gloo)
+    launched = int(os.environ.get("WORLD_SIZE", 1)) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    torchrun = launched and not dist.is_initialized()
     if torchrun:
         if args.device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

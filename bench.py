@@ -28,6 +28,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+import torch.utils.flop_counter
 
 import clip_model
 import train
@@ -87,7 +88,11 @@ def randomized(args):
 
 
 def encoder_rows(name, args, batch, repeats, device):
-    reference, ours = (m.to(device) for m in randomized(args))
+    try:
+        reference, ours = (m.to(device) for m in randomized(args))
+    except ImportError:  # a GPU machine with the runtime requirements only
+        print(f"(skipped: {name} against OpenAI's code needs clip-anytorch, from requirements-dev.txt)")
+        return []
     images = torch.randn(batch, 3, args[1], args[1], device=device)
     tokens = clip_model.tokenize([f"a photo of a {c}." for c in DTD]).to(device)
     rows = []
@@ -158,24 +163,67 @@ def method_row(name, model, cfg, clip, backbone, batch, repeats, device):
     tokens = clip_model.tokenize([template.format(c) for c in DTD]).to(device)
     learned = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(learned, lr=1e-6, momentum=0.9) if learned else None
+    precision = train.resolve_precision("auto", device)  # as train.py runs it: fp32 on a CPU, bf16 or fp16 on a GPU
+    autocast = autocast_for(precision, device)
+    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
 
     def frozen():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             return clip(images, tokens)
 
     def step():
         model.train()
-        logits = model(images)
-        loss = model.loss(logits, labels, 0) if hasattr(model, "loss") else F.cross_entropy(logits, labels)
+        with autocast():
+            logits = model(images)
+            loss = model.loss(logits, labels, 0) if hasattr(model, "loss") else F.cross_entropy(logits.float(), labels)
         if optimizer:
             optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
     peak = peak_memory_mib(step, device)  # the first step: it also allocates what later steps reuse
     t_frozen, _ = timed(frozen, repeats, device)
     t_step, _ = timed(step, repeats, device)
-    return (f"train step / frozen forward: {name} ({backbone}, batch {B}, {B / t_step:.0f} img/s), "
+    return (f"train step / frozen forward: {name} ({backbone}, batch {B}, {precision}, {B / t_step:.0f} img/s), "
             f"peak +{peak:.0f} MiB", t_step, t_frozen, t_step / t_frozen, None)
+
+
+def autocast_for(precision, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return functools.partial(torch.autocast, device, dtype=dtype, enabled=dtype is not None)
+
+
+# dense tensor-core peak FLOP/s in bf16 (fp16 where the GPU has no bf16), from the vendors' data sheets; the
+# first name found in torch.cuda.get_device_name() counts
+PEAK_FLOPS = [("B200", 2250e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+              ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+              ("V100", 125e12), ("T4", 65e12)]
+
+
+def utilisation_row(backbone, batch, repeats, device):
+    """The frozen image forward's model FLOPs utilisation: FLOPs counted by torch's FlopCounterMode, divided by
+    the time, against the GPU's peak. The reference column is the time the forward would take at that peak."""
+    clip = clip_model.load(backbone, device=device, pretrained=False)[0]
+    R = clip.visual.input_resolution
+    images = torch.randn(batch, 3, R, R, device=device)
+    precision = train.resolve_precision("auto", device)
+    autocast = autocast_for(precision, device)
+
+    def forward():
+        with torch.no_grad(), autocast():
+            return clip.encode_image(images)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        forward()
+    flops = counter.get_total_flops()
+    seconds, _ = timed(forward, repeats, device)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    peak = next((p for key, p in PEAK_FLOPS if key in name), None) if device == "cuda" else None
+    at_peak = flops / peak if peak else float("nan")
+    share = f"{100 * at_peak / seconds:.1f} % of {name}'s {peak / 1e12:.0f} TFLOP/s" if peak else \
+        f"peak of {name} unknown"
+    return [(f"frozen image forward, {backbone} batch {batch} {precision}: {flops / seconds / 1e12:.2f} TFLOP/s "
+             f"achieved ({flops / batch / 1e9:.3g} GFLOP per image), {share}", seconds, at_peak,
+             at_peak / seconds, None)]
 
 
 def loop_row(clip, batch, steps, repeats, device):
@@ -260,29 +308,44 @@ def cap_memory():
 MEMORY_CASES = [("cocoop", "ViT-B/16"), ("codualpt", "RN50")]  # per-image prompts: images x classes (x M) texts
 
 
-def memory_rows(cases, classes, device):
-    """Peak memory of one training step on `classes` classes, text-tower checkpointing on against off: each
-    measured in its own process (CPU: peak RSS; CUDA: max allocated)."""
+def memory_rows(cases, classes, device, compare=True):
+    """Peak memory of one training step on `classes` classes at each method's paper batch size, each measured in
+    its own process (CPU: peak RSS; CUDA: max allocated). compare: text-tower checkpointing on against off; else
+    the method's defaults only."""
     rows = []
     for method, backbone in cases:
         measured = {}
-        for checkpoint in (True, False):
+        for checkpoint in (True, False) if compare else (True,):
             spec = json.dumps([method, backbone, classes, checkpoint, device])
             done = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", spec],
                                   capture_output=True, text=True, preexec_fn=cap_memory if device == "cpu" else None)
             if done.returncode:  # e.g. out of memory: the row says so instead of a number
-                measured[checkpoint] = dict(peak_mib=float("nan"), seconds=float("nan"),
-                                            error=(done.stderr.strip().splitlines() or ["killed"])[-1][:80])
+                error = (done.stderr.strip().splitlines() or ["killed"])[-1]
+                measured[checkpoint] = dict(peak_mib=float("nan"), seconds=float("nan"), error=error[:100])
             else:
                 measured[checkpoint] = json.loads(done.stdout.strip().splitlines()[-1])
-        on, off = measured[True], measured[False]
-        settings = f"{backbone}, batch {on.get('batch', off.get('batch'))}, {on.get('precision', off.get('precision'))}"
-        errors = "; ".join(m["error"] for m in (on, off) if "error" in m)
-        rows.append((f"one training step, {classes:,} classes: {method} ({settings}), peak +{on['peak_mib']:,.0f} MiB "
-                     f"with text checkpointing vs +{off['peak_mib']:,.0f} MiB without"
-                     f"{f' ({errors})' if errors else ''}", on["seconds"], off["seconds"],
-                     off["seconds"] / on["seconds"], None))
+        first = next((m for m in measured.values() if "error" not in m), {})
+        settings = f"{backbone}, batch {first.get('batch', '?')}, {first.get('precision', '?')}"
+        peaks = {k: f"+{m['peak_mib']:,.0f} MiB" if "error" not in m else f"failed ({m['error']})"
+                 for k, m in measured.items()}
+        head = f"one training step, {classes:,} classes: {method} ({settings}), peak"
+        if compare:
+            on, off = measured[True], measured[False]
+            rows.append((f"{head} {peaks[True]} with text checkpointing vs {peaks[False]} without", on["seconds"],
+                         off["seconds"], off["seconds"] / on["seconds"], None))
+        else:
+            rows.append((f"{head} {peaks[True]} (defaults)", measured[True]["seconds"], measured[True]["seconds"],
+                         1.0, None))
     return rows
+
+
+def paper_cases():
+    """(method, its paper's backbone) for every method that learns, but those of MEMORY_CASES."""
+    cases = []
+    for name, (module, changes) in train.METHODS.items():
+        if name != "zeroshot" and name not in dict(MEMORY_CASES):
+            cases.append((name, dataclasses.replace(module.Config(), **changes).backbone))
+    return cases
 
 
 def eval_row(clip, batch, repeats, device):
@@ -345,13 +408,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the default: fits a 2-core CPU in a few minutes")
     p.add_argument("--smoke", action="store_true", help="every row on `tiny`, in seconds (tests)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--memory", action="store_true", help="only the 1,000-class memory rows (also in --full)")
+    p.add_argument("--memory", action="store_true", help="only the 1,000-class memory rows, every method")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)  # one measurement of memory_rows, in its own process
     args = p.parse_args(argv)
     if args.memory_child:
         return memory_child(*json.loads(args.memory_child))
-    if args.memory:
-        return report(memory_rows(MEMORY_CASES, 1000, args.device), "--memory", args.device)
+    if args.memory:  # long on a CPU (half an hour on 2 cores)
+        rows = memory_rows(MEMORY_CASES, 1000, args.device) + memory_rows(paper_cases(), 1000, args.device, False)
+        return report(rows, "--memory", args.device)
     torch.manual_seed(0)
     device, repeats = args.device, 1 if args.smoke else 3
     tiny = clip_model.CONFIGS["tiny"]
@@ -365,6 +429,8 @@ def main(argv=None):
     rows += method_rows("tiny" if args.smoke else "ViT-B/16" if args.full else "ViT-B/32",
                         None if args.full else batch, repeats, device)
     rows += eval_row(clip, batch, repeats, device)
+    rows += utilisation_row("tiny" if args.smoke else "ViT-B/16", 2 if args.smoke else 256 if args.full else 8,
+                            repeats, device)
     rows += loop_row(clip, batch if args.smoke else 32, 4 if args.smoke else 20, repeats, device)
     rows += scaling_rows("tiny" if args.smoke else "ViT-B/16" if args.full else "ViT-B/32",
                          2 if args.smoke else 16 if args.full else 4, device)

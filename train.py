@@ -280,13 +280,14 @@ class Runner:
             loss_sum += loss.detach().double() * len(labels)
             correct += (logits.argmax(-1) == labels).sum()
             finite = torch.isfinite(loss.detach())
-            first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)
+            first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)  # a bad step is kept once found
         # after the epoch, in any process: all stop, before this epoch's checkpoint replaces the last good one
         bad_processes, = all_sum([first_bad >= 0], self.device)
         if bad_processes:
-            raise UserError(f"the loss is nan or inf at epoch {epoch + 1} (first at step {int(first_bad) + 1} in a "
-                            f"process that saw it): lower --lr or use --precision fp32 and start again; {out} "
-                            f"keeps the checkpoint and results.json of epoch {epoch} (the last good one)")
+            where = f"first at step {int(first_bad) + 1}" if first_bad >= 0 else "in another process"
+            raise UserError(f"the loss is nan or inf at epoch {epoch + 1} ({where}): lower --lr or use --precision "
+                            f"fp32 and start again; {out} keeps the checkpoint and results.json of epoch {epoch} "
+                            "(the last good one)")
         return all_sum([seen, loss_sum, correct], self.device)
 
     @torch.no_grad()

@@ -4,11 +4,14 @@ Every row is a ratio of two timings taken in this run on the same inputs (best o
 holds on any machine: our CLIP against OpenAI's code with identical random weights, the EOT-truncated text
 path against all 77 positions, CoCoOp batched against one image at a time, each method's training step
 against the frozen CLIP forward it adds to, evaluation with text features computed once against per
-batch, and two real train.py runs per scaling row: CoOp from 10 cached views against images every epoch,
-and torchrun DDP with 2 processes against 1 at the same global batch. Models have random weights (no
-download). --quick (default) fits a 2-core CPU in a few minutes;
---full trains on ViT-B/16 at each method's paper batch size (for a GPU); --smoke runs every row on `tiny`
-in seconds (the test suite does). Rows 1-2 need the dev requirements (clip-anytorch, open_clip_torch).
+batch, train.py's epoch against bare SGD steps, the frozen image forward's FLOP/s against the GPU's peak, and
+two real train.py runs per scaling row: CoOp from 10 cached views against images every epoch, and torchrun DDP
+with 2 processes against 1 at the same global batch. Models have random weights (no download). --quick
+(default) fits a 2-core CPU in a few minutes; --full trains on ViT-B/16 at each method's paper batch size, in
+the precision train.py picks, and adds the 1,000-class memory rows of CoCoOp and CoDUAL-PT, text checkpointing
+on against off (for a GPU); --memory measures one 1,000-class step for every method (each in its own process);
+--smoke runs every row on `tiny` in seconds (the test suite does). The rows against OpenAI's code need the dev
+requirements (clip-anytorch); without it they are skipped.
 """
 import argparse
 import contextlib
@@ -431,7 +434,7 @@ def main(argv=None):
     rows += eval_row(clip, batch, repeats, device)
     rows += utilisation_row("tiny" if args.smoke else "ViT-B/16", 2 if args.smoke else 256 if args.full else 8,
                             repeats, device)
-    rows += loop_row(clip, batch if args.smoke else 32, 4 if args.smoke else 20, repeats, device)
+    rows += loop_row(clip, batch if args.smoke else 32, 4 if args.smoke else 10, repeats, device)
     rows += scaling_rows("tiny" if args.smoke else "ViT-B/16" if args.full else "ViT-B/32",
                          2 if args.smoke else 16 if args.full else 4, device)
     if args.smoke:

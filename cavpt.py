@@ -177,7 +177,8 @@ class CAVPTCLIP(nn.Module):
         """Eq. 12: CE(logits) + aux_weight x CE of the class-aware prompt at the true class's slot, over the
         images whose label is among their top K (and every class-aware block). In the first guidance_epochs the
         official code's guidance replaces CE(logits) by CE(to learned text) + CE(to template) + 0.1 CE(logits)."""
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), labels)  # fp32 logits: under fp16 autocast the softmax over C
+        # classes would lose precision (the aux and guidance terms below too)
         if epoch < self.cfg.guidance_epochs:
             to_learned_text, to_template = (F.cross_entropy(z.float(), labels) for z in self.guidance)
             loss = to_learned_text + to_template + 0.1 * loss

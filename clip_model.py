@@ -334,8 +334,8 @@ class CLIP(nn.Module):
         return self.text_head(x, eot_index)
 
     def text_head(self, x, eot_index):
-        rows = torch.arange(x.shape[0], device=x.device)  # on the device: indexing with it copies nothing
-        return self.ln_final(x[rows, eot_index]) @ self.text_projection  # (N, E)
+        rows = torch.arange(x.shape[0], device=x.device)  # indices on x's device: indexing copies nothing
+        return self.ln_final(x[rows, eot_index.to(x.device)]) @ self.text_projection  # (N, E)
 
     def encode_text(self, tokens):
         return self.encode_text_embeddings(self.embed_text(tokens), tokens.argmax(-1))  # EOT is the largest id

@@ -250,7 +250,7 @@ class DualPT(nn.Module):
 
     def loss(self, logits, labels, epoch):
         """Eq. 9: beta L_LLM + (1 - beta) L_img, L_img = CE(logits), L_LLM of the last forward's prompts."""
-        image_loss = F.cross_entropy(logits.float(), labels)
+        image_loss = F.cross_entropy(logits.float(), labels)  # fp32 logits: exact softmax under any autocast
         if not self.cfg.beta:
             return image_loss
         return self.cfg.beta * self.llm_loss(self.text) + (1 - self.cfg.beta) * image_loss

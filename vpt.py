@@ -125,7 +125,7 @@ class VPTCLIP(nn.Module):
     def loss(self, logits, labels, epoch):
         """CE(logits); in the first guidance_epochs the official VLP code's guidance, each side against frozen
         CLIP's: CE(frozen image, learned text) + CE(prompted image, template text) + 0.1 CE(logits)."""
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), labels)  # fp32 logits: exact softmax under any autocast
         if epoch >= self.cfg.guidance_epochs:
             return loss
         images, image, text = self.guidance

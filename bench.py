@@ -157,6 +157,26 @@ def method_rows(backbone, batch, repeats, device):
     return rows
 
 
+def training_step(model, images, labels, device):
+    """One SGD step as train.py takes it (the precision it picks, fp16's scaler, the method's objective), as a
+    function to time; and that precision."""
+    learned = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(learned, lr=1e-6, momentum=0.9) if learned else None
+    precision = train.resolve_precision("auto", device)  # fp32 on a CPU, bf16 or fp16 on a GPU
+    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+
+    def step():
+        model.train()
+        with train.autocast(precision, device):
+            loss = train.objective(model, model(images), labels, 0)
+        if optimizer:
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    return step, precision
+
+
 def method_row(name, model, cfg, clip, backbone, batch, repeats, device):
     R = clip.visual.input_resolution
     B = batch or cfg.batch_size
@@ -164,36 +184,16 @@ def method_row(name, model, cfg, clip, backbone, batch, repeats, device):
     labels = torch.arange(B, device=device) % len(DTD)
     template = getattr(cfg, "template", "a photo of a {}.")
     tokens = clip_model.tokenize([template.format(c) for c in DTD]).to(device)
-    learned = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(learned, lr=1e-6, momentum=0.9) if learned else None
-    precision = train.resolve_precision("auto", device)  # as train.py runs it: fp32 on a CPU, bf16 or fp16 on a GPU
-    autocast = autocast_for(precision, device)
-    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+    step, precision = training_step(model, images, labels, device)
 
     def frozen():
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), train.autocast(precision, device):
             return clip(images, tokens)
-
-    def step():
-        model.train()
-        with autocast():
-            logits = model(images)
-            loss = model.loss(logits, labels, 0) if hasattr(model, "loss") else F.cross_entropy(logits.float(), labels)
-        if optimizer:
-            optimizer.zero_grad()
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
     peak = peak_memory_mib(step, device)  # the first step: it also allocates what later steps reuse
     t_frozen, _ = timed(frozen, repeats, device)
     t_step, _ = timed(step, repeats, device)
     return (f"train step / frozen forward: {name} ({backbone}, batch {B}, {precision}, {B / t_step:.0f} img/s), "
             f"peak +{peak:.0f} MiB", t_step, t_frozen, t_step / t_frozen, None)
-
-
-def autocast_for(precision, device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return functools.partial(torch.autocast, device, dtype=dtype, enabled=dtype is not None)
 
 
 # dense tensor-core peak FLOP/s in bf16 (fp16 where the GPU has no bf16), from the vendors' data sheets; the
@@ -210,10 +210,9 @@ def utilisation_row(backbone, batch, repeats, device):
     R = clip.visual.input_resolution
     images = torch.randn(batch, 3, R, R, device=device)
     precision = train.resolve_precision("auto", device)
-    autocast = autocast_for(precision, device)
 
     def forward():
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), train.autocast(precision, device):
             return clip.encode_image(images)
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         forward()
@@ -280,18 +279,7 @@ def memory_child(method, backbone, classes, checkpoint, device):
     R = clip.visual.input_resolution
     images = torch.randn(cfg.batch_size, 3, R, R, device=device)
     labels = torch.arange(cfg.batch_size, device=device) % classes
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
-    precision = train.resolve_precision("auto", device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-    def step():
-        model.train()
-        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            logits = model(images)
-            loss = model.loss(logits, labels, 0) if hasattr(model, "loss") else F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    step, precision = training_step(model, images, labels, device)
     start = time.perf_counter()
     peak = peak_memory_mib(step, device)
     if device == "cuda":

@@ -185,7 +185,8 @@ class Transformer(nn.Module):
 
     def forward(self, x, mask=None, checkpoint=False):
         """checkpoint: keep only each block's input for backward and recompute the rest there (activation
-        checkpointing: about 1.3x the compute for a fraction of the memory; exact). Only when gradients flow."""
+        checkpointing: one more forward of every block for a fraction of the memory; exact). Only with
+        gradients."""
         for block in self.resblocks:
             if checkpoint and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 QUESTION = ("What are the useful features for distinguishing a {} in a photo? "
             "Please just give me a list of short phrases.")  # the paper's, Eq. 3
 
-def load_json(path, kind, what):
+def load_json(path, kind, what):  # dualpt.py has the same 10 lines: importing it would load torch here
     """A JSON file's content if it is of type `kind`, else a ValueError that says what the file should hold."""
     try:
         content = json.loads(Path(path).read_text(encoding="utf-8"))

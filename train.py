@@ -158,6 +158,18 @@ def resolve_precision(requested, device):
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
+def autocast(precision, device):
+    """The context every forward runs in: bf16 or fp16 autocast, or none for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
+def objective(model, logits, labels, epoch):
+    """The loss a step minimises: the method's own `loss` (auxiliary terms, guidance), else cross-entropy on fp32
+    logits (an exact softmax under any autocast)."""
+    if hasattr(model, "loss"):
+        return model.loss(logits, labels, epoch)
+    return F.cross_entropy(logits.float(), labels)
+
 def learned_state(model):
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
@@ -209,8 +221,7 @@ class Runner:
         if args.device == "cuda":
             self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         self.precision = resolve_precision(args.precision, args.device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.autocast = lambda: torch.autocast(args.device, dtype=dtype, enabled=dtype is not None)
+        self.autocast = functools.partial(autocast, self.precision, args.device)
         # fp16 gradients of small losses underflow: the scaler multiplies the loss before backward and skips a
         # step whose gradients overflowed (learned parameters stay fp32 in every precision)
         self.scaler = torch.amp.GradScaler(args.device, enabled=self.precision == "fp16")
@@ -267,10 +278,7 @@ class Runner:
         for step, (inputs, labels) in enumerate(inputs_and_labels):
             with self.autocast():
                 logits = trainer(**inputs)
-                if hasattr(model, "loss"):  # the method's own objective (auxiliary terms, guidance)
-                    loss = model.loss(logits, labels, epoch)
-                else:
-                    loss = F.cross_entropy(logits.float(), labels)
+                loss = objective(model, logits, labels, epoch)
             optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()  # fp32 and bf16: the scaler is off and passes the loss through
             self.scaler.step(optimizer)
@@ -281,14 +289,14 @@ class Runner:
             correct += (logits.argmax(-1) == labels).sum()
             finite = torch.isfinite(loss.detach())
             first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)  # a bad step is kept once found
-        # after the epoch, in any process: all stop, before this epoch's checkpoint replaces the last good one
-        bad_processes, = all_sum([first_bad >= 0], self.device)
+        # one read after the epoch; a nan in any process stops all, before this epoch's checkpoint is written
+        seen, loss_sum, correct, bad_processes = all_sum([seen, loss_sum, correct, first_bad >= 0], self.device)
         if bad_processes:
             where = f"first at step {int(first_bad) + 1}" if first_bad >= 0 else "in another process"
             raise UserError(f"the loss is nan or inf at epoch {epoch + 1} ({where}): lower --lr or use --precision "
                             f"fp32 and start again; {out} keeps the checkpoint and results.json of epoch {epoch} "
                             "(the last good one)")
-        return all_sum([seen, loss_sum, correct], self.device)
+        return seen, loss_sum, correct
 
     @torch.no_grad()
     def evaluate(self, evalset):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import clip_model
 import data
@@ -74,13 +73,11 @@ def test_one_paper_sized_step(backbones, capsys, method, precision):
     learned = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(learned, lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with torch.autocast("cuda", dtype=dtype):
-        logits = model(images)
-        loss = model.loss(logits, labels, 0) if hasattr(model, "loss") else F.cross_entropy(logits.float(), labels)
+    with train.autocast(precision, "cuda"):
+        loss = train.objective(model, model(images), labels, 0)
     optimizer.zero_grad()
     scaler.scale(loss).backward()
     scaler.step(optimizer)

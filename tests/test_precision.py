@@ -36,7 +36,7 @@ def test_fp16_with_the_gradient_scaler_on_cpu(tmp_path, method):
     r = results(tmp_path)
     assert r["precision"] == "fp16" and math.isfinite(r["history"][0]["loss"])
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert ckpt["precision"] == "fp16" and ckpt["scaler"]["scale"] > 1  # the scaler ran, at its growing scale
+    assert ckpt["precision"] == "fp16" and ckpt["scaler"]["scale"] > 1  # an enabled scaler's state (off: {})
     assert all(v.dtype == torch.float32 for v in ckpt["learned"].values())  # learned parameters stay fp32
 
 
@@ -110,7 +110,7 @@ def test_the_loop_reads_nothing_per_step(monkeypatch, method):
 @pytest.mark.parametrize("build,cfg", [(coop.build, coop.Config(conditional=True, n_ctx=4, checkpoint_prompts=4)),
                                        (dualpt.build, dualpt.Config(conditional=True, n_ctx=4,
                                                                     checkpoint_prompts=4))])
-def test_text_checkpointing_changes_no_number(build, cfg):
+def test_text_checkpointing_changes_no_number(monkeypatch, build, cfg):
     """Activation checkpointing through the text tower (on for large passes) gives the same loss and gradients."""
     clip = clip_model.load("tiny", pretrained=False)[0]
     names = ["red circle", "blue square", "green triangle"]
@@ -120,20 +120,14 @@ def test_text_checkpointing_changes_no_number(build, cfg):
     def loss_and_grads(cfg):
         torch.manual_seed(0)
         model = build(clip, names, cfg).train()
-        logits = model(images)
-        loss = model.loss(logits, labels, 0) if hasattr(model, "loss") else torch.nn.functional.cross_entropy(
-            logits, labels)
-        learned = [p for p in model.parameters() if p.requires_grad]
-        return loss, torch.autograd.grad(loss, learned)
+        loss = train.objective(model, model(images), labels, 0)
+        return loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    plain_loss, plain_grads = loss_and_grads(dataclasses.replace(cfg, checkpoint_prompts=0))
     calls = []
     original = torch.utils.checkpoint.checkpoint
-    torch.utils.checkpoint.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
-    try:
-        loss, grads = loss_and_grads(cfg)
-    finally:
-        torch.utils.checkpoint.checkpoint = original
-    assert calls  # checkpointing ran
-    plain_loss, plain_grads = loss_and_grads(dataclasses.replace(cfg, checkpoint_prompts=0))
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    loss, grads = loss_and_grads(cfg)
+    assert len(calls) == len(clip.transformer.resblocks)  # every text block checkpointed, in one pass
     torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
     for g, h in zip(grads, plain_grads):
         torch.testing.assert_close(g, h, rtol=0, atol=0)

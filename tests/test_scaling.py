@@ -68,8 +68,10 @@ sys.path.insert(0, {root!r})
 import train
 dist.init_process_group("gloo")
 codes = [train.main(argv) for argv in {runs!r}]
+rank = dist.get_rank()
 dist.destroy_process_group()
-print("exit codes", codes)
+if rank == 0:  # one line: two processes printing at once can interleave theirs
+    print("exit codes", codes)
 """
 METHOD_RUNS = {  # every training path through DDP: deep prompts, extra losses and groups, OT, per-image prompts
     "vpt": [], "cavpt": [], "mudpt": [], "dualpt": ["--set", "descriptions=descriptions/demo.json"],

@@ -246,7 +246,8 @@ def main(argv=None):
         images = torch.stack([preprocess(im) for im in pil])
         labels = torch.tensor([y for _, y in items])
         module = train.METHODS[name][0]
-        model_cfg = replace(cfg, template=ds.template) if hasattr(cfg, "template") else cfg
+        from_data = {k: v for k, v in dict(template=ds.template, dataset=ds.name).items() if hasattr(cfg, k)}
+        model_cfg = replace(cfg, **from_data)
         model = module.build(clip, ds.classnames, model_cfg)
         model.load_state_dict(learned, strict=False)
         zeroshot = train.coop.build(clip, ds.classnames, train.coop.Config(n_ctx=0, template=ds.template))

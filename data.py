@@ -59,6 +59,7 @@ class Dataset:
 @dataclass
 class Task:
     dataset: str
+    root: Path             # the dataset's folder
     classnames: list       # what the model is trained on
     template: str
     train: list
@@ -224,7 +225,7 @@ def make_task(data, protocol="fewshot", shots=16, seed=1, eval_data=()):
     if missing:
         raise DataError(f"{missing} is named by the dataset's split but does not exist: the download is "
                         f"incomplete or the folder layout differs ({HELP})")
-    return Task(ds.name, ds.classnames, ds.template, ds.train, ds.val, evals)
+    return Task(ds.name, ds.root, ds.classnames, ds.template, ds.train, ds.val, evals)
 
 class ImageDataset(torch.utils.data.Dataset):
     """(image, label); image i's augmentation depends on (seed, i) only: the same in any process, worker or order."""

@@ -1,4 +1,5 @@
-"""DUAL-PT and CoDUAL-PT: M learned prompts graph-matched to local image features and aligned with LLM descriptions.
+"""DUAL-PT, CoDUAL-PT and PLOT: M learned prompts transported to local image features (DUAL-PT: graph-matched, with LLM
+descriptions).
 
 Hu et al., "Context-Aware Prompt Tuning for Vision-Language Model with Dual-Alignment", 2023,
 https://arxiv.org/abs/2309.04158. No official code; the transport is written as PLOT's official code (Chen et
@@ -9,16 +10,19 @@ M text features per class against the image's N local features: a transport plan
 from node costs (1 - cos of region and prompt: Wasserstein) and edge costs (the regions' similarities among
 themselves against the prompts': Gromov-Wasserstein), weights the region-prompt similarities into the logit
 (Eq. 8). A distillation loss pulls the prompts toward an LLM's short descriptions of each class (Eq. 5).
-CoDUAL-PT adds CoCoOp's meta-net: the global image feature shifts every context.
+CoDUAL-PT adds CoCoOp's meta-net: the global image feature shifts every context. PLOT (Chen et al., ICLR 2023) is
+the transport alone: alpha 0 (node costs only), beta 0 (no descriptions), its own schedule and stopping rule.
 
 - Learned: `ctx` (M, n_ctx, D), M = 4 unified contexts; CoDUAL-PT adds `meta_net` E -> E/16 -> D.
 - Injected where: rows 1..n_ctx of "[SOT] X ... X {class}. [EOT]", one prompt per class and context.
 - Frozen: all of CLIP; the plan (no gradient); the descriptions' text features (encoded once, at build).
 - Deviations (ours where the paper is silent, PLOT's where it is about transport; details on their lines):
   - Marginals p = 1/N over regions, q = 1/M over prompts (the paper's text swaps them).
-  - Sinkhorn stops on the plan's row sums (PLOT: on the change of a).
+  - Sinkhorn stops on the plan's row sums (PLOT: on the change of a; `sinkhorn_stop=plot`, the plot variant's).
   - Eq. 5's cosine of an M x E and an e x E matrix is the cosine of their means.
   - CoDUAL-PT's settings (see `VARIANTS`) and its meta-net's zero init.
+  - PLOT: the official rn50.yaml's batch 128 on every dataset (its comment: 32 for small ones such as FGVC Aircraft;
+    pass --batch-size 32 there); Sinkhorn in the log domain (the official: the plain kernel; equal up to rounding).
 """
 import json
 import math
@@ -49,6 +53,13 @@ class Config:
     sinkhorn_iters: int = 100           # at most, per Sinkhorn (PLOT)
     sinkhorn_tol: float = 1e-4          # stop when the plan's row sums are this close (L1; ours; PLOT: when a's
                                         # mean change is below 0.01); 0 = always sinkhorn_iters
+    sinkhorn_stop: str = "rows"         # rows: the rule above (each plan's row sums, ours) | plot: PLOT's, the mean
+                                        # change of the scaling a over all plans below sinkhorn_tol, checked from
+                                        # the first step
+    global_logit: str = "never"         # PLOT's extra logit, scale * cos(global image feature, mean of the M prompt
+                                        # features): never | imagenet (on when the dataset is ImageNet, as PLOT's
+                                        # code) | always
+    dataset: str = ""                   # train.py sets the dataset's name (global_logit=imagenet reads it)
     max_prompts: int = 32768            # CoDUAL-PT: images x classes x prompts per text-encoder pass
     checkpoint_prompts: int = 1000      # activation checkpointing in the text tower for training passes of at
                                         # least this many prompts (ImageNet: 4,000; exact); 0 = never
@@ -60,19 +71,27 @@ class Config:
 VARIANTS = {"dualpt": dict(),  # --method name -> the Config changes that make it
             # CoDUAL-PT (ours; the paper gives none): CoCoOp's 4 context tokens from "a photo of a" (prompt 0),
             # 10 epochs and batch 1
-            "codualpt": dict(conditional=True, n_ctx=4, ctx_init="a photo of a", epochs=10, batch_size=1)}
+            "codualpt": dict(conditional=True, n_ctx=4, ctx_init="a photo of a", epochs=10, batch_size=1),
+            # PLOT: the Wasserstein transport alone, with the official plot-coop's rn50.yaml and trainer: M = 4, 16
+            # tokens, lambda (its eps) 0.1, at most 100 Sinkhorn steps stopped by its rule, 50 epochs at every shot
+            # count, batch 128, lr 0.002, and the global logit added on ImageNet
+            "plot": dict(alpha=0.0, beta=0.0, sinkhorn_stop="plot", sinkhorn_tol=0.01, global_logit="imagenet",
+                         epochs=50, batch_size=128)}
 
-def sinkhorn(log_kernel, log_p, log_q, iters=100, tol=1e-4):
+def sinkhorn(log_kernel, log_p, log_q, iters=100, tol=1e-4, stop="rows"):
     """Entropic OT in the log domain: log kernel (..., R, S) = -cost / lambda (Algorithm 1's K), marginals log p
     (..., R) and log q (..., S) (-inf = no mass) -> T = diag(a) K diag(b) (..., R, S), rows summing to p and
-    columns to q."""
+    columns to q. Stops after `iters` steps, or earlier by the `stop` rule (Config.sinkhorn_stop) at `tol`."""
     u = torch.zeros_like(log_kernel[..., 0])  # log a: a = 1 at the start (PLOT)
     v = torch.zeros_like(log_kernel[..., 0, :])  # log b: b = 1
     for i in range(iters):
         previous = u
         u = log_p - torch.logsumexp(log_kernel + v[..., None, :], dim=-1)  # a = p / K b
         v = log_q - torch.logsumexp(log_kernel + u[..., None], dim=-2)  # b = q / K^T a
-        if i and tol:  # the previous plan's row sums were p exp(previous - u): stop once they are close to p
+        if stop == "plot":  # PLOT's rule: the mean change of a, over every plan at once, from the first step
+            if float((u.exp() - previous.exp()).abs().mean()) < tol:
+                break
+        elif i and tol:  # the previous plan's row sums were p exp(previous - u): stop once they are close to p
             row_error = (log_p.exp() * (previous - u).expm1().abs()).sum(-1)  # (...,) L1 error of each plan
             if float(row_error.max()) < tol:  # the worst plan decides: one host sync per step
                 break
@@ -101,7 +120,8 @@ def graph_plan(local, text, cfg):
             if cfg.alpha:
                 cost_gw = C_zw - 2 * C_z @ plan @ C_w.transpose(-1, -2)  # (B, C, N, M) C_GWD at this plan
                 cost = cfg.alpha * cost_gw + (1 - cfg.alpha) * cost_wd  # C_graph
-            plan = sinkhorn(-cost / cfg.ot_lambda, log_p, log_q, cfg.sinkhorn_iters, cfg.sinkhorn_tol)
+            plan = sinkhorn(-cost / cfg.ot_lambda, log_p, log_q, cfg.sinkhorn_iters, cfg.sinkhorn_tol,
+                            cfg.sinkhorn_stop)
     assert not plan.isnan().any(), "NaN in the transport plan"
     return plan
 
@@ -200,14 +220,17 @@ class DualPT(nn.Module):
         self.register_buffer("desc_log_q", log_q, persistent=False)  # wd's marginal over the descriptions
         self.cached = None  # (version, (C, M, E) text features), reused while evaluating
         self.text = self.plan = None  # kept by a forward: the text features for loss(), the plan for analysis
+        # PLOT's extra logit: the official code adds it when its dataset is ImageNet
+        self.global_logit = cfg.global_logit == "always" or (cfg.global_logit == "imagenet" and
+                                                             cfg.dataset == "ImageNet")
 
     def encode_prompts(self, prompts):
-        """(..., C, M, L, D) -> (..., C, M, E) normalised text features, all prompts in one EOT-cut pass."""
+        """(..., C, M, L, D) -> (..., C, M, E) text features (not normalised), all prompts in one EOT-cut pass."""
         eot = self.prompt_learner.eot[:, None].expand(prompts.shape[:-2])
         flat = prompts.flatten(0, -3)  # (P, L, D), P prompts
         checkpoint = 0 < self.cfg.checkpoint_prompts <= len(flat)  # memory for compute, when the pass is large
         x = self.clip.encode_text_embeddings(flat, eot.flatten(), checkpoint)
-        return F.normalize(x, dim=-1).view(*prompts.shape[:-2], -1)
+        return x.view(*prompts.shape[:-2], -1)
 
     def frozen_features(self, images):  # the image tower is frozen: train.py may cache these (--cache-features)
         return F.normalize(self.clip.visual.dense(images), dim=-1)  # (B, 1+N, E): global, then N local
@@ -229,9 +252,13 @@ class DualPT(nn.Module):
             if self.cached is None or self.cached[0] != key:
                 self.cached = key, self.encode_prompts(self.prompt_learner())
             text = self.cached[1]
+        features, text = text, F.normalize(text, dim=-1)  # (..., C, M, E): as encoded, and normalised
         self.plan = graph_plan(local, text, self.cfg)  # (B, C, N, M), no gradient
         similarity = local[:, None] @ text.transpose(-1, -2)  # (B, C, N, M): region i against prompt j, Z P_c^T
         logits = self.clip.logit_scale.exp() * (self.plan * similarity).sum((-2, -1))  # (B, C), Eq. 8
+        if self.global_logit:  # PLOT: + the global image feature against the mean of the M prompts' features
+            pooled = F.normalize(features.mean(-2), dim=-1)  # (C, E) or (B, C, E), averaged before normalising
+            logits = logits + self.clip.logit_scale.exp() * (pooled @ dense[:, 0, :, None]).squeeze(-1)  # (B, C)
         if self.training:  # for loss()
             self.text = text
         return logits
@@ -245,7 +272,8 @@ class DualPT(nn.Module):
         with torch.no_grad(), torch.autocast(cost.device.type, enabled=False):  # the plan in fp32, as graph_plan
             log_p = cost.new_full(cost.shape[-2:-1], -math.log(cost.shape[-2]), dtype=torch.float)  # (M,) uniform
             log_kernel = (text.float() @ self.desc.transpose(-1, -2) - 1) / self.cfg.ot_lambda  # -C / lambda
-            plan = sinkhorn(log_kernel, log_p, self.desc_log_q, self.cfg.sinkhorn_iters, self.cfg.sinkhorn_tol)
+            plan = sinkhorn(log_kernel, log_p, self.desc_log_q, self.cfg.sinkhorn_iters, self.cfg.sinkhorn_tol,
+                            self.cfg.sinkhorn_stop)
         return (plan * cost).sum((-2, -1)).mean()
 
     def loss(self, logits, labels, epoch):
@@ -265,6 +293,10 @@ def check_config(cfg):
     """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
     if cfg.distill not in ("cosine", "wd"):
         raise ValueError(f"distill={cfg.distill!r}: use cosine or wd")
+    if cfg.sinkhorn_stop not in ("rows", "plot"):
+        raise ValueError(f"sinkhorn_stop={cfg.sinkhorn_stop!r}: use rows or plot")
+    if cfg.global_logit not in ("never", "imagenet", "always"):
+        raise ValueError(f"global_logit={cfg.global_logit!r}: use never, imagenet or always")
     for name, ok, rule in [("n_prompts", cfg.n_prompts >= 1, "1 or more"), ("n_ctx", cfg.n_ctx >= 0, "0 or more"),
                            ("alpha", 0 <= cfg.alpha <= 1, "in [0, 1]"), ("beta", 0 <= cfg.beta < 1, "in [0, 1)"),
                            ("ot_lambda", cfg.ot_lambda > 0, "above 0"), ("gw_iters", cfg.gw_iters >= 1, "1 or more"),

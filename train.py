@@ -236,10 +236,12 @@ class Runner:
                 if isinstance(block, COMPILED):
                     block.compile()
         torch.manual_seed(args.seed)  # the method's own initialisation
-        self.model = self.build(task.classnames, task.template)
+        self.model = self.build(task.classnames, task.template, task.dataset)
 
-    def build(self, classnames, template):
-        cfg = dataclasses.replace(self.cfg, template=template) if hasattr(self.cfg, "template") else self.cfg
+    def build(self, classnames, template, dataset):
+        """The method for these classes; a Config's `template` and `dataset` fields take the data's."""
+        from_data = {k: v for k, v in dict(template=template, dataset=dataset).items() if hasattr(self.cfg, k)}
+        cfg = dataclasses.replace(self.cfg, **from_data)
         try:
             return self.module.build(self.clip, classnames, cfg).to(self.device)
         except ValueError as e:  # a Config value the method rejects
@@ -259,9 +261,11 @@ class Runner:
 
     def model_for(self, evalset):
         """The trained model, or the method rebuilt for another class set with the learned parameters."""
-        if (evalset.classnames, evalset.template) == (self.task.classnames, self.task.template):
+        dataset = self.task.dataset if evalset.root == self.task.root else evalset.name  # test, base, new: the task's
+        same_dataset = dataset == self.task.dataset or not hasattr(self.cfg, "dataset")  # matters only to a Config
+        if (evalset.classnames, evalset.template) == (self.task.classnames, self.task.template) and same_dataset:
             return self.model
-        model = self.build(evalset.classnames, evalset.template)
+        model = self.build(evalset.classnames, evalset.template, dataset)
         self.load_learned(model, learned_state(self.model), "training")
         return model
 
@@ -362,7 +366,7 @@ def run(args):
         if not args.checkpoint:
             raise UserError("--eval-only needs --checkpoint PATH (the checkpoint.pt of a finished run)")
         ckpt = load_checkpoint(args.checkpoint, args.method)
-        known = dataclasses.asdict(cfg).keys() - {"template"}  # the saved config also holds run options
+        known = dataclasses.asdict(cfg).keys() - {"template", "dataset"}  # the saved config also holds run options
         cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k in known})
     shots = 0 if args.eval_only else args.shots
     task = data.make_task(args.data, args.protocol, shots, args.seed, args.eval_data)

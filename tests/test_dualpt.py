@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+import data
 import describe
 import dualpt
 import train
@@ -156,11 +157,24 @@ def test_parameter_counts_for_rn50(variant, changes, count):
     assert count in (32_768, 107_072, 8_192)
 
 
-@pytest.mark.parametrize("variant,count", [("dualpt", 32_768), ("codualpt", 107_072)])
+@pytest.mark.parametrize("variant,count", [("dualpt", 32_768), ("codualpt", 107_072), ("plot", 32_768)])
 def test_dry_run_reports_the_counts(tmp_path, variant, count):
-    r = train.run(train.parse_args(["--method", variant, "--data", "demo", "--backbone", "RN50", "--init", "random",
+    r = train.run(train.parse_args(["--method", variant, "--data", "demo", "--init", "random", "--dry-run",
+                                    "--output", str(tmp_path)]))
+    assert r["backbone"] == "RN50" and r["learned_params"] == count and r["config"]["n_prompts"] == 4
+
+
+def test_plot_is_the_official_configuration(tmp_path):
+    """PLOT's plot-coop: rn50.yaml (50 epochs at every shot count, batch 128, lr 0.002), main.sh (N = 4, 16 tokens),
+    the trainer (eps 0.1, at most 100 Sinkhorn steps, threshold 1e-2 on a's mean change, ImageNet's extra logit)."""
+    r = train.run(train.parse_args(["--method", "plot", "--data", "demo", "--shots", "1", "--init", "random",
                                     "--dry-run", "--output", str(tmp_path)]))
-    assert r["learned_params"] == count and r["config"]["n_prompts"] == 4
+    cfg = r["config"]
+    assert (r["epochs"], cfg["batch_size"], cfg["lr"], cfg["warmup_epochs"]) == (50, 128, 0.002, 1)
+    assert (cfg["n_prompts"], cfg["n_ctx"], cfg["ctx_init"], cfg["ot_lambda"]) == (4, 16, "", 0.1)
+    assert (cfg["alpha"], cfg["beta"], cfg["conditional"]) == (0.0, 0.0, False)
+    assert (cfg["sinkhorn_iters"], cfg["sinkhorn_stop"], cfg["sinkhorn_tol"]) == (100, "plot", 0.01)
+    assert cfg["global_logit"] == "imagenet"
 
 
 # ---- the model ----
@@ -184,6 +198,94 @@ def test_logits_are_eq8_over_local_features(clip, clip_rn):
         expected = backbone.logit_scale.exp() * torch.einsum("bknm,bne,kme->bk", plan, local, text)
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
         assert local.shape[1] == {32: 16, 64: 4}[backbone.visual.input_resolution]  # 4x4 patches, 2x2 pool grid
+
+
+def official_plot_logits(backbone, model, x, imagenet):
+    """PLOT's CustomCLIP.forward (plot-coop's trainer), in float64 from our towers' features: the plain kernel
+    exp(-(1 - sim) / 0.1), a = b = 1 at the start, stop once a's mean change over every (image, class) pair is
+    below 1e-2 (at most 100 steps); on ImageNet + scale * cos(global feature, the mean of the N prompts' features)."""
+    dense = backbone.visual.dense(x).double()
+    pool, local = F.normalize(dense[:, 0], dim=-1), F.normalize(dense[:, 1:], dim=-1)  # (B, E), (B, N, E)
+    raw = []
+    for m in range(len(model.prompt_learner.ctx)):  # prompt m for every class, through CLIP's own text path
+        tokens = clip_model.tokenize([" ".join(["X"] * 16 + [n.replace("_", " ")]) + "." for n in NAMES])
+        embedded = backbone.embed_text(tokens)
+        embedded[:, 1:17] = model.prompt_learner.ctx[m]
+        raw.append(backbone.encode_text_embeddings(embedded, tokens.argmax(-1)).double())
+    raw = torch.stack(raw)  # (M, K, E), the official code's (N, n_cls, d)
+    text = F.normalize(raw, dim=-1)
+    sim = torch.einsum("bne,mke->bknm", local, text).flatten(0, 1)  # (B K, N, M)
+    kernel = torch.exp(-(1 - sim) / 0.1)
+    p = torch.full(sim.shape[:2], 1 / sim.shape[1], dtype=sim.dtype)  # 1/N over the regions
+    q = torch.full(sim.shape[::2], 1 / sim.shape[2], dtype=sim.dtype)  # 1/M over the prompts
+    a, b = torch.ones_like(p), torch.ones_like(q)
+    for _ in range(100):
+        previous = a
+        a = p / (kernel @ b[..., None])[..., 0]
+        b = q / (kernel.transpose(1, 2) @ a[..., None])[..., 0]
+        if (a - previous).abs().mean() < 1e-2:
+            break
+    plan = a[..., None] * kernel * b[:, None]
+    scale = backbone.logit_scale.exp().double()
+    logits = scale * (plan * sim).sum((1, 2)).view(len(x), len(NAMES))
+    if imagenet:
+        logits = logits + scale * pool @ F.normalize(raw.mean(0), dim=-1).T
+    return logits
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dataset", ["ImageNet", "DescribableTextures"])
+def test_plot_logits_match_the_official_forward(clip_rn, dataset):
+    torch.manual_seed(0)
+    model = dualpt.build(clip_rn, NAMES, config("plot", dataset=dataset)).eval()
+    x = images(clip_rn, 3)
+    expected = official_plot_logits(clip_rn, model, x, imagenet=dataset == "ImageNet")
+    torch.testing.assert_close(model(x).double(), expected, rtol=0, atol=1e-4)
+    assert model.global_logit == (dataset == "ImageNet")
+    always = dualpt.build(clip_rn, NAMES, config("plot", global_logit="always")).eval()
+    always.load_state_dict(model.state_dict())
+    torch.testing.assert_close(always(x).double(), official_plot_logits(clip_rn, model, x, imagenet=True),
+                               rtol=0, atol=1e-4)
+
+
+def test_plot_stopping_rule_is_the_official_one():
+    """Sinkhorn with stop=plot ends at the step where a's mean change over all plans first drops below tol, the
+    step before (and the converged plan) measurably different, so the rule is what the test sees."""
+    cost = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    log_p, log_q = torch.full((6,), -math.log(6), dtype=torch.float64), torch.full((4,), -math.log(4),
+                                                                                    dtype=torch.float64)
+    kernel, a, b = torch.exp(-cost / 0.5), torch.ones(3, 6, dtype=torch.float64), torch.ones(3, 4, dtype=torch.float64)
+    plans = []
+    for _ in range(100):
+        previous = a
+        a = (1 / 6) / (kernel @ b[..., None])[..., 0]
+        b = (1 / 4) / (kernel.transpose(1, 2) @ a[..., None])[..., 0]
+        plans.append(a[..., None] * kernel * b[:, None])
+        if (a - previous).abs().mean() < 1e-2:
+            break
+    assert 2 <= len(plans) < 100
+    ours = dualpt.sinkhorn(-cost / 0.5, log_p, log_q, 100, 1e-2, stop="plot")
+    torch.testing.assert_close(ours, plans[-1], rtol=0, atol=1e-12)
+    converged = dualpt.sinkhorn(-cost / 0.5, log_p, log_q, 2000, 0.0)
+    assert (plans[-1] - plans[-2]).abs().max() > 1e-6 and (ours - converged).abs().max() > 1e-6
+
+
+def test_train_gives_plot_the_dataset_name(tmp_path):
+    """train.py fills Config.dataset: PLOT's extra logit is on for ImageNet, off for a DG target (the official
+    code keys it on the dataset being evaluated), which gets its own model with the learned prompts."""
+    from test_data import WNIDS, make_imagenet, make_variant
+    make_imagenet(tmp_path)
+    make_variant(tmp_path, "imagenetv2", WNIDS[:3])
+    args = train.parse_args(["--method", "plot", "--data", str(tmp_path / "imagenet"), "--protocol", "dg",
+                             "--backbone", "tiny-rn", "--init", "random", "--shots", "1"])
+    module, cfg = train.make_config(args)
+    task = data.make_task(args.data, args.protocol, 1, 1)
+    runner = train.Runner(args, module, cfg, task)
+    assert runner.model.cfg.dataset == "ImageNet" and runner.model.global_logit
+    assert runner.model_for(task.evals[0]) is runner.model
+    target = runner.model_for(task.evals[1])
+    assert target.cfg.dataset == "ImageNetV2" and not target.global_logit
+    assert torch.equal(target.prompt_learner.ctx, runner.model.prompt_learner.ctx)
 
 
 @torch.no_grad()
@@ -232,7 +334,7 @@ def _sinkhorn64(cost, lam=0.1, iters=2000):
     return np.diag(a) @ K @ np.diag(b)
 
 
-@pytest.mark.parametrize("variant", list(dualpt.VARIANTS))
+@pytest.mark.parametrize("variant", ["dualpt", "codualpt"])  # PLOT has no descriptions: beta 0
 @pytest.mark.parametrize("distill", ["cosine", "wd"])
 def test_total_loss_is_eq9(clip, tmp_path, variant, distill):
     """loss() = beta L_LLM + (1 - beta) CE, with L_LLM from descriptions of unequal counts (1, 2, 3 per class:

@@ -146,7 +146,8 @@ def method_rows(backbone, batch, repeats, device):
     """Per method: one training step (forward, loss, backward, SGD) against the frozen CLIP forward.
     batch None: each method's own batch size (the papers')."""
     rows = []
-    for name, (module, changes) in train.METHODS.items():
+    for name in train.TRAINED:  # the fitted-only methods take no SGD steps
+        module, changes = train.METHODS[name]
         cfg = dataclasses.replace(module.Config(), **changes)
         clip = clip_model.load(backbone, device=device, pretrained=False)[0]
         try:
@@ -333,7 +334,8 @@ def memory_rows(cases, classes, device, compare=True):
 def paper_cases():
     """(method, its paper's backbone) for every method that learns, but those of MEMORY_CASES."""
     cases = []
-    for name, (module, changes) in train.METHODS.items():
+    for name in train.TRAINED:
+        module, changes = train.METHODS[name]
         if name != "zeroshot" and name not in dict(MEMORY_CASES):
             cases.append((name, dataclasses.replace(module.Config(), **changes).backbone))
     return cases

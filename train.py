@@ -6,9 +6,18 @@ classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C). Opti
 cross-entropy), `param_groups(cfg)` (learned parameters in groups, each with its own "lr" and "warmup_epochs";
 default one group at cfg.lr), `check_config(cfg)` (a ValueError for values it cannot use, raised before CLIP loads),
 `class_specific = True` (learned parameters tied to the training classes), and, when its image tower is frozen,
-`frozen_features(images)` with `forward(features=...)` (for `--cache-features`). This file does the rest, the same
-for every method: data, SGD with CoOp's warm-up + cosine schedule, precision, evaluation per protocol, atomic
-checkpoints and exact resume, results.json and log.txt, on one device or on N GPUs under torchrun.
+`frozen_features(images)` with `forward(features=...)` (for `--cache-features`). A Config may name its optimizer
+(`optimizer`: sgd, the default, or adam; see OPTIMIZERS) and a module its epochs by shots (`SCHEDULE`, used when
+Config.epochs is 0; default CoOp's).
+
+A method fitted on frozen features rather than (or before being) trained by SGD has `fit(encode)`: called once,
+before the first epoch (never under --eval-only), it sets its parameters from `encode(split, views=0)` -> (features,
+labels) of the task's "train" or "val" images through its `frozen_features`: un-augmented (n, ...), or `views`
+augmented copies (views, n, ...) where view v is the augmentation epoch v draws. It returns a dict of what it chose
+(results.json keeps it as "fit"). A Config without `epochs` marks a method fitted only (the linear probe): no SGD
+epochs, and --epochs, --batch-size, --lr are refused. This file does the rest, the same for every method: data, SGD
+with CoOp's warm-up + cosine schedule, precision, evaluation per protocol, atomic checkpoints and exact resume,
+results.json and log.txt, on one device or on N GPUs under torchrun.
 """
 import argparse
 import dataclasses
@@ -33,11 +42,17 @@ import clip_model
 import coop
 import data
 import dualpt
+import linear_probe
+import maple
 import mudpt
+import proda
+import taskres
 import vpt
 
-METHOD_FILES = [coop, vpt, cavpt, mudpt, dualpt, bias_tuning]  # a new method adds its module here
+# a new method file: add it here
+METHOD_FILES = [coop, vpt, cavpt, mudpt, maple, dualpt, proda, bias_tuning, taskres, linear_probe]
 METHODS = {name: (module, changes) for module in METHOD_FILES for name, changes in module.VARIANTS.items()}
+TRAINED = [name for name, (module, _) in METHODS.items() if hasattr(module.Config, "epochs")]  # the rest: fitted only
 BACKBONES = list(clip_model.CONFIGS)
 WARMUP_LR = 1e-5  # Dassl's WARMUP_CONS_LR, in every CoOp-family config
 COMPILED = (clip_model.ResidualAttentionBlock, clip_model.Bottleneck, clip_model.AttentionPool2d)  # --compile
@@ -126,6 +141,10 @@ def make_config(args):
         cfg = dataclasses.replace(cfg, **{key: parse_value(getattr(cfg, key), value, key)})
     check_config(args, module, cfg)  # before the flags: check_flags has checked those
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "backbone": args.backbone}
+    for flag in ("epochs", "batch_size", "lr"):
+        if fitted_only(cfg) and flags[flag] is not None:
+            raise UserError(f"--{flag.replace('_', '-')}: {args.method} is fitted on the frozen features, not trained "
+                            "in SGD epochs; drop the flag (--help-config shows what it has)")
     return module, dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
 
 def parse_value(default, text, key):
@@ -138,9 +157,22 @@ def parse_value(default, text, key):
     except ValueError:
         raise UserError(f"--set {key}={text}: expected a {type(default).__name__}") from None
 
-def epochs_for(cfg, shots):
-    """cfg.epochs, or 0 = CoOp's schedule by shots: 50 (1 shot), 100 (2 and 4), 200 (8, 16, all)."""
-    return cfg.epochs or {1: 50, 2: 100, 4: 100}.get(shots, 200)
+def fitted_only(cfg):
+    """A method without SGD epochs: its Config has no `epochs` (the linear probe; see fit() above)."""
+    return not hasattr(cfg, "epochs")
+
+def epoch_seed(seed, epoch):
+    """The seed of an epoch's data order and augmentation (and of --cache-features' and fit()'s view `epoch`)."""
+    return seed * 100_003 + epoch
+
+def epochs_for(cfg, shots, module):
+    """cfg.epochs, or 0 = by shots: the module's SCHEDULE, else CoOp's: 50 (1 shot), 100 (2 and 4), 200 (8, 16, all)."""
+    return cfg.epochs or getattr(module, "SCHEDULE", {1: 50, 2: 100, 4: 100}).get(shots, 200)
+
+OPTIMIZERS = {  # Config.optimizer -> Dassl's optimizer of that name (weight decay 5e-4: L2 added to the gradient)
+    "sgd": functools.partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4),
+    "adam": functools.partial(torch.optim.Adam, betas=(0.9, 0.999), weight_decay=5e-4),
+}
 
 def lr_at(epoch, base_lr, epochs, warmup_epochs):
     """Dassl's constant warm-up then cosine (WARMUP_RECOUNT): the cosine restarts at 0 after warm-up, over
@@ -318,10 +350,11 @@ class Runner:
         return 100 * all_sum([correct], self.device)[0] / len(evalset.test)
 
     @torch.no_grad()
-    def encode_views(self, items, seeds, folder):
-        """(V, n, ...) features of the images augmented with each of V epoch seeds: on the device, or memory-mapped."""
-        loader = data.loader(items, data.train_transform(self.n_px), 100, train=False, workers=self.workers,
-                             device=self.args.device)
+    def encode_views(self, items, seeds, folder, transform=None):
+        """(V, n, ...) features of the images augmented with each of V epoch seeds (or in `transform`): on the device,
+        or memory-mapped."""
+        transform = transform or data.train_transform(self.n_px)
+        loader = data.loader(items, transform, 100, train=False, workers=self.workers, device=self.args.device)
         model = self.model.eval()
         store = None  # (V, n, ...) once the first batch shows the features' shape
         for v, seed in enumerate(seeds):
@@ -340,6 +373,15 @@ class Runner:
                 first = i * loader.batch_size  # the loader keeps the items' order (train=False)
                 store[v, first:first + len(x)] = x.to(store.device)
         return store
+
+    def encode_split(self, split, views=0, folder=None):
+        """`encode` of a method's fit(): (features, labels) of the task's "train" or "val" images, un-augmented
+        (n, ...) or in `views` augmented copies (views, n, ...); each process computes all (the same fit in each)."""
+        items = {"train": self.task.train, "val": self.task.val}[split]
+        labels = torch.tensor([y for _, y in items], device=self.device)
+        if views:
+            return self.encode_views(items, [epoch_seed(self.args.seed, v) for v in range(views)], folder), labels
+        return self.encode_views(items, [0], folder, clip_model.transform(self.n_px))[0], labels
 
 def batches(loader, cache, epoch, device):
     """This process's (inputs, labels): images, or view epoch % V of the cached features in the loader's order."""
@@ -370,12 +412,12 @@ def run(args):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k in known})
     shots = 0 if args.eval_only else args.shots
     task = data.make_task(args.data, args.protocol, shots, args.seed, args.eval_data)
-    if args.eval_only:
+    if args.eval_only or fitted_only(cfg):
         epochs = 0
     elif args.epochs is not None:
         epochs = args.epochs
     else:
-        epochs = epochs_for(cfg, shots)
+        epochs = epochs_for(cfg, shots, module)
     out = Path(args.output or default_output(args, cfg))
 
     runner = Runner(args, module, cfg, task)  # 2. CLIP and the method; a bad backbone leaves nothing behind
@@ -388,10 +430,13 @@ def run(args):
             (e.classnames, e.template) != (task.classnames, task.template) for e in task.evals):
         raise UserError(f"{args.method} with this config learns class-specific parameters, which do not transfer "
                         f"to other classes: use --protocol fewshot, or a config without them")
+    if args.cache_features and fitted_only(cfg):
+        raise UserError(f"--cache-features: {args.method} is fitted once on un-augmented features, with no epochs to "
+                        "cache for; drop the flag")
     if args.cache_features and not hasattr(model, "frozen_features"):
         raise UserError(f"--cache-features: {args.method} learns inside the image tower, so its features change as it "
                         "trains; drop the flag (it is for zeroshot coop cocoop dualpt codualpt: a frozen image tower)")
-    if cfg.batch_size % world:
+    if not fitted_only(cfg) and cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch; it must split evenly over the {world} "
                         f"processes: use a multiple of {world}")
     learned = [p for p in model.parameters() if p.requires_grad]
@@ -409,9 +454,11 @@ def run(args):
 
     where = f"{args.device} x{world} (torchrun)" if world > 1 else args.device
     cached = f", cached image features: {args.cache_features} views" if args.cache_features and epochs else ""
+    fits = hasattr(model, "fit") and not args.eval_only
+    schedule = "fitted, no SGD epochs" if fitted_only(cfg) else f"{'fitted, then ' if fits else ''}{epochs} epochs"
     log(f"{args.method} on {task.dataset} ({args.protocol}, {args.shots} shots, seed {args.seed}): {cfg.backbone}"
         f"{' random init' if args.init == 'random' else ''}, {where}, {runner.precision}, {n_learned:,} learned / "
-        f"{n_frozen:,} frozen parameters, {len(task.train)} train images, {epochs} epochs{cached}")
+        f"{n_frozen:,} frozen parameters, {len(task.train)} train images, {schedule}{cached}")
     results = dict(method=args.method, dataset=task.dataset, data=args.data, protocol=args.protocol, shots=args.shots,
                    seed=args.seed, backbone=cfg.backbone, init=args.init, epochs=epochs, learned_params=n_learned,
                    frozen_params=n_frozen, precision=runner.precision, processes=world,
@@ -421,14 +468,30 @@ def run(args):
         log(f"dry run: wrote {out / 'results.json'}")
         return results
 
-    # 4. training: from epoch `start` (after a resume), `previous` seconds already spent on this run
+    # 4. fitting and training: from epoch `start` (after a resume), `previous` seconds already spent on this run
     start, previous, history = 0, 0.0, []
     started = time.time()
+
+    def save_checkpoint(epoch, elapsed, optimizer):
+        state = dict(method=args.method, backbone=cfg.backbone, config=results["config"], epoch=epoch,
+                     learned=learned_state(model), optimizer=optimizer.state_dict() if optimizer else None,
+                     history=history, time_s=elapsed, precision=runner.precision, scaler=runner.scaler.state_dict())
+        save_atomic(functools.partial(torch.save, state), out / "checkpoint.pt")
+
+    if fits:  # before any epoch (and before a resume restores the trained parameters)
+        try:
+            results["fit"] = model.fit(functools.partial(runner.encode_split, folder=out)) or {}
+        except ValueError as e:  # data the method cannot be fitted on
+            raise UserError(f"{args.method}: {e}") from None
+        chosen = {k: v for k, v in results["fit"].items() if isinstance(v, (int, float))}
+        log("fitted: " + "  ".join(f"{k} {v:.4g}" for k, v in chosen.items()))
+        if fitted_only(cfg):
+            save_checkpoint(0, time.time() - started, None)
     if epochs:
         groups = model.param_groups(cfg) if hasattr(model, "param_groups") else [{"params": learned}]
         groups = [{"lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs, **g, "base_lr": g.get("lr", cfg.lr)}
                   for g in groups]  # a group may bring its own lr and warm-up (CAVPT: visual 10 epochs, text 1)
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+        optimizer = OPTIMIZERS[getattr(cfg, "optimizer", "sgd")](groups, lr=cfg.lr)
         if args.resume:
             ckpt = load_checkpoint(out / "checkpoint.pt", args.method)
             if ckpt["config"] != results["config"]:
@@ -446,7 +509,7 @@ def run(args):
                              workers=runner.workers, device=args.device, rank=rank, world=world)
         # order and augmentation depend on the epoch's seed alone, so a resumed run, every process, and view v of
         # --cache-features (= epoch v) see the same batches
-        epoch_seeds = [args.seed * 100_003 + e for e in range(epochs)]
+        epoch_seeds = [epoch_seed(args.seed, e) for e in range(epochs)]
         cache = runner.encode_views(task.train, epoch_seeds[:args.cache_features], out) if args.cache_features else None
         trainer = model
         if world > 1:  # DDP averages the gradients over the processes
@@ -471,10 +534,7 @@ def run(args):
         log(f"epoch {epoch + 1}/{epochs}  loss {loss_sum / seen:.3f}  acc {100 * correct / seen:.1f}  "
             f"lr {history[-1]['lr']:.1e}  {seen / (time.time() - tic):.0f} img/s  "
             f"{timedelta(seconds=int(elapsed))} elapsed  ETA {timedelta(seconds=int(eta))}")
-        state = dict(method=args.method, backbone=cfg.backbone, config=results["config"], epoch=epoch + 1,
-                     learned=learned_state(model), optimizer=optimizer.state_dict(), history=history, time_s=elapsed,
-                     precision=runner.precision, scaler=runner.scaler.state_dict())
-        save_atomic(functools.partial(torch.save, state), out / "checkpoint.pt")
+        save_checkpoint(epoch + 1, elapsed, optimizer)
         write_json({**results, "history": history, "time_s": elapsed}, out / "results.json")  # no accuracy yet
 
     accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}  # 5. evaluation

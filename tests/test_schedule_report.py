@@ -47,8 +47,8 @@ def test_lr_matches_dassl_epoch_by_epoch(epochs, warmup, base):
 
 def test_epochs_by_shots_follow_coop():
     cfg = train.coop.Config()
-    assert [train.epochs_for(cfg, k) for k in (1, 2, 4, 8, 16, 0)] == [50, 100, 100, 200, 200, 200]
-    assert train.epochs_for(train.coop.Config(epochs=7), 1) == 7
+    assert [train.epochs_for(cfg, k, train.coop) for k in (1, 2, 4, 8, 16, 0)] == [50, 100, 100, 200, 200, 200]
+    assert train.epochs_for(train.coop.Config(epochs=7), 1, train.coop) == 7
 
 
 def test_report_averages_seeds(tmp_path, capsys):
@@ -88,3 +88,15 @@ def test_report_plot_draws_or_says_what_to_install(tmp_path, capsys):
     else:
         report.main([str(tmp_path), "--plot", str(tmp_path / "shots.png")])
         assert (tmp_path / "shots.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paper_numbers_name_real_methods_once_with_a_source():
+    """Every row of paper_results.csv: a method of train.py, an accuracy in [0, 100], a source, one row per key
+    (report.py keys them: a second row would silently replace the first)."""
+    import csv
+    with open(report.PAPER, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys = [(r["dataset"], r["method"], r["backbone"], r["shots"], r["protocol"], r["metric"]) for r in rows]
+    assert len(set(keys)) == len(keys) == len(report.paper_numbers())
+    assert all(r["method"] in train.METHODS and 0 < float(r["value"]) <= 100 and r["source"] for r in rows)
+    assert {"maple", "taskres"} <= {r["method"] for r in rows}

@@ -31,8 +31,9 @@ def results(folder):
 @pytest.mark.parametrize("method", list(train.METHODS))
 def test_every_method_runs_on_demo(tmp_path, method):
     epochs = {"cocoop": "2"}.get(method, "4")
-    done = run("--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", epochs, "--shots", "4",
-               "--batch-size", "8", "--output", str(tmp_path))
+    schedule = ["--epochs", epochs, "--batch-size", "8"] if method in train.TRAINED else []  # fitted: no epochs
+    done = run("--method", method, "--data", "demo", "--backbone", "tiny", "--shots", "4", *schedule,
+               "--output", str(tmp_path))
     assert done.returncode == 0, done.stderr
     r = results(tmp_path)
     for key in ("method", "dataset", "protocol", "shots", "seed", "backbone", "epochs", "learned_params",
@@ -40,8 +41,9 @@ def test_every_method_runs_on_demo(tmp_path, method):
         assert key in r, key
     assert r["method"] == method and r["dataset"] == "demo" and r["frozen_params"] == 7_171_201
     assert 0 <= r["accuracy"]["test"] <= 100
-    if r["learned_params"]:  # trained: finite losses, and every learned tensor moved from its start
-        assert len(r["history"]) == int(epochs) and all(math.isfinite(h["loss"]) for h in r["history"])
+    if r["learned_params"]:  # trained or fitted: finite losses, and every learned tensor moved from its start
+        assert len(r["history"]) == (int(epochs) if method in train.TRAINED else 0)
+        assert all(math.isfinite(h["loss"]) for h in r["history"])
         args = train.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--shots", "4"])
         module, cfg = train.make_config(args)
         start = train.learned_state(train.Runner(args, module, cfg, data.make_task("demo", shots=4)).model)
@@ -160,30 +162,45 @@ def test_class_specific_context_does_not_transfer(tmp_path):
     assert not (tmp_path / "checkpoint.pt").exists()  # refused before training
 
 
-def readme_loop():
+def readme_block(name):
     text = (ROOT / "README.md").read_text()
-    return re.search(r"<!-- copy-loop -->\n```python\n(.*?)```", text, re.S).group(1)
+    return re.search(rf"<!-- {name} -->\n```python\n(.*?)```", text, re.S).group(1)
 
 
 def module_config_lr(name):
     return next(m for m, _ in train.METHODS.values() if m.__name__ == name).Config().lr
 
 
-@pytest.mark.parametrize("module", sorted({m.__name__ for m, _ in train.METHODS.values()}))
-def test_a_copied_method_file_trains_alone(tmp_path, module):
+def copy_and_run(tmp_path, module, block, original):
     """The README's promise: the method file, clip_model.py and the vocabulary, nothing else of the repo."""
     for name in (f"{module}.py", "clip_model.py", "bpe_simple_vocab_16e6.txt.gz"):
         shutil.copy(ROOT / name, tmp_path / name)
-    loop = readme_loop().replace("import coop as method", f"import {module} as method")
-    (tmp_path / "loop.py").write_text(loop + 'print("lrs", sorted({g["lr"] for g in optimizer.param_groups}))\n')
+    (tmp_path / "loop.py").write_text(block.replace(f"import {original} as method", f"import {module} as method"))
     done = subprocess.run([sys.executable, "-s", "-E", "loop.py"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.parametrize("module", sorted({m.__name__ for name, (m, _) in train.METHODS.items()
+                                           if name in train.TRAINED}))
+def test_a_copied_method_file_trains_alone(tmp_path, module):
+    loop = readme_block("copy-loop") + 'print("lrs", sorted({g["lr"] for g in optimizer.param_groups}))\n'
+    done = copy_and_run(tmp_path, module, loop, "coop")
     losses = [float(x) for x in re.findall(r"loss ([\d.]+)", done.stdout)]
     assert len(losses) == 30 and losses[-1] < losses[0]
     # the method's own learning rates (cavpt.py: DPT's text context at 0.002, the visual prompts at 0.01)
     assert done.stdout.strip().splitlines()[-1] == ("lrs [0.002, 0.01]" if module == "cavpt" else
                                                    f"lrs [{module_config_lr(module)}]")
+
+
+@pytest.mark.parametrize("module", sorted({m.__name__ for name, (m, _) in train.METHODS.items()
+                                           if name not in train.TRAINED}))
+def test_a_copied_fitted_method_file_fits_alone(tmp_path, module):
+    done = copy_and_run(tmp_path, module, readme_block("copy-fit"), "linear_probe")
+    fitted, predictions = done.stdout.strip().splitlines()
+    assert float(fitted.split()[1]) > 0
+    assert predictions == "tensor([0, 1, 2, 0, 1, 2]) tensor([0, 1, 2, 0, 1, 2])"  # the stand-in task is learned
 
 
 @pytest.mark.parametrize("method", [m for m in train.METHODS if m != "zeroshot"])  # zeroshot learns nothing

@@ -435,7 +435,8 @@ def run(args):
                         "cache for; drop the flag")
     if args.cache_features and not hasattr(model, "frozen_features"):
         raise UserError(f"--cache-features: {args.method} learns inside the image tower, so its features change as it "
-                        "trains; drop the flag (it is for zeroshot coop cocoop dualpt codualpt: a frozen image tower)")
+                        "trains; drop the flag (it is for zeroshot coop cocoop dualpt codualpt plot proda taskres: "
+                        "a frozen image tower)")
     if not fitted_only(cfg) and cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch; it must split evenly over the {world} "
                         f"processes: use a multiple of {world}")

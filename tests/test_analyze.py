@@ -62,7 +62,7 @@ def test_relevancy_is_grid_shaped_non_negative_and_depends_on_the_target(tiny_an
     assert stats["image"]["prompt_share_cls"] == [[0.0, 0.0], [0.0, 0.0]]  # zero-shot has no prompts
 
 
-@pytest.mark.parametrize("method", ["vpt", "ivlp", "mudpt", "bias_tuning", "coop", "cocoop"])
+@pytest.mark.parametrize("method", ["vpt", "ivlp", "mudpt", "maple", "bias_tuning", "coop", "cocoop"])
 def test_cli_on_a_tiny_run_writes_json_and_pngs(tmp_path, method):
     train.run(train.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", "1",
                                 "--batch-size", "16", "--output", str(tmp_path)]))

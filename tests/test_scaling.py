@@ -12,6 +12,8 @@ import clip_model
 import coop
 import data
 import dualpt
+import proda
+import taskres
 import train
 import vpt
 
@@ -76,7 +78,8 @@ if rank == 0:  # one line: two processes printing at once can interleave theirs
 METHOD_RUNS = {  # every training path through DDP: deep prompts, extra losses and groups, OT, per-image prompts
     "vpt": [], "cavpt": [], "mudpt": [], "dualpt": ["--set", "descriptions=descriptions/demo.json"],
     "bias_tuning": [], "cocoop": ["--batch-size", "2"], "coop-cached": ["--cache-features", "2"],
-}
+    "maple": [], "proda": ["--set", "n_prompts=4", "prompt_batch=2"], "taskres": [],  # coupled prompts, sampled
+}  # prompts (the same draw in every process), Adam
 
 
 def test_every_kind_of_method_under_ddp_equals_one_process(tmp_path):
@@ -86,7 +89,7 @@ def test_every_kind_of_method_under_ddp_equals_one_process(tmp_path):
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT.format(root=str(ROOT), runs=runs))
     done = torchrun(["ddp.py"], tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "exit codes [0, 0, 0, 0, 0, 0, 0, 2]" in done.stdout, done.stdout + done.stderr
+    assert f"exit codes {[0] * len(METHOD_RUNS) + [2]}" in done.stdout, done.stdout + done.stderr
     assert "--batch-size 3 is the global batch; it must split evenly over the 2 processes" in done.stderr
     assert done.stderr.count("--batch-size 3") == 1  # the error is printed once
     for name, run in zip(METHOD_RUNS, runs):
@@ -97,7 +100,9 @@ def test_every_kind_of_method_under_ddp_equals_one_process(tmp_path):
 def test_cached_features_give_the_same_logits():
     torch.manual_seed(0)
     for module, name, backbone in [(coop, "zeroshot", "tiny"), (coop, "coop", "tiny"), (coop, "cocoop", "tiny"),
-                                   (dualpt, "dualpt", "tiny-rn"), (dualpt, "codualpt", "tiny")]:
+                                   (dualpt, "dualpt", "tiny-rn"), (dualpt, "codualpt", "tiny"),
+                                   (dualpt, "plot", "tiny-rn"), (proda, "proda", "tiny"),
+                                   (taskres, "taskres", "tiny-rn")]:
         clip, _ = clip_model.load(backbone)
         cfg = train.make_config(train.parse_args(["--method", name, "--backbone", backbone]))[1]
         model = module.build(clip, ["cat", "dog", "red car"], cfg).eval()

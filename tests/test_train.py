@@ -72,7 +72,7 @@ def test_resnet_methods_learn_the_demo(tmp_path, method, epochs, floor):
     assert r["accuracy"]["test"] > floor
 
 
-@pytest.mark.parametrize("method", ["coop", "mudpt", "ivlp"])
+@pytest.mark.parametrize("method", ["coop", "mudpt", "ivlp", "maple"])
 def test_base_to_new_reports_harmonic_mean(tmp_path, method):
     r = train.run(train.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", "2",
                                     "--protocol", "base2new", "--output", str(tmp_path)]))

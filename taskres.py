@@ -26,12 +26,14 @@ import clip_model
 
 IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
                       "a {} in a video game.", "art of the {}.", "a photo of the small {}."]  # added on ImageNet
+# ImageNet and its test sets: the official DG evaluation scores those with the base trained on ImageNet
+IMAGENET = ("ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 
 @dataclass
 class Config:
     backbone: str = "RN50"              # the official scripts' backbone
     template: str = "a photo of a {}."  # train.py sets the dataset's (CoOp's hand-crafted prompt)
-    dataset: str = ""                   # train.py sets the dataset's name: ImageNet adds IMAGENET_TEMPLATES to the base
+    dataset: str = ""                   # train.py sets the dataset's name: on IMAGENET the base adds IMAGENET_TEMPLATES
     alpha: float = 0.5                  # residual scale (the official scripts: 0.5; Flowers102 1.0)
     enhanced_base: str = ""             # "" = the regular base; else an official strong_base/<Dataset>/rn50_<K>shots/
                                         # model.pth.tar: its text projection replaces CLIP's to encode the base
@@ -74,7 +76,7 @@ class TaskRes(nn.Module):
         super().__init__()
         self.clip, self.cfg = clip, cfg
         device = clip.token_embedding.weight.device
-        templates = [cfg.template] + (IMAGENET_TEMPLATES if cfg.dataset == "ImageNet" else [])
+        templates = [cfg.template] + (IMAGENET_TEMPLATES if cfg.dataset in IMAGENET else [])
         projection = clip.text_projection  # (D, E)
         if cfg.enhanced_base:
             projection = read_projection(cfg.enhanced_base).to(device, projection.dtype)

@@ -121,6 +121,8 @@ def check_config(args, module, cfg):
         rule = must_be(field.name, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if rule:
             raise UserError(f"{args.method}: {field.name}={value}: must be {rule}")
+    if getattr(cfg, "optimizer", "sgd") not in OPTIMIZERS:
+        raise UserError(f"{args.method}: optimizer={cfg.optimizer}: use one of {', '.join(OPTIMIZERS)}")
     try:
         if hasattr(module, "check_config"):
             module.check_config(cfg)

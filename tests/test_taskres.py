@@ -71,6 +71,17 @@ def test_bad_enhanced_base_files(tmp_path, content, message):
         taskres.build(clip, NAMES, taskres.Config(enhanced_base=str(tmp_path / "base.pth.tar")))
 
 
+@torch.no_grad()
+def test_imagenet_test_sets_keep_the_imagenet_base():
+    """The official DG evaluation scores ImageNet-V2/Sketch/A/R with the base trained on ImageNet (8 templates):
+    a model built for one of them (train.py rebuilds it per target) has ImageNet's base."""
+    clip = clip_model.load("tiny")[0]
+    imagenet = taskres.build(clip, NAMES, taskres.Config(dataset="ImageNet")).base
+    for target in ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"):
+        assert torch.equal(taskres.build(clip, NAMES, taskres.Config(dataset=target)).base, imagenet)
+    assert not torch.allclose(taskres.build(clip, NAMES, taskres.Config(dataset="Caltech101")).base, imagenet)
+
+
 def test_parameter_count_at_the_paper_backbone():
     with torch.device("meta"):
         clip = clip_model.CLIP(*clip_model.CONFIGS["RN50"])

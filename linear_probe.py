@@ -99,7 +99,8 @@ class LinearProbe(nn.Module):
 
     def forward(self, images=None, features=None):
         x = self.frozen_features(images) if features is None else features
-        return x.float() @ self.weight.T + self.bias  # fp32 logits under any autocast
+        with torch.autocast(x.device.type, enabled=False):  # the classifier as fitted: fp32, also under autocast
+            return x.float() @ self.weight.T + self.bias
 
     @torch.no_grad()
     def fit(self, encode):

@@ -150,14 +150,15 @@ class ProDA(nn.Module):
         R_ij = sum_d f_d^2 Sigma^d_ij and Sigma^d_ij = 1/(P+1) sum_k delta_kid delta_kjd, delta = w - mu."""
         text, f = self.text.float(), self.image.float()  # (P, C, E), (B, E)
         P = len(text)
-        delta = text - text.mean(0)  # (P, C, E)
-        f2 = f ** 2  # (B, E)
-        r_jj = torch.einsum("pce,be->bc", delta ** 2, f2) / (P + 1)  # (B, C)
-        delta_y = delta[:, labels]  # (P, B, E): the true class's deviations, per image
-        r_yj = torch.einsum("pbe,pce,be->bc", delta_y, delta, f2) / (P + 1)  # (B, C)
-        r_yy = r_jj.gather(1, labels[:, None])  # (B, 1)
-        s = self.clip.logit_scale.exp().float()
-        upper = F.cross_entropy(logits.float() + 0.5 * s ** 2 * (r_jj + r_yy - 2 * r_yj), labels)
+        with torch.autocast(f.device.type, enabled=False):  # fp32: s^2 = 10^4 would magnify bf16 rounding
+            delta = text - text.mean(0)  # (P, C, E)
+            f2 = f ** 2  # (B, E)
+            r_jj = torch.einsum("pce,be->bc", delta ** 2, f2) / (P + 1)  # (B, C)
+            delta_y = delta[:, labels]  # (P, B, E): the true class's deviations, per image
+            r_yj = torch.einsum("pbe,pce,be->bc", delta_y, delta, f2) / (P + 1)  # (B, C)
+            r_yy = r_jj.gather(1, labels[:, None])  # (B, 1)
+            s = self.clip.logit_scale.exp().float()
+            upper = F.cross_entropy(logits.float() + 0.5 * s ** 2 * (r_jj + r_yy - 2 * r_yj), labels)
         if not self.cfg.ortho_weight:
             return upper
         return upper + self.cfg.ortho_weight * self.orthogonality()

@@ -1,5 +1,4 @@
-"""DUAL-PT, CoDUAL-PT and PLOT: M learned prompts transported to local image features (DUAL-PT: graph-matched, with LLM
-descriptions).
+"""DUAL-PT, CoDUAL-PT and PLOT: M learned prompts matched to local image features by optimal transport.
 
 Hu et al., "Context-Aware Prompt Tuning for Vision-Language Model with Dual-Alignment", 2023,
 https://arxiv.org/abs/2309.04158. No official code; the transport is written as PLOT's official code (Chen et
@@ -11,7 +10,8 @@ from node costs (1 - cos of region and prompt: Wasserstein) and edge costs (the 
 themselves against the prompts': Gromov-Wasserstein), weights the region-prompt similarities into the logit
 (Eq. 8). A distillation loss pulls the prompts toward an LLM's short descriptions of each class (Eq. 5).
 CoDUAL-PT adds CoCoOp's meta-net: the global image feature shifts every context. PLOT (Chen et al., ICLR 2023) is
-the transport alone: alpha 0 (node costs only), beta 0 (no descriptions), its own schedule and stopping rule.
+the transport alone: alpha 0 (node costs only), beta 0 (no descriptions), its own schedule and stopping rule, and
+on ImageNet a second logit, the global image feature against the mean of the M prompts (`global_logit`).
 
 - Learned: `ctx` (M, n_ctx, D), M = 4 unified contexts; CoDUAL-PT adds `meta_net` E -> E/16 -> D.
 - Injected where: rows 1..n_ctx of "[SOT] X ... X {class}. [EOT]", one prompt per class and context.

@@ -78,6 +78,12 @@ VARIANTS = {"dualpt": dict(),  # --method name -> the Config changes that make i
             "plot": dict(alpha=0.0, beta=0.0, sinkhorn_stop="plot", sinkhorn_tol=0.01, global_logit="imagenet",
                          epochs=50, batch_size=128)}
 
+def region_prompt(local, text):
+    """Every region against every prompt: local (B, N, E), text (C, M, E) or (B, C, M, E) -> (B, C, N, M) dot
+    products. An einsum, so neither side is copied B or C times (a broadcast matmul would materialise
+    (B, C, N, E): 25 GB for PLOT's batch of 128 on ImageNet)."""
+    return torch.einsum("bne,cme->bcnm" if text.dim() == 3 else "bne,bcme->bcnm", local, text)
+
 def sinkhorn(log_kernel, log_p, log_q, iters=100, tol=1e-4, stop="rows"):
     """Entropic OT in the log domain: log kernel (..., R, S) = -cost / lambda (Algorithm 1's K), marginals log p
     (..., R) and log q (..., S) (-inf = no mass) -> T = diag(a) K diag(b) (..., R, S), rows summing to p and
@@ -103,22 +109,23 @@ def graph_plan(local, text, cfg):
     both normalised -> plan T (B, C, N, M), each summing to 1. Z and P are the paper's Z and W (the local
     features and the prompts' text features; W is the image width everywhere else in this repository)."""
     with torch.autocast(local.device.type, enabled=False):  # fp32: cost / lambda magnifies bf16 rounding
-        Z = local.float()[:, None]  # (B, 1, N, E)
-        P = text.float()  # (C, M, E) or (B, C, M, E): broadcast against Z
-        cost_wd = 1 - Z @ P.transpose(-1, -2)  # (B, C, N, M) node cost C_WD
+        Z = local.float()  # (B, N, E)
+        P = text.float()  # (C, M, E) or (B, C, M, E)
+        cost_wd = 1 - region_prompt(Z, P)  # (B, C, N, M) node cost C_WD
         N, M = cost_wd.shape[-2:]
         log_p = cost_wd.new_full((N,), -math.log(N))  # p = 1/N over the regions (the paper's text swaps p, q)
         log_q = cost_wd.new_full((M,), -math.log(M))  # q = 1/M over the prompts
         plan = torch.full_like(cost_wd, 1 / (N * M))  # T = p q^T, where the GW linearisation starts
         cost = cost_wd  # with alpha 0: Wasserstein only
         if cfg.alpha:  # edges: each graph's cosine similarities among its own nodes
-            C_z = Z @ Z.transpose(-1, -2)  # (B, 1, N, N)
+            C_z = (Z @ Z.transpose(-1, -2))[:, None]  # (B, 1, N, N)
             C_w = P @ P.transpose(-1, -2)  # (C, M, M) or (B, C, M, M)
             # GW linearised at the plan: L(C_z, C_w) ⊗ T = C_z² p 1ᵀ + 1 qᵀ (C_w²)ᵀ − 2 C_z T C_wᵀ
             C_zw = (C_z ** 2).mean(-1, keepdim=True) + (C_w ** 2).mean(-1)[..., None, :]  # the first two terms
         for _ in range(cfg.gw_iters if cfg.alpha else 1):
             if cfg.alpha:
-                cost_gw = C_zw - 2 * C_z @ plan @ C_w.transpose(-1, -2)  # (B, C, N, M) C_GWD at this plan
+                C_z_plan = torch.einsum("bij,bcjm->bcim", C_z[:, 0], plan)  # C_z T, C_z not copied C times
+                cost_gw = C_zw - 2 * C_z_plan @ C_w.transpose(-1, -2)  # (B, C, N, M) C_GWD at this plan
                 cost = cfg.alpha * cost_gw + (1 - cfg.alpha) * cost_wd  # C_graph
             plan = sinkhorn(-cost / cfg.ot_lambda, log_p, log_q, cfg.sinkhorn_iters, cfg.sinkhorn_tol,
                             cfg.sinkhorn_stop)
@@ -254,7 +261,7 @@ class DualPT(nn.Module):
             text = self.cached[1]
         features, text = text, F.normalize(text, dim=-1)  # (..., C, M, E): as encoded, and normalised
         self.plan = graph_plan(local, text, self.cfg)  # (B, C, N, M), no gradient
-        similarity = local[:, None] @ text.transpose(-1, -2)  # (B, C, N, M): region i against prompt j, Z P_c^T
+        similarity = region_prompt(local, text)  # (B, C, N, M): region i against prompt j, Z P_c^T
         logits = self.clip.logit_scale.exp() * (self.plan * similarity).sum((-2, -1))  # (B, C), Eq. 8
         if self.global_logit:  # PLOT: + the global image feature against the mean of the M prompts' features
             pooled = F.normalize(features.mean(-2), dim=-1)  # (C, E) or (B, C, E), averaged before normalising

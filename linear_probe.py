@@ -103,9 +103,10 @@ class LinearProbe(nn.Module):
             return x.float() @ self.weight.T + self.bias
 
     @torch.no_grad()
-    def fit(self, encode):
-        """train.py's fit hook: `encode(split)` -> (features, labels) of the un-augmented "train" or "val" images.
-        Fits the classifier at cfg.c_weight, or at the c the official search picks on the validation split."""
+    def fit(self, encode, trained=False):
+        """train.py's fit hook (a fitted-only method: called once, trained=False): `encode(split)` -> (features,
+        labels) of the un-augmented "train" or "val" images. Fits the classifier at cfg.c_weight, or at the c the
+        official search picks on the validation split."""
         x, y = encode("train")
         train = (x.double(), y)
         n_classes = len(self.weight)

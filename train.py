@@ -7,17 +7,20 @@ cross-entropy), `param_groups(cfg)` (learned parameters in groups, each with its
 default one group at cfg.lr), `check_config(cfg)` (a ValueError for values it cannot use, raised before CLIP loads),
 `class_specific = True` (learned parameters tied to the training classes), and, when its image tower is frozen,
 `frozen_features(images)` with `forward(features=...)` (for `--cache-features`). A Config may name its optimizer
-(`optimizer`: sgd, the default, or adam; see OPTIMIZERS) and a module its epochs by shots (`SCHEDULE`, used when
+(`optimizer`: sgd, the default, adam or adamw; see OPTIMIZERS) and a module its epochs by shots (`SCHEDULE`, used when
 Config.epochs is 0; default CoOp's).
 
-A method fitted on frozen features rather than (or before being) trained by SGD has `fit(encode)`: called once,
-before the first epoch (never under --eval-only), it sets its parameters from `encode(split, views=0)` -> (features,
-labels) of the task's "train" or "val" images through its `frozen_features`: un-augmented (n, ...), or `views`
-augmented copies (views, n, ...) where view v is the augmentation epoch v draws. It returns a dict of what it chose
-(results.json keeps it as "fit"). A Config without `epochs` marks a method fitted only (the linear probe): no SGD
-epochs, and --epochs, --batch-size, --lr are refused. This file does the rest, the same for every method: data, SGD
-with CoOp's warm-up + cosine schedule, precision, evaluation per protocol, atomic checkpoints and exact resume,
-results.json and log.txt, on one device or on N GPUs under torchrun.
+A method fitted on frozen features rather than (or before being) trained by SGD has `fit(encode, trained)`: called
+before the first epoch (trained=False) and, when it had epochs, after the last (trained=True; Tip-Adapter-F searches
+again there), never under --eval-only. It sets its parameters, or persistent buffers (the checkpoint keeps both),
+from `encode(split, views=0)` -> (features, labels) of the task's "train" or "val" images through its
+`frozen_features`: un-augmented (n, ...), or `views` augmented copies (views, n, ...) where view v is the
+augmentation epoch v draws. It returns a dict of what it chose (results.json keeps the last as "fit"). A Config
+without `epochs`, or a variant that sets it to None, marks a method fitted only (the linear probe, Tip-Adapter): no
+SGD epochs, and --epochs, --batch-size, --lr are refused. A Config's `shots` field, if it has one, is --shots. This
+file does the rest, the same for every method: data, SGD with CoOp's warm-up + cosine schedule, precision,
+evaluation per protocol, atomic checkpoints and exact resume, results.json and log.txt, on one device or on N GPUs
+under torchrun.
 """
 import argparse
 import dataclasses
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 
 import bias_tuning
 import cavpt
+import clip_adapter
 import clip_model
 import coop
 import data
@@ -47,12 +51,15 @@ import maple
 import mudpt
 import proda
 import taskres
+import tip_adapter
 import vpt
 
 # a new method file: add it here
-METHOD_FILES = [coop, vpt, cavpt, mudpt, maple, dualpt, proda, bias_tuning, taskres, linear_probe]
+METHOD_FILES = [coop, vpt, cavpt, mudpt, maple, dualpt, proda, bias_tuning, taskres, clip_adapter, tip_adapter,
+                linear_probe]
 METHODS = {name: (module, changes) for module in METHOD_FILES for name, changes in module.VARIANTS.items()}
-TRAINED = [name for name, (module, _) in METHODS.items() if hasattr(module.Config, "epochs")]  # the rest: fitted only
+TRAINED = [name for name, (module, changes) in METHODS.items()  # by SGD epochs; the rest are fitted only
+           if getattr(dataclasses.replace(module.Config(), **changes), "epochs", None) is not None]
 BACKBONES = list(clip_model.CONFIGS)
 WARMUP_LR = 1e-5  # Dassl's WARMUP_CONS_LR, in every CoOp-family config
 COMPILED = (clip_model.ResidualAttentionBlock, clip_model.Bottleneck, clip_model.AttentionPool2d)  # --compile
@@ -137,12 +144,15 @@ def make_config(args):
     cfg = dataclasses.replace(module.Config(), **changes)
     for item in args.set:
         key, sep, value = item.partition("=")
+        if key == "epochs" and fitted_only(cfg):
+            raise UserError(f"--set {item}: {args.method} is fitted on the frozen features, not trained in SGD epochs")
         if not sep or key not in {f.name for f in dataclasses.fields(cfg)}:
             raise UserError(f"--set {item}: {args.method} has no field {key!r}; its fields are "
                             f"{', '.join(f.name for f in dataclasses.fields(cfg))} (see --help-config)")
         cfg = dataclasses.replace(cfg, **{key: parse_value(getattr(cfg, key), value, key)})
     check_config(args, module, cfg)  # before the flags: check_flags has checked those
-    flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "backbone": args.backbone}
+    flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "backbone": args.backbone,
+             "shots": args.shots if hasattr(cfg, "shots") else None}
     for flag in ("epochs", "batch_size", "lr"):
         if fitted_only(cfg) and flags[flag] is not None:
             raise UserError(f"--{flag.replace('_', '-')}: {args.method} is fitted on the frozen features, not trained "
@@ -160,8 +170,8 @@ def parse_value(default, text, key):
         raise UserError(f"--set {key}={text}: expected a {type(default).__name__}") from None
 
 def fitted_only(cfg):
-    """A method without SGD epochs: its Config has no `epochs` (the linear probe; see fit() above)."""
-    return not hasattr(cfg, "epochs")
+    """A method without SGD epochs: no `epochs` in its Config, or None there (see fit() above)."""
+    return getattr(cfg, "epochs", None) is None
 
 def epoch_seed(seed, epoch):
     """The seed of an epoch's data order and augmentation (and of --cache-features' and fit()'s view `epoch`)."""
@@ -171,9 +181,10 @@ def epochs_for(cfg, shots, module):
     """cfg.epochs, or 0 = by shots: the module's SCHEDULE, else CoOp's: 50 (1 shot), 100 (2 and 4), 200 (8, 16, all)."""
     return cfg.epochs or getattr(module, "SCHEDULE", {1: 50, 2: 100, 4: 100}).get(shots, 200)
 
-OPTIMIZERS = {  # Config.optimizer -> Dassl's optimizer of that name (weight decay 5e-4: L2 added to the gradient)
-    "sgd": functools.partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4),
+OPTIMIZERS = {  # Config.optimizer -> the optimizer: Dassl's sgd and adam (weight decay 5e-4, L2 added to the
+    "sgd": functools.partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4),  # gradient), Tip-Adapter-F's adamw
     "adam": functools.partial(torch.optim.Adam, betas=(0.9, 0.999), weight_decay=5e-4),
+    "adamw": functools.partial(torch.optim.AdamW, eps=1e-4, weight_decay=0.01),
 }
 
 def lr_at(epoch, base_lr, epochs, warmup_epochs):
@@ -205,7 +216,12 @@ def objective(model, logits, labels, epoch):
     return F.cross_entropy(logits.float(), labels)
 
 def learned_state(model):
-    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    """What a run learned: the parameters it trains, and the persistent buffers of the method a fit() set (a method
+    keeps what it computes at build non-persistent; CLIP's own buffers, under `clip.`, are CLIP's)."""
+    state = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    persistent = model.state_dict().keys()
+    state.update({k: v for k, v in model.named_buffers() if k in persistent and not k.startswith("clip.")})
+    return {k: v.detach().clone() for k, v in state.items()}
 
 def save_atomic(write, path):
     """write(tmp) then rename: a crash leaves the previous file, never half a new one. Only torchrun's rank 0 writes."""
@@ -286,7 +302,7 @@ class Runner:
             missing, unexpected = model.load_state_dict(learned, strict=False)  # copies onto the model's device
         except RuntimeError:  # shapes differ: class-specific parameters, or another backbone
             missing = unexpected = ["(shapes differ)"]
-        learnable = {name for name, p in model.named_parameters() if p.requires_grad}
+        learnable = learned_state(model).keys()
         missing = [k for k in missing if k in learnable]  # frozen weights are not in a checkpoint
         if missing or unexpected:
             raise UserError(f"the parameters from {where} do not fit {self.args.method} on {self.cfg.backbone} "
@@ -437,8 +453,7 @@ def run(args):
                         "cache for; drop the flag")
     if args.cache_features and not hasattr(model, "frozen_features"):
         raise UserError(f"--cache-features: {args.method} learns inside the image tower, so its features change as it "
-                        "trains; drop the flag (it is for zeroshot coop cocoop dualpt codualpt plot proda taskres: "
-                        "a frozen image tower)")
+                        "trains; drop the flag (it is for methods with a frozen image tower: README, Scaling up)")
     if not fitted_only(cfg) and cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch; it must split evenly over the {world} "
                         f"processes: use a multiple of {world}")
@@ -458,7 +473,7 @@ def run(args):
     where = f"{args.device} x{world} (torchrun)" if world > 1 else args.device
     cached = f", cached image features: {args.cache_features} views" if args.cache_features and epochs else ""
     fits = hasattr(model, "fit") and not args.eval_only
-    schedule = "fitted, no SGD epochs" if fitted_only(cfg) else f"{'fitted, then ' if fits else ''}{epochs} epochs"
+    schedule = "fitted, no SGD epochs" if fits and not epochs else f"{'fitted, then ' if fits else ''}{epochs} epochs"
     log(f"{args.method} on {task.dataset} ({args.protocol}, {args.shots} shots, seed {args.seed}): {cfg.backbone}"
         f"{' random init' if args.init == 'random' else ''}, {where}, {runner.precision}, {n_learned:,} learned / "
         f"{n_frozen:,} frozen parameters, {len(task.train)} train images, {schedule}{cached}")
@@ -481,14 +496,17 @@ def run(args):
                      history=history, time_s=elapsed, precision=runner.precision, scaler=runner.scaler.state_dict())
         save_atomic(functools.partial(torch.save, state), out / "checkpoint.pt")
 
-    if fits:  # before any epoch (and before a resume restores the trained parameters)
+    def fit(trained):
         try:
-            results["fit"] = model.fit(functools.partial(runner.encode_split, folder=out)) or {}
+            results["fit"] = model.fit(functools.partial(runner.encode_split, folder=out), trained=trained) or {}
         except ValueError as e:  # data the method cannot be fitted on
             raise UserError(f"{args.method}: {e}") from None
         chosen = {k: v for k, v in results["fit"].items() if isinstance(v, (int, float))}
-        log("fitted: " + "  ".join(f"{k} {v:.4g}" for k, v in chosen.items()))
-        if fitted_only(cfg):
+        log(f"fitted{' after training' if trained else ''}: " + "  ".join(f"{k} {v:.4g}" for k, v in chosen.items()))
+
+    if fits:  # before any epoch (and before a resume restores the trained parameters)
+        fit(trained=False)
+        if not epochs:
             save_checkpoint(0, time.time() - started, None)
     if epochs:
         groups = model.param_groups(cfg) if hasattr(model, "param_groups") else [{"params": learned}]
@@ -540,6 +558,9 @@ def run(args):
         save_checkpoint(epoch + 1, elapsed, optimizer)
         write_json({**results, "history": history, "time_s": elapsed}, out / "results.json")  # no accuracy yet
 
+    if fits and epochs:  # after the last epoch: what the method fits to its trained parameters
+        fit(trained=True)
+        save_checkpoint(epochs, previous + time.time() - started, optimizer)
     accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}  # 5. evaluation
     if args.protocol == "base2new":
         base, new = accuracy["base"], accuracy["new"]

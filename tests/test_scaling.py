@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import clip_adapter
 import clip_model
 import coop
 import data
 import dualpt
 import proda
 import taskres
+import tip_adapter
 import train
 import vpt
 
@@ -79,11 +81,12 @@ METHOD_RUNS = {  # every training path through DDP: deep prompts, extra losses a
     "vpt": [], "cavpt": [], "mudpt": [], "dualpt": ["--set", "descriptions=descriptions/demo.json"],
     "bias_tuning": [], "cocoop": ["--batch-size", "2"], "coop-cached": ["--cache-features", "2"],
     "maple": [], "proda": ["--set", "n_prompts=4", "prompt_batch=2"], "taskres": [],  # coupled prompts, sampled
-}  # prompts (the same draw in every process), Adam
+    "tip-adapter-f": [],  # prompts (the same draw in every process), Adam; a cache fitted in every process, AdamW
+}
 
 
 def test_every_kind_of_method_under_ddp_equals_one_process(tmp_path):
-    runs = [["--method", name.split("-")[0], *DEMO, *extra, "--output", str(tmp_path / "two" / name)]
+    runs = [["--method", name.removesuffix("-cached"), *DEMO, *extra, "--output", str(tmp_path / "two" / name)]
             for name, extra in METHOD_RUNS.items()]
     runs.append(["--method", "coop", *DEMO, "--batch-size", "3", "--output", str(tmp_path / "odd")])
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT.format(root=str(ROOT), runs=runs))
@@ -102,7 +105,8 @@ def test_cached_features_give_the_same_logits():
     for module, name, backbone in [(coop, "zeroshot", "tiny"), (coop, "coop", "tiny"), (coop, "cocoop", "tiny"),
                                    (dualpt, "dualpt", "tiny-rn"), (dualpt, "codualpt", "tiny"),
                                    (dualpt, "plot", "tiny-rn"), (proda, "proda", "tiny"),
-                                   (taskres, "taskres", "tiny-rn")]:
+                                   (taskres, "taskres", "tiny-rn"), (clip_adapter, "clip-adapter", "tiny"),
+                                   (tip_adapter, "tip-adapter-f", "tiny-rn")]:
         clip, _ = clip_model.load(backbone)
         cfg = train.make_config(train.parse_args(["--method", name, "--backbone", backbone]))[1]
         model = module.build(clip, ["cat", "dog", "red car"], cfg).eval()

@@ -19,10 +19,9 @@ installed, one plot per statistic (method against zero-shot CLIP, per layer). Sh
 plus S, the length of a tower's token sequence, and Chefer et al.'s relevancy matrix R (S, S)."""
 import argparse
 import functools
-import json
 import random
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -86,27 +85,26 @@ def rollout(maps, grads):
         R = R + (g * A).clamp(min=0).mean(1) @ R
     return R
 
-def load_run(args):
-    """(method module, Config, learned state or None, data path, backbone, init, seed)."""
+def load_model(args):
+    """(method name, model, its Config, its classes, CLIP, preprocess, data path, output folder): a run rebuilt by
+    train.load_run, or, without one, --method as initialised on --data."""
     if args.run:
-        run = Path(args.run)
-        try:
-            results = json.loads((run / "results.json").read_text())
-            module, _ = train.METHODS[results["method"]]
-            known = {f.name for f in fields(module.Config)}  # the config also holds run options (cache_features)
-            cfg = module.Config(**{k: v for k, v in results["config"].items() if k in known})
-            learned = train.load_checkpoint(run / "checkpoint.pt", results["method"])["learned"] \
-                if results["learned_params"] else {}
-            return results["method"], cfg, learned, results["data"], results["init"], results["seed"], run / "analysis"
-        except (OSError, KeyError, ValueError, TypeError) as e:
-            raise train.UserError(f"{run} is not a finished run of train.py ({type(e).__name__}: {e})") from None
+        results, _, cfg, _ = train.read_run(args.run)
+        model, preprocess, classnames = train.load_run(args.run)
+        return (results["method"], model, cfg, classnames, model.clip, preprocess, results["data"],
+                Path(args.run) / "analysis")
     if not (args.method and args.data):
         raise train.UserError("pass a run folder, or --method zeroshot --data D [--backbone B]")
     if args.method not in train.METHODS:
         raise train.UserError(f"unknown method {args.method!r}; choose one of: {' '.join(train.METHODS)}")
     module, changes = train.METHODS[args.method]
     cfg = replace(module.Config(), **changes, **({"backbone": args.backbone} if args.backbone else {}))
-    return args.method, cfg, {}, args.data, args.init, 1, Path(args.out or "analysis")
+    ds = data.load_dataset(args.data)
+    cfg = replace(cfg, **{k: v for k, v in dict(template=ds.template, dataset=ds.name).items() if hasattr(cfg, k)})
+    clip, preprocess = clip_model.load(cfg.backbone, pretrained=args.init == "pretrained", seed=1)
+    torch.manual_seed(1)
+    model = module.build(clip, ds.classnames, cfg)
+    return args.method, model, cfg, ds.classnames, clip, preprocess, args.data, Path("analysis")
 
 def text_rows(cfg, classname, template_only=False):
     """(context rows, class-name rows, EOT row) of the text prompt a model ran for one class; SOT is row 0.
@@ -237,27 +235,21 @@ def main(argv=None):
     p.add_argument("--out", help="output folder (default RUN/analysis)")
     args = p.parse_args(argv)
     try:
-        name, cfg, learned, data_path, init, seed, out = load_run(args)
+        name, model, model_cfg, classnames, clip, preprocess, data_path, out = load_model(args)
         out = Path(args.out) if args.out else out
-        clip, preprocess = clip_model.load(cfg.backbone, pretrained=init == "pretrained", seed=seed)
         ds = data.load_dataset(data_path)
         items = random.Random(0).sample(ds.test, min(args.images, len(ds.test)))
         pil = [Image.open(path).convert("RGB") for path, _ in items]
         images = torch.stack([preprocess(im) for im in pil])
         labels = torch.tensor([y for _, y in items])
-        module = train.METHODS[name][0]
-        from_data = {k: v for k, v in dict(template=ds.template, dataset=ds.name).items() if hasattr(cfg, k)}
-        model_cfg = replace(cfg, **from_data)
-        model = module.build(clip, ds.classnames, model_cfg)
-        model.load_state_dict(learned, strict=False)
-        zeroshot = train.coop.build(clip, ds.classnames, train.coop.Config(n_ctx=0, template=ds.template))
+        zeroshot = train.coop.build(clip, classnames, train.coop.Config(n_ctx=0, template=ds.template))
     except (train.UserError, data.DataError, clip_model.LoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     target = labels if args.target == "label" else None
     zero_cfg = train.coop.Config(n_ctx=0, template=ds.template)
-    zero_stats, zero_image, _, _ = analyse(zeroshot, clip, zero_cfg, images, ds.classnames, target)
-    stats, image_rel, text_rel, predicted = analyse(model, clip, model_cfg, images, ds.classnames, target)
+    zero_stats, zero_image, _, _ = analyse(zeroshot, clip, zero_cfg, images, classnames, target)
+    stats, image_rel, text_rel, predicted = analyse(model, clip, model_cfg, images, classnames, target)
     out.mkdir(parents=True, exist_ok=True)
     size = max(clip.visual.input_resolution, 128)
     for i, im in enumerate(pil):
@@ -266,7 +258,7 @@ def main(argv=None):
         train.save_atomic(functools.partial(panel.save, format="PNG"), out / f"relevancy_{i}.png")
     result = {"zeroshot": {"name": "zero-shot CLIP", **zero_stats}, "method": {"name": name, **stats},
               "images": [p for p, _ in items], "labels": labels.tolist(), "targets": predicted.tolist(),
-              "backbone": cfg.backbone, "dataset": ds.name}
+              "backbone": model_cfg.backbone, "dataset": ds.name}
     train.write_json(result, out / "stats.json")
     print(f"{plots(result, out)}; wrote {out / 'stats.json'} and {len(pil)} relevancy_<i>.png")
     return 0

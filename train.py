@@ -223,6 +223,57 @@ def learned_state(model):
     state.update({k: v for k, v in model.named_buffers() if k in persistent and not k.startswith("clip.")})
     return {k: v.detach().clone() for k, v in state.items()}
 
+def restore(model, learned, where, what):
+    """Copy a checkpoint's learned state into `model` (onto its device); a UserError naming `where` the state came
+    from and `what` the model is, when they do not fit."""
+    try:
+        missing, unexpected = model.load_state_dict(learned, strict=False)
+    except RuntimeError:  # shapes differ: class-specific parameters, or another backbone
+        missing = unexpected = ["(shapes differ)"]
+    missing = [k for k in missing if k in learned_state(model)]  # frozen weights are not in a checkpoint
+    if missing or unexpected:
+        raise UserError(f"the parameters from {where} do not fit {what} (class-specific context on other classes, or "
+                        f"another backbone or config): {(missing + unexpected)[:3]}")
+
+def read_run(run_dir):
+    """A run folder's results.json -> (results, method module, the Config its model was built with, classnames):
+    the classes the run trained on (base-to-new: the base half)."""
+    run = Path(run_dir)
+    try:
+        results = json.loads((run / "results.json").read_text())
+        method = results["method"]
+        module = METHODS[method][0]
+        known = {f.name for f in dataclasses.fields(module.Config)}  # the saved config also holds run options
+        cfg = module.Config(**{k: v for k, v in results["config"].items() if k in known})
+    except FileNotFoundError:
+        raise UserError(f"no results.json in {run}: pass the folder of a run of train.py (its --output)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{run / 'results.json'} is not the results of a run of this project "
+                        f"({type(e).__name__}: {e})") from None
+    classnames, template = results.get("classnames"), results.get("template")
+    if classnames is None:  # a run from before results.json kept its classes: read them from its dataset
+        task = data.make_task(results["data"], results["protocol"], 0, results["seed"])
+        classnames, template = task.classnames, task.template
+    from_data = {k: v for k, v in dict(template=template, dataset=results["dataset"]).items() if hasattr(cfg, k)}
+    return results, module, dataclasses.replace(cfg, **from_data), classnames
+
+def load_run(run_dir, device="cpu"):
+    """A run of train.py, rebuilt -> (model in eval mode, preprocess, classnames): method, backbone, config and
+    classes from its results.json (read_run), what it learned or fitted from its checkpoint.pt, CLIP's weights
+    from the download cache (OpenAI's; an --init random run's are made again from its seed)."""
+    run = Path(run_dir)
+    results, module, cfg, classnames = read_run(run)
+    method = results["method"]
+    clip, preprocess = clip_model.load(cfg.backbone, device=device, pretrained=results["init"] == "pretrained",
+                                       seed=results["seed"])
+    torch.manual_seed(results["seed"])
+    model = module.build(clip, classnames, cfg).to(device)
+    if learned_state(model):  # learned or fitted: its checkpoint
+        ckpt = load_checkpoint(run / "checkpoint.pt", method)
+        restore(model, ckpt["learned"], run / "checkpoint.pt", f"{method} on {cfg.backbone} with {len(classnames)} "
+                                                               "classes")
+    return model.eval(), preprocess, classnames
+
 def save_atomic(write, path):
     """write(tmp) then rename: a crash leaves the previous file, never half a new one. Only torchrun's rank 0 writes."""
     if dist.is_initialized() and dist.get_rank() > 0:
@@ -298,16 +349,8 @@ class Runner:
             raise UserError(f"{self.args.method}: {e}") from None
 
     def load_learned(self, model, learned, where):
-        try:
-            missing, unexpected = model.load_state_dict(learned, strict=False)  # copies onto the model's device
-        except RuntimeError:  # shapes differ: class-specific parameters, or another backbone
-            missing = unexpected = ["(shapes differ)"]
-        learnable = learned_state(model).keys()
-        missing = [k for k in missing if k in learnable]  # frozen weights are not in a checkpoint
-        if missing or unexpected:
-            raise UserError(f"the parameters from {where} do not fit {self.args.method} on {self.cfg.backbone} "
-                            f"with {len(self.task.classnames)} classes (class-specific context on other classes, "
-                            f"or another backbone or config): {(missing + unexpected)[:3]}")
+        restore(model, learned, where, f"{self.args.method} on {self.cfg.backbone} with {len(self.task.classnames)} "
+                                       "classes")
 
     def model_for(self, evalset):
         """The trained model, or the method rebuilt for another class set with the learned parameters."""
@@ -480,7 +523,8 @@ def run(args):
     results = dict(method=args.method, dataset=task.dataset, data=args.data, protocol=args.protocol, shots=args.shots,
                    seed=args.seed, backbone=cfg.backbone, init=args.init, epochs=epochs, learned_params=n_learned,
                    frozen_params=n_frozen, precision=runner.precision, processes=world,
-                   config={**dataclasses.asdict(cfg), "cache_features": args.cache_features})
+                   config={**dataclasses.asdict(cfg), "cache_features": args.cache_features},
+                   classnames=task.classnames, template=task.template)  # what load_run() rebuilds the model for
     if args.dry_run:
         write_json(results, out / "results.json")
         log(f"dry run: wrote {out / 'results.json'}")

@@ -83,6 +83,6 @@ def test_zeroshot_without_a_run_and_errors(tmp_path, capsys):
                          "--out", str(tmp_path)]) == 0
     assert (tmp_path / "stats.json").is_file()
     assert analyze.main([str(tmp_path / "nothing")]) == 2
-    assert "is not a finished run of train.py" in capsys.readouterr().err
+    assert "no results.json in" in capsys.readouterr().err  # one loader: train.load_run's message
     assert analyze.main(["--method", "vpt-deep", "--data", "demo"]) == 2
     assert "unknown method 'vpt-deep'" in capsys.readouterr().err

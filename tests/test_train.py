@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import clip_model
 import data
@@ -52,6 +53,13 @@ def test_every_method_runs_on_demo(tmp_path, method):
     else:
         assert r["history"] == [] and r["epochs"] == 0
     assert "epoch" in (tmp_path / "log.txt").read_text() or not r["learned_params"]
+    model, preprocess, classnames = train.load_run(tmp_path)  # rebuilt from the folder: the same test accuracy
+    test = data.make_task("demo", shots=4).evals[0].test
+    with torch.no_grad():
+        predicted = model(torch.stack([preprocess(Image.open(path)) for path, _ in test])).argmax(-1)
+    assert classnames == r["classnames"] and not model.training
+    assert 100 * (predicted == torch.tensor([y for _, y in test])).double().mean().item() == \
+        pytest.approx(r["accuracy"]["test"], abs=1e-9)
 
 
 def test_coop_learns_the_demo(tmp_path):

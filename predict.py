@@ -1,0 +1,85 @@
+"""Classify images with a trained run: python predict.py RUN_DIR IMAGE_OR_FOLDER... [--top K] [--json]
+
+The run is rebuilt as it was trained (train.load_run: method, config, classes, learned parameters); each image is
+preprocessed as CLIP's evaluation does, and the K most probable of the run's classes are printed (softmax of the
+method's logits). A folder stands for every image below it, sorted. An image that cannot be read is reported on
+stderr and skipped; the others are still predicted (exit status 1 if any was skipped, 2 if the run cannot load).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import clip_model
+import data
+import train
+
+def image_files(paths):
+    """The files named, and every image file below the folders named (sorted); missing paths are returned apart."""
+    files, missing = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in data.IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append(path)
+    return files, missing
+
+@torch.no_grad()
+def predict(model, preprocess, classnames, files, top, batch_size=32):
+    """[{"image", "top": [{"class", "probability"}]}] for the readable files, and [(file, reason)] for the others."""
+    device = next(model.parameters()).device
+    predictions, skipped = [], []
+    for start in range(0, len(files), batch_size):
+        readable, images = [], []
+        for path in files[start:start + batch_size]:
+            try:
+                with Image.open(path) as image:
+                    images.append(preprocess(image))
+                readable.append(path)
+            except (OSError, ValueError) as e:  # not an image, truncated, or an unsupported mode
+                skipped.append((path, str(e)))
+        if not images:
+            continue
+        probabilities = model(torch.stack(images).to(device)).float().softmax(-1)  # (B, C)
+        values, indices = probabilities.topk(min(top, len(classnames)), dim=-1)
+        for path, p, i in zip(readable, values.tolist(), indices.tolist()):
+            predictions.append({"image": str(path), "top": [{"class": classnames[c], "probability": q}
+                                                             for c, q in zip(i, p)]})
+    return predictions, skipped
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", help="the folder of a run of train.py (its results.json and checkpoint.pt)")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of a line per image")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.top < 1:
+        p.error(f"--top {args.top}: must be 1 or more")
+    try:
+        model, preprocess, classnames = train.load_run(args.run, args.device)
+    except (train.UserError, data.DataError, clip_model.LoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    files, missing = image_files(args.images)
+    predictions, skipped = predict(model, preprocess, classnames, files, args.top)
+    for path in missing:
+        print(f"skipped {path}: no such file or folder", file=sys.stderr)
+    for path, reason in skipped:
+        print(f"skipped {path}: not a readable image ({reason})", file=sys.stderr)
+    if args.json:
+        print(json.dumps(predictions, indent=1))
+    else:
+        for prediction in predictions:
+            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in prediction["top"])
+            print(f"{prediction['image']}: {top}")
+    return 1 if missing or skipped else 0
+
+if __name__ == "__main__":
+    sys.exit(main())

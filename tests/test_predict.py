@@ -1,0 +1,85 @@
+"""predict.py and train.load_run on a trained demo run: the run's own predictions, probabilities, unreadable
+images skipped, clear errors for folders that are not runs."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import data
+import predict
+import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    results = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--shots", "4",
+                                          "--epochs", "10", "--output", str(folder)]))
+    return folder, results
+
+
+def test_predictions_are_the_runs_own(run, capsys):
+    folder, results = run
+    test = data.make_task("demo", shots=4).evals[0].test
+    assert predict.main([str(folder), *[path for path, _ in test], "--json", "--top", "8"]) == 0
+    predictions = json.loads(capsys.readouterr().out)
+    assert [p["image"] for p in predictions] == [path for path, _ in test]
+    names = results["classnames"]
+    correct = [names.index(p["top"][0]["class"]) == y for p, (_, y) in zip(predictions, test)]
+    assert 100 * sum(correct) / len(test) == pytest.approx(results["accuracy"]["test"], abs=1e-9)
+    for p in predictions:  # all 8 classes: a distribution, most probable first
+        probabilities = [t["probability"] for t in p["top"]]
+        assert sum(probabilities) == pytest.approx(1, abs=1e-5) and probabilities == sorted(probabilities)[::-1]
+
+
+def test_folders_and_unreadable_images(run, tmp_path, capsys):
+    folder, _ = run
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    test = data.make_task("demo", shots=4).evals[0].test
+    shutil.copy(test[0][0], images / "b.png")
+    shutil.copy(test[1][0], images / "sub" / "a.png")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    (images / "notes.txt").write_text("not an image, not listed")
+    code = predict.main([str(folder), str(images), str(tmp_path / "missing.png"), "--top", "2"])
+    out, err = capsys.readouterr()
+    assert code == 1  # something was skipped; the rest was predicted
+    lines = out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(images / "b.png"), str(images / "sub" / "a.png")]
+    assert all(len(line.split(": ")[1].split(", ")) == 2 for line in lines)  # --top 2
+    assert f"skipped {images / 'broken.jpg'}: not a readable image" in err
+    assert f"skipped {tmp_path / 'missing.png'}: no such file or folder" in err
+
+
+def test_folders_that_are_not_runs(run, tmp_path, capsys):
+    folder, _ = run
+    assert predict.main([str(tmp_path), "x.png"]) == 2
+    assert f"error: no results.json in {tmp_path}: pass the folder of a run of train.py" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "checkpoint.pt").write_bytes(b"half a file")
+    assert predict.main([str(broken), "x.png"]) == 2
+    assert "is not a readable checkpoint of this project" in capsys.readouterr().err
+    (broken / "checkpoint.pt").unlink()
+    assert predict.main([str(broken), "x.png"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    (broken / "results.json").write_text("{}")
+    assert predict.main([str(broken), "x.png"]) == 2
+    assert "is not the results of a run of this project" in capsys.readouterr().err
+
+
+def test_a_run_from_before_the_classes_were_saved(run, tmp_path):
+    """results.json without classnames (older runs): load_run reads them from the run's dataset."""
+    folder, results = run
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    saved = json.loads((old / "results.json").read_text())
+    del saved["classnames"], saved["template"]
+    (old / "results.json").write_text(json.dumps(saved))
+    model, _, classnames = train.load_run(old)
+    new_model, _, _ = train.load_run(folder)
+    assert classnames == results["classnames"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), new_model(x), rtol=0, atol=0)

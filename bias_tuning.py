@@ -35,6 +35,9 @@ class Config:
     warmup_epochs: int = 1              # at constant 1e-5, then cosine
 
 VARIANTS = {"bias_tuning": dict()}
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "bias_tuning": "bias tuning (Ma et al., 2023): one learned vector added after every block of both towers",
+}
 
 def version(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,

@@ -47,6 +47,10 @@ class Config:
     text_warmup_epochs: int = 1         # ... and CoOp's warm-up
 
 VARIANTS = {"vpt-cavpt": dict(text_ctx=0), "cavpt": dict()}
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "vpt-cavpt": "VPT-CLIP-CAVPT: deep visual prompts plus class-aware visual prompts from the likely classes",
+    "cavpt": "DPT (Xing et al., TMM 2023): CoOp's text context plus deep and class-aware visual prompts",
+}
 
 class ClassAwarePrompts(nn.Module):
     """One class-aware block's generator: K text features + the block's tokens -> K prompts, aux logits.

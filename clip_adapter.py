@@ -35,6 +35,9 @@ class Config:
     warmup_epochs: int = 1              # at constant lr 1e-5, then cosine (train.py)
 
 VARIANTS = {"clip-adapter": dict()}  # --method name -> the Config changes that make it
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "clip-adapter": "CLIP-Adapter (Gao et al., IJCV 2023): a bottleneck MLP on the image feature, ratio 0.2",
+}
 
 class CLIPAdapter(nn.Module):
     """CLIP with an adapted image feature: logits (B, C)."""
@@ -45,7 +48,7 @@ class CLIPAdapter(nn.Module):
         E, device = clip.text_projection.shape[1], clip.token_embedding.weight.device
         self.adapter = nn.Sequential(nn.Linear(E, E // cfg.reduction, bias=False), nn.ReLU(),
                                      nn.Linear(E // cfg.reduction, E, bias=False), nn.ReLU()).to(device)
-        tokens = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames]).to(device)
+        tokens = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])
         with torch.no_grad():
             text = F.normalize(clip.encode_text(tokens), dim=-1)  # (C, E)
         self.register_buffer("text", text, persistent=False)

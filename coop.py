@@ -54,6 +54,11 @@ VARIANTS = {  # --method name -> the Config changes that make it
     "coop": dict(),
     "cocoop": dict(conditional=True, n_ctx=4, ctx_init="a photo of a", backbone="ViT-B/16", epochs=10, batch_size=1),
 }
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "zeroshot": "zero-shot CLIP: the dataset's hand-crafted prompt, nothing learned (CoOp's baseline)",
+    "coop": "CoOp (Zhou et al., IJCV 2022): 16 learned context words before the class name",
+    "cocoop": "CoCoOp (Zhou et al., CVPR 2022): CoOp's context shifted per image by a small meta-net",
+}
 
 class PromptLearner(nn.Module):
     """The (C, L, D) prompt embeddings [SOT, ctx_1..ctx_n, class name, ".", EOT], cut after the last EOT."""

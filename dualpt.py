@@ -77,6 +77,11 @@ VARIANTS = {"dualpt": dict(),  # --method name -> the Config changes that make i
             # count, batch 128, lr 0.002, and the global logit added on ImageNet
             "plot": dict(alpha=0.0, beta=0.0, sinkhorn_stop="plot", sinkhorn_tol=0.01, global_logit="imagenet",
                          epochs=50, batch_size=128)}
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "dualpt": "DUAL-PT (Hu et al., 2023): 4 prompts graph-matched to local image features, LLM descriptions",
+    "codualpt": "CoDUAL-PT: DUAL-PT's prompts shifted per image by CoCoOp's meta-net",
+    "plot": "PLOT (Chen et al., ICLR 2023): 4 prompts matched to local image features by optimal transport",
+}
 
 def region_prompt(local, text):
     """Every region against every prompt: local (B, N, E), text (C, M, E) or (B, C, M, E) -> (B, C, N, M) dot

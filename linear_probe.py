@@ -36,6 +36,9 @@ class Config:  # no `epochs`: train.py fits this method once (fit()) and runs no
     tol: float = 1e-4       # stop when every gradient entry of the mean objective is this small (scikit-learn's tol)
 
 VARIANTS = {"linear-probe": dict()}  # --method name -> the Config changes that make it
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "linear-probe": "linear-probe CLIP (CoOp's baseline): logistic regression on image features, fitted",
+}
 
 def logistic_regression(x, y, n_classes, c, max_iter=1000, tol=1e-4):
     """Multinomial logistic regression from zeros: minimise mean CE(x W^T + b, y) + |W|^2 / (2 c n) by L-BFGS ->

@@ -41,6 +41,9 @@ class Config:
     warmup_epochs: int = 1          # at constant lr 1e-5, then cosine (train.py)
 
 VARIANTS = {"maple": dict()}  # --method name -> the Config changes that make it
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "maple": "MaPLe (Khattak et al., CVPR 2023): deep text prompts coupled into the image tower by linear maps",
+}
 
 def version(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,

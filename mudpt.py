@@ -39,6 +39,10 @@ class Config:
     warmup_epochs: int = 1         # at constant 1e-5, then cosine
 
 VARIANTS = {"mudpt": dict(), "ivlp": dict(injection="off")}
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "mudpt": "MuDPT (Miao et al., ICME 2023): deep prompts in both towers fused by an Injection Model",
+    "ivlp": "IVLP: independent deep text and image prompts (MuDPT's baseline)",
+}
 
 class InjectionModel(nn.Module):
     """Fuses the two towers' prompts: image_i + A(text_i) and text_i + B(image_i) for blocks i >= 1.

@@ -48,6 +48,9 @@ class Config:
     warmup_epochs: int = 1          # at constant lr 1e-5, then cosine (train.py)
 
 VARIANTS = {"proda": dict()}  # --method name -> the Config changes that make it
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "proda": "ProDA (Lu et al., CVPR 2022): 32 prompts, their text features a Gaussian per class",
+}
 POSITIONS = ("front", "middle", "end")  # where a prompt puts the class name
 
 def positions(K):
@@ -65,8 +68,9 @@ class PromptLearner(nn.Module):
         self.register_buffer("position", torch.tensor(positions(cfg.n_prompts), device=device), persistent=False)
         names = [name.replace("_", " ") for name in classnames]
         tokens = clip_model.tokenize([" ".join(["X"] * n + [name]) + "." for name in names])  # (C, 77)
-        self.register_buffer("eot", tokens.argmax(-1).to(device), persistent=False)  # (C,): the same in every layout
-        L = int(self.eot.max()) + 1
+        eot = tokens.argmax(-1)  # (C,): the same in every layout
+        self.register_buffer("eot", eot.to(device), persistent=False)
+        L = int(eot.max()) + 1
         with torch.no_grad():
             embedded = clip.embed_text(tokens[:, :L])  # (C, L, D), the name last
         self.register_buffer("prefix", embedded[:, :1], persistent=False)  # SOT

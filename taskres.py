@@ -45,6 +45,9 @@ class Config:
     warmup_epochs: int = 1              # at constant lr 1e-5, then cosine (train.py)
 
 VARIANTS = {"taskres": dict()}  # --method name -> the Config changes that make it
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "taskres": "TaskRes (Yu et al., CVPR 2023): a learned residual on the zero-shot text classifier",
+}
 SCHEDULE = {1: 100, 2: 100, 4: 100}  # epochs by shots when Config.epochs is 0; other shot counts: 200 (train.py)
 
 def read_projection(path):

@@ -62,6 +62,10 @@ class Config:
 
 VARIANTS = {"tip-adapter": dict(epochs=None),  # --method name -> Config changes; None: fitted only, no epochs
             "tip-adapter-f": dict(train_keys=True)}
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "tip-adapter": "Tip-Adapter (Zhang et al., ECCV 2022): a cache of the few-shot features, no training",
+    "tip-adapter-f": "Tip-Adapter-F: Tip-Adapter's cache keys learned (AdamW, 20 epochs)",
+}
 
 def search_grid(largest, steps):
     """The official search values: steps values from 0.1, evenly spaced, stopping one step short of `largest`."""
@@ -81,7 +85,7 @@ class TipAdapter(nn.Module):
         text = []
         with torch.no_grad():
             for template in templates:
-                tokens = clip_model.tokenize([template.format(c.replace("_", " ")) for c in classnames]).to(device)
+                tokens = clip_model.tokenize([template.format(c.replace("_", " ")) for c in classnames])
                 text.append(F.normalize(clip.encode_text(tokens), dim=-1))
         self.register_buffer("text", F.normalize(torch.stack(text).mean(0), dim=-1), persistent=False)  # (C, E)
         keys = torch.zeros(cfg.shots * C, E, device=device)  # set by fit(); persistent: the checkpoint keeps them

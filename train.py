@@ -1,14 +1,14 @@
 """The one training loop for every method: python train.py --method coop --data ./data/dtd --shots 16
 
-A method file gives a `Config` (its paper's defaults), `VARIANTS` (CLI name -> Config changes) and `build(clip,
-classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C). Optionally the module has
-`loss(logits, labels, epoch)` (its whole training loss, with auxiliary terms from the last forward; default
-cross-entropy), `param_groups(cfg)` (learned parameters in groups, each with its own "lr" and "warmup_epochs";
-default one group at cfg.lr), `check_config(cfg)` (a ValueError for values it cannot use, raised before CLIP loads),
-`class_specific = True` (learned parameters tied to the training classes), and, when its image tower is frozen,
-`frozen_features(images)` with `forward(features=...)` (for `--cache-features`). A Config may name its optimizer
-(`optimizer`: sgd, the default, adam or adamw; see OPTIMIZERS) and a module its epochs by shots (`SCHEDULE`, used when
-Config.epochs is 0; default CoOp's).
+A method file gives a `Config` (its paper's defaults), `VARIANTS` (CLI name -> Config changes), `ABOUT` (CLI name ->
+one line for --list) and `build(clip, classnames, cfg) -> nn.Module` whose forward(images) returns logits (B, C).
+Optionally the module has `loss(logits, labels, epoch)` (its whole training loss, with auxiliary terms from the last
+forward; default cross-entropy), `param_groups(cfg)` (learned parameters in groups, each with its own "lr" and
+"warmup_epochs"; default one group at cfg.lr), `check_config(cfg)` (a ValueError for values it cannot use, raised
+before CLIP loads), `class_specific = True` (learned parameters tied to the training classes), and, when its image
+tower is frozen, `frozen_features(images)` with `forward(features=...)` (for `--cache-features`). A Config may name
+its optimizer (`optimizer`: sgd, the default, adam or adamw; see OPTIMIZERS) and a module its epochs by shots
+(`SCHEDULE`, used when Config.epochs is 0; default CoOp's).
 
 A method fitted on frozen features rather than (or before being) trained by SGD has `fit(encode, trained)`: called
 before the first epoch (trained=False) and, when it had epochs, after the last (trained=True; Tip-Adapter-F searches
@@ -614,6 +614,23 @@ def run(args):
     log("  ".join(f"{name} {acc:.2f}" for name, acc in accuracy.items()) + f"  -> {out / 'results.json'}")
     return results
 
+def method_list(classes=1000):
+    """One line per variant: its name, file, paper backbone, learned parameters there with `classes` made-up
+    classes (ImageNet's count; CLIP on the meta device, so no weights are made), and the module's ABOUT line."""
+    names = [f"class {i}" for i in range(classes)]
+    clips, lines = {}, [f"{'method':14s} {'file':16s} {'backbone':9s} {'learned*':>10s}  what it is"]
+    for name, (module, changes) in METHODS.items():
+        cfg = dataclasses.replace(module.Config(), **changes)
+        if cfg.backbone not in clips:
+            with torch.device("meta"):
+                clips[cfg.backbone] = clip_model.CLIP(*clip_model.CONFIGS[cfg.backbone])
+        model = module.build(clips[cfg.backbone], names, cfg)
+        learned = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lines.append(f"{name:14s} {module.__name__ + '.py':16s} {cfg.backbone:9s} {learned:>10,}  "
+                     f"{module.ABOUT[name]}")
+    return "\n".join(lines + [f"* learned parameters (results.json's learned_params) at the paper backbone with "
+                                f"{classes:,} classes, as on ImageNet"])
+
 def main(argv=None):
     args = parse_args(argv)
     # one of the processes of a torchrun job (of 1 process too: its sums then still go through NCCL or gloo)
@@ -625,8 +642,7 @@ def main(argv=None):
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     try:
         if args.list:
-            for name, (module, _) in METHODS.items():
-                print(f"{name:12s} {module.__name__}.py  {module.__doc__.splitlines()[0]}")
+            print(method_list())
             return 0
         if args.help_config:
             module, cfg = make_config(args)

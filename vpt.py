@@ -42,6 +42,11 @@ class Config:
     text_warmup_epochs: int = 1         # ... and CoOp's warm-up
 
 VARIANTS = {"vpt-shallow": dict(deep=False, lr=0.001), "vpt": dict(), "vlp": dict(text_ctx=16)}  # lr: official configs
+ABOUT = {  # --method name -> what it is, for python train.py --list
+    "vpt-shallow": "VPT-CLIP-Shallow: learned visual prompt tokens at the image tower's input",
+    "vpt": "VPT-CLIP-Deep: fresh learned visual prompt tokens before every image block",
+    "vlp": "VLP-CLIP-Deep: deep visual prompts plus CoOp's text context",
+}
 
 class VisualPrompts(nn.Module):
     """Prompt tokens in the ViT: (layers, n, W), layers = 1 for shallow, every block for deep."""

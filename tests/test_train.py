@@ -126,7 +126,12 @@ def test_set_overrides_config_fields(tmp_path):
 def test_list_and_help_config(capsys):
     assert train.main(["--list"]) == 0
     listed = capsys.readouterr().out
-    assert all(re.search(rf"^{m}\s+\w+\.py", listed, re.M) for m in train.METHODS)
+    lines = {line.split()[0]: line for line in listed.splitlines()[1:-1]}
+    assert list(lines) == list(train.METHODS)  # one line per variant, each its own
+    assert len({line.split(None, 4)[4] for line in lines.values()}) == len(lines)
+    assert lines["maple"].split()[1:4] == ["maple.py", "ViT-B/16", "3,555,072"]  # the official count
+    assert lines["plot"].split()[1:4] == ["dualpt.py", "RN50", "32,768"] and "PLOT" in lines["plot"]
+    assert lines["tip-adapter"].split()[3] == "0" and lines["coop"].split()[3] == "8,192"
     assert train.main(["--method", "cocoop", "--help-config"]) == 0
     shown = capsys.readouterr().out
     assert "n_ctx: int = 16" in shown and "'conditional': True" in shown

@@ -13,7 +13,8 @@ probing paper of bias_tuning.py (Ma et al., arXiv 2312.11570, sections 4.2-4.3):
   where every method here appends its image prompts);
 - text: what the EOT query attends to: SOT, the context (learned or hand-written words), the class name;
 - relevancy (Chefer et al.): R = I, R <- R + mean_h(clamp(dy/dA * A, 0)) R per block, for the target logit
-  y; image relevancy = R[cls, patches] on the g x g grid, text relevancy = R[EOT, :EOT].
+  y; image relevancy = R[cls, patches] on the g x g grid, text relevancy = R[EOT, :EOT];
+- nearest words (CoOp, Sec. 4.4): the vocabulary tokens nearest each learned word-position vector.
 It writes RUN_DIR/analysis/stats.json, relevancy_<i>.png (image | zero-shot | method) and, with matplotlib
 installed, one plot per statistic (method against zero-shot CLIP, per layer). Shapes as clip_model.py's legend,
 plus S, the length of a tower's token sequence, and Chefer et al.'s relevancy matrix R (S, S)."""
@@ -105,6 +106,28 @@ def load_model(args):
     torch.manual_seed(1)
     model = module.build(clip, ds.classnames, cfg)
     return args.method, model, cfg, ds.classnames, clip, preprocess, args.data, Path("analysis")
+
+def word_context(model):
+    """The learned vectors a model puts where words go, at the text tower's input: {parameter name: (n, D)}, every
+    `...ctx` parameter (CoOp, CoCoOp, VLP, DPT, MaPLe, DUAL-PT, PLOT, ProDA; several contexts: one row each) and
+    the first block's `text_prompts` (MuDPT, IVLP: deeper blocks' prompts are not in the embedding space)."""
+    found = {}
+    for name, p in model.named_parameters():
+        if name.split(".")[-1] == "ctx":
+            found[name] = p.detach().reshape(-1, p.shape[-1])
+        elif name == "text_prompts":
+            found[f"{name}[0]"] = p.detach()[0]
+    return found
+
+def nearest_words(clip, vectors, k=3):
+    """CoOp's reading of learned context (Zhou et al., IJCV 2022, Sec. 4.4): for each of the (n, D) vectors, the k
+    vocabulary tokens nearest in Euclidean distance in the token-embedding space -> [[(token, distance)] * k] * n."""
+    table = clip.token_embedding.weight.detach().float()  # (vocabulary, D)
+    distances = torch.cdist(vectors.float(), table, compute_mode="donot_use_mm_for_euclid_dist")  # exact, not via mm
+    distance, index = distances.topk(k, largest=False)  # (n, k)
+    decode = clip_model._tokenizer().decode
+    return [[(decode([i]), round(d, 4)) for i, d in zip(row_i, row_d)]
+            for row_i, row_d in zip(index.tolist(), distance.tolist())]
 
 def text_rows(cfg, classname, template_only=False):
     """(context rows, class-name rows, EOT row) of the text prompt a model ran for one class; SOT is row 0.
@@ -258,7 +281,12 @@ def main(argv=None):
         train.save_atomic(functools.partial(panel.save, format="PNG"), out / f"relevancy_{i}.png")
     result = {"zeroshot": {"name": "zero-shot CLIP", **zero_stats}, "method": {"name": name, **stats},
               "images": [p for p, _ in items], "labels": labels.tolist(), "targets": predicted.tolist(),
-              "backbone": model_cfg.backbone, "dataset": ds.name}
+              "backbone": model_cfg.backbone, "dataset": ds.name,
+              "nearest_words": {name: nearest_words(clip, vectors) for name, vectors in word_context(model).items()}}
+    for name, rows in result["nearest_words"].items():  # a small table: each learned vector, its nearest tokens
+        print(f"{name}: the 3 nearest vocabulary tokens of each learned vector (Euclidean distance)")
+        for i, row in enumerate(rows):
+            print(f"  {i:3d}  " + "   ".join(f"{token} {distance:.3f}" for token, distance in row))
     train.write_json(result, out / "stats.json")
     print(f"{plots(result, out)}; wrote {out / 'stats.json'} and {len(pil)} relevancy_<i>.png")
     return 0

@@ -85,7 +85,8 @@ class Tokenizer:
         self.byte_table = {b: chr(c) for b, c in zip(printable + rest, printable + [256 + k for k in range(len(rest))])}
         symbols = list(self.byte_table.values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-        self.ids = {s: i for i, s in enumerate(vocab + ["<|startoftext|>", "<|endoftext|>"])}
+        self.vocab = vocab + ["<|startoftext|>", "<|endoftext|>"]  # id -> symbol
+        self.ids = {s: i for i, s in enumerate(self.vocab)}
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                                      r"\p{L}+|\p{N}|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
@@ -116,6 +117,13 @@ class Tokenizer:
             piece = "".join(self.byte_table[b] for b in piece.encode("utf-8"))
             ids += [self.ids[s] for s in self.bpe(piece)]
         return ids
+
+    def decode(self, ids):
+        """Token ids -> text: a space after each word end ("</w>"); encode's inverse up to spacing ("dog ." for
+        "dog.") and its clean-up (lower case)."""
+        back = {c: b for b, c in self.byte_table.items()}
+        words = "".join(self.vocab[i] for i in ids).split("</w>")
+        return " ".join(bytes(back[c] for c in word).decode("utf-8", errors="replace") for word in words).strip()
 
 _tokenizer = lru_cache(maxsize=1)(Tokenizer)  # built once, on first use
 

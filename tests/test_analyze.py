@@ -86,3 +86,20 @@ def test_zeroshot_without_a_run_and_errors(tmp_path, capsys):
     assert "no results.json in" in capsys.readouterr().err  # one loader: train.load_run's message
     assert analyze.main(["--method", "vpt-deep", "--data", "demo"]) == 2
     assert "unknown method 'vpt-deep'" in capsys.readouterr().err
+
+
+def test_nearest_words_of_an_init_phrase_are_its_words():
+    """CoOp's reading of learned context: a context that starts as "a photo of a" is nearest those four tokens
+    (distance 0); MuDPT reads its first block's text prompts only, MaPLe its input context, not the deep ones."""
+    clip = clip_model.load("tiny")[0]
+    model = train.coop.build(clip, ["cat", "dog"], train.coop.Config(ctx_init="a photo of a"))
+    found = analyze.word_context(model)
+    assert list(found) == ["prompt_learner.ctx"] and found["prompt_learner.ctx"].shape == (4, 128)
+    rows = analyze.nearest_words(clip, found["prompt_learner.ctx"])
+    assert [row[0][0] for row in rows] == ["a", "photo", "of", "a"] and all(row[0][1] < 1e-4 for row in rows)
+    assert all(row[1][1] > 0.01 for row in rows)  # the next nearest are other tokens, further away
+    mudpt = train.mudpt.build(clip, ["cat", "dog"], train.mudpt.Config(depth=2))
+    assert [row[0][0] for row in analyze.nearest_words(clip, analyze.word_context(mudpt)["text_prompts[0]"])] == \
+        ["a", "photo", "of", "a"]
+    maple = train.maple.build(clip, ["cat", "dog"], train.maple.Config())
+    assert list(analyze.word_context(maple)) == ["ctx"]  # "a photo", not the deep prompts

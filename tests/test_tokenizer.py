@@ -72,3 +72,11 @@ def test_vocab_file_is_openais():
 def test_missing_vocab_is_a_clear_error(tmp_path):
     with pytest.raises(clip_model.LoadError, match="nope.txt.gz is missing: copy it"):
         clip_model.Tokenizer(tmp_path / "nope.txt.gz")
+
+
+def test_decode_inverts_encode_up_to_spacing():
+    tokenizer = clip_model._tokenizer()
+    for text, decoded in [("a photo of a dog.", "a photo of a dog ."), ("Ünïcödé Café", "ünïcödé café"),
+                          ("sea_lion", "sea _ lion")]:
+        assert tokenizer.decode(tokenizer.encode(text)) == decoded
+    assert tokenizer.decode([49406, 49407]) == "<|startoftext|><|endoftext|>"

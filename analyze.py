@@ -101,7 +101,7 @@ def load_model(args):
     module, changes = train.METHODS[args.method]
     cfg = replace(module.Config(), **changes, **({"backbone": args.backbone} if args.backbone else {}))
     ds = data.load_dataset(args.data)
-    cfg = replace(cfg, **{k: v for k, v in dict(template=ds.template, dataset=ds.name).items() if hasattr(cfg, k)})
+    cfg = train.for_data(cfg, ds.template, ds.name)
     clip, preprocess = clip_model.load(cfg.backbone, pretrained=args.init == "pretrained", seed=1)
     torch.manual_seed(1)
     model = module.build(clip, ds.classnames, cfg)

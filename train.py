@@ -215,13 +215,23 @@ def objective(model, logits, labels, epoch):
         return model.loss(logits, labels, epoch)
     return F.cross_entropy(logits.float(), labels)
 
-def learned_state(model):
-    """What a run learned: the parameters it trains, and the persistent buffers of the method a fit() set (a method
-    keeps what it computes at build non-persistent; CLIP's own buffers, under `clip.`, are CLIP's)."""
-    state = {k: v for k, v in model.named_parameters() if v.requires_grad}
+def learned_tensors(model):
+    """What a run learned, by name: the parameters it trains, and the persistent buffers of the method a fit() set
+    (a method keeps what it computes at build non-persistent; CLIP's own buffers, under `clip.`, are CLIP's)."""
+    tensors = {k: v for k, v in model.named_parameters() if v.requires_grad}
     persistent = model.state_dict().keys()
-    state.update({k: v for k, v in model.named_buffers() if k in persistent and not k.startswith("clip.")})
-    return {k: v.detach().clone() for k, v in state.items()}
+    tensors.update({k: v for k, v in model.named_buffers() if k in persistent and not k.startswith("clip.")})
+    return tensors
+
+def learned_state(model):
+    """A copy of learned_tensors(model): what a checkpoint holds."""
+    return {k: v.detach().clone() for k, v in learned_tensors(model).items()}
+
+def for_data(cfg, template, dataset):
+    """cfg with what a method takes from the data it is built for, where its Config has the field: the dataset's
+    template (`template`) and name (`dataset`)."""
+    fields = {k: v for k, v in dict(template=template, dataset=dataset).items() if hasattr(cfg, k)}
+    return dataclasses.replace(cfg, **fields)
 
 def restore(model, learned, where, what):
     """Copy a checkpoint's learned state into `model` (onto its device); a UserError naming `where` the state came
@@ -230,7 +240,7 @@ def restore(model, learned, where, what):
         missing, unexpected = model.load_state_dict(learned, strict=False)
     except RuntimeError:  # shapes differ: class-specific parameters, or another backbone
         missing = unexpected = ["(shapes differ)"]
-    missing = [k for k in missing if k in learned_state(model)]  # frozen weights are not in a checkpoint
+    missing = [k for k in missing if k in learned_tensors(model)]  # frozen weights are not in a checkpoint
     if missing or unexpected:
         raise UserError(f"the parameters from {where} do not fit {what} (class-specific context on other classes, or "
                         f"another backbone or config): {(missing + unexpected)[:3]}")
@@ -254,8 +264,7 @@ def read_run(run_dir):
     if classnames is None:  # a run from before results.json kept its classes: read them from its dataset
         task = data.make_task(results["data"], results["protocol"], 0, results["seed"])
         classnames, template = task.classnames, task.template
-    from_data = {k: v for k, v in dict(template=template, dataset=results["dataset"]).items() if hasattr(cfg, k)}
-    return results, module, dataclasses.replace(cfg, **from_data), classnames
+    return results, module, for_data(cfg, template, results["dataset"]), classnames
 
 def load_run(run_dir, device="cpu"):
     """A run of train.py, rebuilt -> (model in eval mode, preprocess, classnames): method, backbone, config and
@@ -268,7 +277,7 @@ def load_run(run_dir, device="cpu"):
                                        seed=results["seed"])
     torch.manual_seed(results["seed"])
     model = module.build(clip, classnames, cfg).to(device)
-    if learned_state(model):  # learned or fitted: its checkpoint
+    if learned_tensors(model):  # learned or fitted: its checkpoint
         ckpt = load_checkpoint(run / "checkpoint.pt", method)
         restore(model, ckpt["learned"], run / "checkpoint.pt", f"{method} on {cfg.backbone} with {len(classnames)} "
                                                                "classes")
@@ -341,8 +350,7 @@ class Runner:
 
     def build(self, classnames, template, dataset):
         """The method for these classes; a Config's `template` and `dataset` fields take the data's."""
-        from_data = {k: v for k, v in dict(template=template, dataset=dataset).items() if hasattr(self.cfg, k)}
-        cfg = dataclasses.replace(self.cfg, **from_data)
+        cfg = for_data(self.cfg, template, dataset)
         try:
             return self.module.build(self.clip, classnames, cfg).to(self.device)
         except ValueError as e:  # a Config value the method rejects
@@ -359,7 +367,7 @@ class Runner:
         if (evalset.classnames, evalset.template) == (self.task.classnames, self.task.template) and same_dataset:
             return self.model
         model = self.build(evalset.classnames, evalset.template, dataset)
-        self.load_learned(model, learned_state(self.model), "training")
+        self.load_learned(model, learned_tensors(self.model), "training")  # load_state_dict copies them
         return model
 
     def train_epoch(self, trainer, optimizer, inputs_and_labels, epoch, out):

@@ -230,10 +230,9 @@ def test_eval_mode_never_returns_stale_logits(method):
     model = module.build(clip, names, cfg).eval()
     torch.manual_seed(1)
     other = module.build(clip, names, cfg)
-    tensors = {**dict(other.named_parameters()), **dict(other.named_buffers())}
     with torch.no_grad():  # other values in everything a run learns or fits (some start at zero: bias tuning,
-        for name in train.learned_state(other):  # meta-nets, Tip-Adapter's cache)
-            tensors[name].add_(0.1 * torch.randn_like(tensors[name]))
+        for t in train.learned_tensors(other).values():  # meta-nets, Tip-Adapter's cache)
+            t.add_(0.1 * torch.randn_like(t))
         before = model(x)
         assert torch.equal(model(x), before)
         model.load_state_dict(other.state_dict())

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import bias_tuning
 import cavpt
@@ -215,6 +216,12 @@ def objective(model, logits, labels, epoch):
         return model.loss(logits, labels, epoch)
     return F.cross_entropy(logits.float(), labels)
 
+def progress(total, what, rank=0):
+    """A bar of the images this process handles (count, img/s, ETA) on a terminal, for process 0; elsewhere (a pipe,
+    a log file, pytest, torchrun's other processes) a bar that draws nothing, and the log lines are all there is."""
+    return tqdm(total=total, desc=what, unit="img", leave=False, dynamic_ncols=True,
+                disable=rank != 0 or not sys.stderr.isatty())
+
 def learned_tensors(model):
     """What a run learned, by name: the parameters it trains, and the persistent buffers of the method a fit() set
     (a method keeps what it computes at build non-persistent; CLIP's own buffers, under `clip.`, are CLIP's)."""
@@ -370,16 +377,19 @@ class Runner:
         self.load_learned(model, learned_tensors(self.model), "training")  # load_state_dict copies them
         return model
 
-    def train_epoch(self, trainer, optimizer, inputs_and_labels, epoch, out):
+    def train_epoch(self, trainer, optimizer, inputs_and_labels, epoch, out, bar=None):
         """One epoch of SGD steps (trainer: the model, or its DDP wrapper) -> images, summed loss and correct
         predictions, over every process. The sums stay on the device and are read once, at the end: a step never
-        waits for the host (fp16's scaler aside, which reads its overflow flag every step)."""
+        waits for the host (fp16's scaler aside, which reads its overflow flag every step; `bar`, a progress() drawn
+        on a terminal, reads the running loss once a second)."""
         model = self.model
+        bar = progress(None, "", rank=-1) if bar is None else bar  # none given: one that draws nothing
         model.train()
         seen = 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         first_bad = torch.full((), -1, device=self.device)  # the first step with a nan or inf loss; -1: none
+        shown = time.monotonic()
         for step, (inputs, labels) in enumerate(inputs_and_labels):
             with self.autocast():
                 logits = trainer(**inputs)
@@ -394,6 +404,10 @@ class Runner:
             correct += (logits.argmax(-1) == labels).sum()
             finite = torch.isfinite(loss.detach())
             first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)  # a bad step is kept once found
+            bar.update(len(labels))
+            if not bar.disable and time.monotonic() - shown > 1:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
+                shown = time.monotonic()
         # one read after the epoch; a nan in any process stops all, before this epoch's checkpoint is written
         seen, loss_sum, correct, bad_processes = all_sum([seen, loss_sum, correct, first_bad >= 0], self.device)
         if bad_processes:
@@ -410,12 +424,14 @@ class Runner:
         loader = data.loader(evalset.test, clip_model.transform(self.n_px), 100, train=False, workers=self.workers,
                              device=self.args.device, rank=self.rank, world=self.world)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)  # on the device: no sync per batch
-        for images, labels in loader:
-            with self.autocast():
-                logits = model(images.to(self.device, non_blocking=True))
-            if evalset.class_subset is not None:
-                logits = logits[:, evalset.class_subset]
-            correct += (logits.argmax(-1) == labels.to(self.device, non_blocking=True)).sum()
+        with progress(len(loader.dataset), f"evaluating {evalset.name}", self.rank) as bar:
+            for images, labels in loader:
+                with self.autocast():
+                    logits = model(images.to(self.device, non_blocking=True))
+                if evalset.class_subset is not None:
+                    logits = logits[:, evalset.class_subset]
+                correct += (logits.argmax(-1) == labels.to(self.device, non_blocking=True)).sum()
+                bar.update(len(labels))
         return 100 * all_sum([correct], self.device)[0] / len(evalset.test)
 
     @torch.no_grad()
@@ -426,21 +442,23 @@ class Runner:
         loader = data.loader(items, transform, 100, train=False, workers=self.workers, device=self.args.device)
         model = self.model.eval()
         store = None  # (V, n, ...) once the first batch shows the features' shape
-        for v, seed in enumerate(seeds):
-            loader.dataset.seed = seed
-            for i, (images, _) in enumerate(loader):
-                with self.autocast():
-                    x = model.frozen_features(images.to(self.device, non_blocking=True))
-                if store is None:
-                    shape = (len(seeds), len(items), *x.shape[1:])
-                    if math.prod(shape) * x.element_size() <= CACHE_IN_MEMORY:
-                        store = torch.empty(shape, dtype=x.dtype, device=self.device)
-                    else:
-                        path = folder / f"features.rank{self.rank}.tmp"
-                        store = torch.from_file(str(path), True, math.prod(shape), dtype=x.dtype).view(shape)
-                        path.unlink()  # the mapping lives until the run ends, and no file outlives it
-                first = i * loader.batch_size  # the loader keeps the items' order (train=False)
-                store[v, first:first + len(x)] = x.to(store.device)
+        with progress(len(seeds) * len(items), f"encoding {len(seeds)} x {len(items)} images", self.rank) as bar:
+            for v, seed in enumerate(seeds):
+                loader.dataset.seed = seed
+                for i, (images, _) in enumerate(loader):
+                    with self.autocast():
+                        x = model.frozen_features(images.to(self.device, non_blocking=True))
+                    if store is None:
+                        shape = (len(seeds), len(items), *x.shape[1:])
+                        if math.prod(shape) * x.element_size() <= CACHE_IN_MEMORY:
+                            store = torch.empty(shape, dtype=x.dtype, device=self.device)
+                        else:
+                            path = folder / f"features.rank{self.rank}.tmp"
+                            store = torch.from_file(str(path), True, math.prod(shape), dtype=x.dtype).view(shape)
+                            path.unlink()  # the mapping lives until the run ends, and no file outlives it
+                    first = i * loader.batch_size  # the loader keeps the items' order (train=False)
+                    store[v, first:first + len(x)] = x.to(store.device)
+                    bar.update(len(x))
         return store
 
     def encode_split(self, split, views=0, folder=None):
@@ -598,7 +616,9 @@ def run(args):
         loader.dataset.seed = epoch_seeds[epoch]
         tic = time.time()
         inputs_and_labels = batches(loader, cache, epoch, runner.device)
-        seen, loss_sum, correct = runner.train_epoch(trainer, optimizer, inputs_and_labels, epoch, out)
+        mine = len(loader) * loader.batch_size if loader.drop_last else len(loader.sampler)  # this process's images
+        with progress(mine, f"epoch {epoch + 1}/{epochs}", rank) as bar:
+            seen, loss_sum, correct = runner.train_epoch(trainer, optimizer, inputs_and_labels, epoch, out, bar)
         history.append(dict(epoch=epoch + 1, loss=loss_sum / seen, acc=100 * correct / seen,
                             lr=optimizer.param_groups[0]["lr"], seconds=time.time() - tic))
         this_run = time.time() - started

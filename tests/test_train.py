@@ -1,6 +1,8 @@
 """train.py end to end on the demo data with a tiny CLIP: every method, resume, eval-only, the CLI's errors,
 and the README's copy-a-method loop."""
 import dataclasses
+import io
+import itertools
 import json
 import math
 import re
@@ -121,6 +123,33 @@ def test_set_overrides_config_fields(tmp_path):
                                     str(tmp_path)]))
     assert r["learned_params"] == 8 * 4 * 128 and r["config"]["csc"] is True
     assert r["config"]["template"] == "a photo of a {}."  # set from the dataset
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, capsys):
+    """On a terminal, tqdm bars of images with img/s for each epoch, the feature cache and evaluation, and the
+    running loss once a second; in a pipe nothing on stderr. log.txt has the same lines either way."""
+    args = ["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "2", "--cache-features", "2"]
+    assert train.main([*args, "--output", str(tmp_path / "pipe")]) == 0
+    assert capsys.readouterr().err == ""
+    terminal, clock = Terminal(), itertools.count(step=2)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(train.time, "monotonic", lambda: next(clock))  # a second passes between any two steps
+    assert train.main([*args, "--output", str(tmp_path / "terminal")]) == 0
+    bars = terminal.getvalue()
+    for what, images in [("encoding 2 x 128 images", 256), ("epoch 1/2", 128), ("epoch 2/2", 128),
+                         ("evaluating test", 144)]:
+        assert re.search(f"{what}: .* \\d+/{images} .*img/s", bars), what
+    assert re.search(r"epoch 2/2: .*loss=\d\.\d{3}", bars) and "loss=" not in capsys.readouterr().out
+
+    def lines(run):  # without the timings
+        log = (tmp_path / run / "log.txt").read_text().splitlines()
+        return [re.sub(r"\d+ img/s.*|-> .*", "", line) for line in log]
+    assert lines("terminal") == lines("pipe") and len(lines("pipe")) == 4
 
 
 def test_list_and_help_config(capsys):

@@ -15,7 +15,8 @@ probing paper of bias_tuning.py (Ma et al., arXiv 2312.11570, sections 4.2-4.3):
 - relevancy (Chefer et al.): R = I, R <- R + mean_h(clamp(dy/dA * A, 0)) R per block, for the target logit
   y; image relevancy = R[cls, patches] on the g x g grid, text relevancy = R[EOT, :EOT];
 - nearest words (CoOp, Sec. 4.4): the vocabulary tokens nearest each learned word-position vector.
-It writes RUN_DIR/analysis/stats.json, relevancy_<i>.png (image | zero-shot | method) and, with matplotlib
+It writes RUN_DIR/analysis/stats.json, relevancy_<i>.png (the image, zero-shot's and the method's maps, each
+titled with its prediction, a colour bar, the method's text tokens shaded and named) and, with matplotlib
 installed, one plot per statistic (method against zero-shot CLIP, per layer). Shapes as clip_model.py's legend,
 plus S, the length of a tower's token sequence, and Chefer et al.'s relevancy matrix R (S, S)."""
 import argparse
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import clip_model
 import data
@@ -50,8 +51,9 @@ class Recorder:
                 return out, probs
             attn.forward = forward  # an instance attribute shadows the class's method
         # position embeddings need gradients so that every map is in the graph, whatever the method learns
-        for p in (self.clip.positional_embedding, self.clip.visual.positional_embedding):
-            p.requires_grad_(True)
+        self.clip.positional_embedding.requires_grad_(True)
+        if isinstance(self.clip.visual, clip_model.VisionTransformer):  # a ResNet's maps are not recorded
+            self.clip.visual.positional_embedding.requires_grad_(True)
         return self
 
     def __exit__(self, *exc):
@@ -129,24 +131,38 @@ def nearest_words(clip, vectors, k=3):
     return [[(decode([i]), round(d, 4)) for i, d in zip(row_i, row_d)]
             for row_i, row_d in zip(index.tolist(), distance.tolist())]
 
-def text_rows(cfg, classname, template_only=False):
-    """(context rows, class-name rows, EOT row) of the text prompt a model ran for one class; SOT is row 0.
-    Learned context ("X X ... X {class}.") when the Config has a context count, else the template's words."""
+def prompt_text(cfg, classname, template_only=False):
+    """(text, n, learned): the text prompt a model ran for one class and its n context tokens after SOT. Learned
+    context is written "X X ... X {class}." (the Config's context count), a hand-crafted template as its words."""
     name = classname.replace("_", " ")
     n = 0 if template_only else next((getattr(cfg, f) for f in ("n_tokens", "text_ctx") if getattr(cfg, f, 0)), 0)
     if not n and not template_only and getattr(cfg, "n_ctx", 0):  # CoOp: an init phrase sets the count
         n = int(clip_model.tokenize(cfg.ctx_init.replace("_", " ")).argmax()) - 1 if cfg.ctx_init else cfg.n_ctx
     if n:
-        text = " ".join(["X"] * n + [name]) + "."
-    else:  # a hand-crafted template: the context is the words before the class name
-        template = getattr(cfg, "template", "a photo of a {}.")
-        text = template.format(name)
-        n = int(clip_model.tokenize(template.split("{}")[0]).argmax()) - 1
-    k = int(clip_model.tokenize(name).argmax()) - 1
+        return " ".join(["X"] * n + [name]) + ".", n, True
+    template = getattr(cfg, "template", "a photo of a {}.")  # the context is the words before the class name
+    return template.format(name), int(clip_model.tokenize(template.split("{}")[0]).argmax()) - 1, False
+
+def text_rows(cfg, classname, template_only=False):
+    """(context rows, class-name rows, EOT row) of the text prompt a model ran for one class; SOT is row 0."""
+    text, n, _ = prompt_text(cfg, classname, template_only)
+    k = int(clip_model.tokenize(classname.replace("_", " ")).argmax()) - 1
     return list(range(1, 1 + n)), list(range(1 + n, 1 + n + k)), int(clip_model.tokenize(text).argmax())
 
+def prompt_tokens(cfg, classname, template_only=False):
+    """The prompt's tokens before EOT, as words: SOT, the context (learned vectors as CoOp writes them, [V1]..[Vn]),
+    the class name's tokens and the rest."""
+    text, n, learned = prompt_text(cfg, classname, template_only)
+    ids = clip_model.tokenize(text)[0]
+    decode = clip_model._tokenizer().decode
+    words = ["SOT"] + [decode([i]).strip() for i in ids[1:int(ids.argmax())].tolist()]
+    if learned:
+        words[1:1 + n] = [f"[V{i}]" for i in range(1, n + 1)]
+    return words
+
 def analyse(model, clip, cfg, images, classnames, target):
-    """One model on the images -> (stats, image relevancy (B, g, g) or None, text relevancy per image)."""
+    """One model on the images -> (stats, image relevancy (B, g, g) or None, text relevancy per image, the class
+    each relevancy explains (B,), the model's probabilities (B, C)). target None: the predicted classes."""
     with torch.no_grad():
         plain_image = F.normalize(clip.encode_image(images), dim=-1)  # for a frozen text side, below
     model.train(False)  # also drops cached text features, so a learned text side runs and is recorded
@@ -197,27 +213,76 @@ def analyse(model, clip, cfg, images, classnames, target):
             k = c + (b * len(classnames) if len(text_maps[0]) > len(classnames) else 0)  # CoCoOp: per image
             R = rollout([A[k:k + 1].detach() for A in text_maps], [g[k:k + 1] for g in grads])
             text_relevancy.append(R[0, eots[c], :eots[c]].tolist())
-    return stats, image_relevancy, text_relevancy, target
+    return stats, image_relevancy, text_relevancy, target, logits.detach().softmax(-1)
+
+def font(size):
+    """Pillow's own font at `size` pixels (Pillow >= 10.1, with FreeType), else its small bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError):
+        return ImageFont.load_default()
+
+def colours(r):
+    """Relevancy scaled to [0, 1], (...) -> RGB bytes (..., 3): dark blue (0) to yellow (1), as the colour bar."""
+    return torch.stack([r * 255, r * 220, (1 - r) * 160], -1).round().byte()
 
 def heat(image, relevancy, size):
-    """The image blended with the relevancy (g, g) upsampled, from dark blue (0) to yellow (max)."""
+    """The image blended with the relevancy (g, g), upsampled and scaled to its own minimum..maximum."""
     r = F.interpolate(relevancy[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
     r = (r - r.min()) / (r.max() - r.min() + 1e-12)
-    colour = torch.stack([r * 255, r * 220, (1 - r) * 160]).byte().permute(1, 2, 0).numpy()
-    return Image.blend(image.resize((size, size)).convert("RGB"), Image.fromarray(colour, "RGB"), 0.6)
+    return Image.blend(image.resize((size, size)).convert("RGB"), Image.fromarray(colours(r).numpy(), "RGB"), 0.6)
 
-def overlay(image, zero, method, tokens, size):
-    """image | zero-shot relevancy | method relevancy, and a row of the method's text token relevancies."""
-    canvas = Image.new("RGB", (3 * size, size + 24), "white")
-    canvas.paste(image.resize((size, size)).convert("RGB"), (0, 0))
-    for k, rel in enumerate((zero, method)):
-        if rel is not None:
-            canvas.paste(heat(image, rel, size), ((k + 1) * size, 0))
-    draw, top = ImageDraw.Draw(canvas), max(tokens or [0]) or 1
-    width = 3 * size / max(len(tokens), 1)
-    for i, t in enumerate(tokens):  # darker = more relevant text token (SOT first)
-        shade = 255 - int(230 * max(t, 0) / top)
-        draw.rectangle((i * width, size + 4, (i + 1) * width - 1, size + 20), fill=(shade, shade, 255))
+def figure(image, label, panels, tokens, captions, cell=256):
+    """The relevancy figure, 3 x 256 px panels and a colour bar wide (914 px): the image titled with its label, then
+    one panel per model (`panels`: [(title, predicted class, its probability, correct, relevancy (g, g) or None)])
+    with its prediction in green (right) or red (wrong); under them the text prompt's tokens (`tokens`:
+    [(word, relevancy)], SOT first), each a cell shaded by its relevancy with the word written beneath, after the
+    lines of `captions`."""
+    margin, gap, header, bar = 16, 12, 50, 18
+    big, small = font(16), font(13)
+    width = 2 * margin + (1 + len(panels)) * (cell + gap) + bar + 60
+    top = max((r for _, r in tokens), default=0) or 1
+    box = (width - 2 * margin) / max(len(tokens), 1)  # one cell per token, across the figure
+    longest = max((small.getlength(w) for w, _ in tokens), default=0)
+    upright = longest + 4 <= box  # words that do not fit across their cell are written downwards
+    words_height = 18 if upright else int(longest) + 6
+    text_top = margin + header + cell + 12 + 18 * len(captions)
+    canvas = Image.new("RGB", (width, text_top + 26 + words_height + margin), "white")
+    draw = ImageDraw.Draw(canvas)
+
+    columns = [("image", f"label: {label}", "black", None)] + [
+        (title, f"predicts: {predicted} ({p:.2f})", (0, 130, 0) if correct else (200, 0, 0), relevancy)
+        for title, predicted, p, correct, relevancy in panels]
+    for k, (title, line, colour, relevancy) in enumerate(columns):
+        x, y = margin + k * (cell + gap), margin + header
+        draw.text((x, margin), title, fill="black", font=big)
+        draw.text((x, margin + 24), line, fill=colour, font=small)
+        if k == 0:
+            canvas.paste(image.resize((cell, cell)).convert("RGB"), (x, y))
+        elif relevancy is None:  # a ResNet image tower: no attention maps to explain
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), outline=(160, 160, 160))
+            draw.text((x + 8, y + cell // 2), "no attention maps (ResNet)", fill=(100, 100, 100), font=small)
+        else:
+            canvas.paste(heat(image, relevancy, cell), (x, y))
+    x, y = margin + (1 + len(panels)) * (cell + gap), margin + header  # the colour bar: high at the top
+    ramp = colours(torch.linspace(1, 0, cell))[:, None].expand(cell, bar, 3).contiguous()
+    canvas.paste(Image.fromarray(ramp.numpy(), "RGB"), (x, y))
+    draw.text((x + bar + 4, y), "high", fill="black", font=small)
+    draw.text((x + bar + 4, y + cell - 14), "low", fill="black", font=small)
+    draw.text((x - 4, margin + 24), "relevancy", fill="black", font=small)
+
+    for i, line in enumerate(captions):
+        draw.text((margin, text_top - 18 * (len(captions) - i)), line, fill="black", font=small)
+    for i, (word, relevancy) in enumerate(tokens):
+        left = margin + i * box
+        draw.rectangle((left, text_top, left + box - 2, text_top + 22),
+                       fill=tuple(colours(torch.tensor(max(relevancy, 0) / top)).tolist()))
+        if upright:
+            draw.text((left + (box - small.getlength(word)) / 2, text_top + 26), word, fill="black", font=small)
+        else:  # rotated a quarter turn: read from the cell downwards
+            label_image = Image.new("RGB", (int(small.getlength(word)) + 2, 16), "white")
+            ImageDraw.Draw(label_image).text((0, 0), word, fill="black", font=small)
+            canvas.paste(label_image.rotate(-90, expand=True), (int(left + box / 2 - 8), text_top + 26))
     return canvas
 
 def plots(stats, folder):
@@ -271,16 +336,25 @@ def main(argv=None):
         return 2
     target = labels if args.target == "label" else None
     zero_cfg = train.coop.Config(n_ctx=0, template=ds.template)
-    zero_stats, zero_image, _, _ = analyse(zeroshot, clip, zero_cfg, images, classnames, target)
-    stats, image_rel, text_rel, predicted = analyse(model, clip, model_cfg, images, classnames, target)
+    zero_stats, zero_image, _, _, zero_p = analyse(zeroshot, clip, zero_cfg, images, classnames, target)
+    stats, image_rel, text_rel, explained, p = analyse(model, clip, model_cfg, images, classnames, target)
     out.mkdir(parents=True, exist_ok=True)
-    size = max(clip.visual.input_resolution, 128)
+    explains = "the label" if args.target == "label" else "each model's predicted class"
     for i, im in enumerate(pil):
-        panel = overlay(im, None if zero_image is None else zero_image[i], None if image_rel is None else image_rel[i],
-                        text_rel[i], size)
+        label, c = int(labels[i]), int(explained[i])
+        panels = [("zero-shot CLIP", zero_p[i], None if zero_image is None else zero_image[i]),
+                  (name, p[i], None if image_rel is None else image_rel[i])]
+        panels = [(title, classnames[int(q.argmax())], q.max().item(), int(q.argmax()) == label, relevancy)
+                  for title, q, relevancy in panels]
+        words = prompt_tokens(model_cfg, classnames[c], template_only=stats["text_side"] == "frozen")
+        side = "its learned prompt" if stats["text_side"] == "learned" else "the template (its text side is frozen)"
+        captions = [f"maps: relevancy of {explains} (Chefer et al.), each map scaled to its own range",
+                    f"text: relevancy (0 to the row's maximum) of each token of {name}'s text for "
+                    f"'{classnames[c]}', {side}"]
+        panel = figure(im, classnames[label], panels, list(zip(words, text_rel[i])), captions)
         train.save_atomic(functools.partial(panel.save, format="PNG"), out / f"relevancy_{i}.png")
     result = {"zeroshot": {"name": "zero-shot CLIP", **zero_stats}, "method": {"name": name, **stats},
-              "images": [p for p, _ in items], "labels": labels.tolist(), "targets": predicted.tolist(),
+              "images": [path for path, _ in items], "labels": labels.tolist(), "targets": explained.tolist(),
               "backbone": model_cfg.backbone, "dataset": ds.name,
               "nearest_words": {name: nearest_words(clip, vectors) for name, vectors in word_context(model).items()}}
     for name, rows in result["nearest_words"].items():  # a small table: each learned vector, its nearest tokens

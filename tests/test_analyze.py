@@ -53,8 +53,9 @@ def tiny_analysis():
 
 def test_relevancy_is_grid_shaped_non_negative_and_depends_on_the_target(tiny_analysis):
     clip, names, cfg, model, images = tiny_analysis
-    stats, image_rel, text_rel, target = analyze.analyse(model, clip, cfg, images, names, torch.tensor([0, 0]))
+    stats, image_rel, text_rel, target, p = analyze.analyse(model, clip, cfg, images, names, torch.tensor([0, 0]))
     assert image_rel.shape == (2, 4, 4) and (image_rel >= 0).all()
+    assert target.tolist() == [0, 0] and p.shape == (2, 3) and p.sum(-1).tolist() == pytest.approx([1, 1])
     other = analyze.analyse(model, clip, cfg, images, names, torch.tensor([1, 1]))[1]
     assert (other - image_rel).abs().max() > 1e-6  # another class, another map
     assert len(text_rel) == 2 and all(r >= 0 for r in text_rel[0])
@@ -75,7 +76,55 @@ def test_cli_on_a_tiny_run_writes_json_and_pngs(tmp_path, method):
         assert stats["method"]["image"]["prompt_share_patches"][0][0] > 0
     for i in range(2):
         with Image.open(tmp_path / "analysis" / f"relevancy_{i}.png") as png:
-            assert png.format == "PNG" and png.size == (3 * 128, 128 + 24)
+            assert png.format == "PNG" and png.size[0] == 914  # 3 panels of 256 px and the colour bar
+
+
+def test_a_resnet_run_is_analysed_on_its_text_side(tmp_path):
+    """A ResNet image tower has no attention maps: the text side is analysed and the figure says so (analyze.py
+    failed on ResNet runs until issue 22)."""
+    train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny-rn", "--epochs", "1",
+                                "--output", str(tmp_path)]))
+    assert analyze.main([str(tmp_path), "--images", "1"]) == 0
+    stats = json.loads((tmp_path / "analysis" / "stats.json").read_text())
+    assert "image" not in stats["method"] and len(stats["method"]["text_eot"]["sot"]) == 2
+    with Image.open(tmp_path / "analysis" / "relevancy_0.png") as png:
+        assert png.size[0] == 914
+
+
+def test_relevancy_figure_is_labelled_and_coloured():
+    """The figure's parts, read back from its pixels: 914 px wide; the image pasted under its title; each model's
+    map beside it; prediction lines green when right and red when wrong; a colour bar from yellow (high) to dark
+    blue (low); one cell per text token, the most relevant yellow, the least dark blue."""
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    rel = torch.zeros(4, 4)
+    rel[0, 0] = 1  # top-left patch: the relevant one
+    tokens = [("SOT", 0.1), ("a", 0.0), ("photo", 0.5), ("red", 2.0), (".", 1.0)]
+    fig = analyze.figure(image, "red", [("zero-shot CLIP", "red", 0.9, True, rel), ("coop", "blue", 0.4, False, None)],
+                         tokens, ["maps: ...", "text: ..."])
+    assert fig.width == 914 and fig.height > 16 + 50 + 256
+    px = fig.load()
+    margin, header, cell, gap = 16, 50, 256, 12
+    assert px[margin + 128, margin + header + 128] == (200, 30, 30)  # the image
+    first = (margin + cell + gap, margin + header)  # zero-shot's map: brightest top left, darkest bottom right
+    assert sum(px[first[0] + 5, first[1] + 5]) > sum(px[first[0] + cell - 5, first[1] + cell - 5])
+    bar = margin + 3 * (cell + gap)
+    assert px[bar + 9, margin + header] == (255, 220, 0) and px[bar + 9, margin + header + cell - 1] == (0, 0, 160)
+    lines = [px[x, y] for x in range(16, 800) for y in range(40, 56)]
+    assert any(c[1] > 100 and c[0] < 60 for c in lines) and any(c[0] > 150 and c[1] < 60 for c in lines)
+    text_top = margin + header + cell + 12 + 18 * 2  # under the two caption lines
+    cells = [px[int(margin + (i + 0.5) * (fig.width - 2 * margin) / 5), text_top + 11] for i in range(5)]
+    assert cells[3] == (255, 220, 0) and cells[1] == (0, 0, 160)  # "red" the most relevant, "a" the least
+    assert sum(cells[4]) > sum(cells[2]) > sum(cells[0]) > sum(cells[1])  # shades in the order of relevancy
+    assert any(px[x, y] != (255, 255, 255) for x in range(16, 900) for y in range(text_top + 24, fig.height))  # words
+
+
+def test_prompt_tokens_are_the_words_the_text_tower_ran():
+    zero = analyze.prompt_tokens(train.coop.Config(n_ctx=0), "red_circle")
+    assert zero == ["SOT", "a", "photo", "of", "a", "red", "circle", "."]
+    learned = analyze.prompt_tokens(train.coop.Config(n_ctx=4), "red circle")
+    assert learned == ["SOT", "[V1]", "[V2]", "[V3]", "[V4]", "red", "circle", "."]
+    assert len(learned) == analyze.text_rows(train.coop.Config(n_ctx=4), "red circle")[2]  # = EOT's row
+    assert analyze.prompt_tokens(train.coop.Config(n_ctx=4), "red circle", template_only=True) == zero
 
 
 def test_zeroshot_without_a_run_and_errors(tmp_path, capsys):

@@ -83,3 +83,18 @@ def test_a_run_from_before_the_classes_were_saved(run, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), new_model(x), rtol=0, atol=0)
+
+
+def test_a_run_whose_weights_are_not_here_says_how_to_get_them(run, tmp_path, monkeypatch, capsys):
+    """A run of OpenAI's RN50, on a machine offline without its weights: one line saying where to put the file."""
+    folder, _ = run
+    rn50 = tmp_path / "rn50"
+    shutil.copytree(folder, rn50)
+    saved = json.loads((rn50 / "results.json").read_text())
+    saved["backbone"] = saved["config"]["backbone"] = "RN50"
+    (rn50 / "results.json").write_text(json.dumps(saved))
+    monkeypatch.setenv("HOME", str(tmp_path))  # an empty download cache, and no network:
+    monkeypatch.setitem(train.clip_model.MODELS, "RN50",
+                        train.clip_model.MODELS["RN50"].replace("https://", "file:///nonexistent/"))
+    assert predict.main([str(rn50), "x.png"]) == 2
+    assert f"without internet, copy RN50.pt into {tmp_path / '.cache' / 'clip'}" in capsys.readouterr().err

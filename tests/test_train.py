@@ -32,12 +32,22 @@ def results(folder):
 
 
 @pytest.mark.parametrize("method", list(train.METHODS))
-def test_every_method_runs_on_demo(tmp_path, method):
+def test_every_method_runs_on_demo(tmp_path, method, monkeypatch, capsys):
+    """Every method trains (or is fitted) from the CLI and writes its results; load_run rebuilds it from the folder:
+    the same logits as the trained model (recorded as the run evaluated) and the same test accuracy."""
     epochs = {"cocoop": "2"}.get(method, "4")
     schedule = ["--epochs", epochs, "--batch-size", "8"] if method in train.TRAINED else []  # fitted: no epochs
-    done = run("--method", method, "--data", "demo", "--backbone", "tiny", "--shots", "4", *schedule,
-               "--output", str(tmp_path))
-    assert done.returncode == 0, done.stderr
+    test = data.make_task("demo", shots=4).evals[0].test
+    seen, evaluate = {}, train.Runner.evaluate
+
+    def recording(runner, evalset):  # the trained model's logits on the first test images
+        x = torch.stack([clip_model.transform(runner.n_px)(Image.open(path)) for path, _ in test[:6]])
+        seen["logits"] = runner.model_for(evalset).eval()(x)
+        return evaluate(runner, evalset)
+    monkeypatch.setattr(train.Runner, "evaluate", torch.no_grad()(recording))
+    code = train.main(["--method", method, "--data", "demo", "--backbone", "tiny", "--shots", "4", *schedule,
+                       "--output", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
     r = results(tmp_path)
     for key in ("method", "dataset", "protocol", "shots", "seed", "backbone", "epochs", "learned_params",
                 "frozen_params", "accuracy", "history", "time_s", "config"):
@@ -55,12 +65,13 @@ def test_every_method_runs_on_demo(tmp_path, method):
     else:
         assert r["history"] == [] and r["epochs"] == 0
     assert "epoch" in (tmp_path / "log.txt").read_text() or not r["learned_params"]
-    model, preprocess, classnames = train.load_run(tmp_path)  # rebuilt from the folder: the same test accuracy
-    test = data.make_task("demo", shots=4).evals[0].test
+    model, preprocess, classnames = train.load_run(tmp_path)  # rebuilt from the folder
     with torch.no_grad():
-        predicted = model(torch.stack([preprocess(Image.open(path)) for path, _ in test])).argmax(-1)
+        logits = model(torch.stack([preprocess(Image.open(path)) for path, _ in test]))
+        first = model(torch.stack([preprocess(Image.open(path)) for path, _ in test[:6]]))
     assert classnames == r["classnames"] and not model.training
-    assert 100 * (predicted == torch.tensor([y for _, y in test])).double().mean().item() == \
+    torch.testing.assert_close(first, seen["logits"], rtol=0, atol=0)
+    assert 100 * (logits.argmax(-1) == torch.tensor([y for _, y in test])).double().mean().item() == \
         pytest.approx(r["accuracy"]["test"], abs=1e-9)
 
 

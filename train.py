@@ -19,8 +19,8 @@ augmentation epoch v draws. It returns a dict of what it chose (results.json kee
 without `epochs`, or a variant that sets it to None, marks a method fitted only (the linear probe, Tip-Adapter): no
 SGD epochs, and --epochs, --batch-size, --lr are refused. A Config's `shots` field, if it has one, is --shots. This
 file does the rest, the same for every method: data, SGD with CoOp's warm-up + cosine schedule, precision,
-evaluation per protocol, atomic checkpoints and exact resume, results.json and log.txt, on one device or on N GPUs
-under torchrun.
+evaluation per protocol, atomic checkpoints and exact resume, results.json and log.txt (and a progress bar on a
+terminal), on one device or on N GPUs under torchrun.
 """
 import argparse
 import dataclasses

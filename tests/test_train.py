@@ -189,29 +189,35 @@ def test_list_and_help_config(capsys):
     (["--method", "coop", "--data", "demo", "--backbone", "tiny", "--shots", "50"], "use --shots 30 or less"),
     (["--method", "coop", "--data", "demo", "--eval-only"], "--eval-only needs --checkpoint"),
 ])
-def test_user_errors_are_one_clear_line(tmp_path, args, message):
-    done = run(*args, "--output", str(tmp_path / "out"), cwd=tmp_path)
-    assert done.returncode == 2
-    assert message in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "out").exists()  # nothing half-made
+def test_user_errors_are_one_clear_line(tmp_path, monkeypatch, capsys, args, message):
+    """train.main turns each into one line on stderr and exit status 2 (the next test runs the script itself)."""
+    monkeypatch.chdir(tmp_path)  # a default output folder would be made here
+    assert train.main([*args, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing half-made
 
 
-def test_resume_without_checkpoint_and_wrong_method(tmp_path):
+def test_resume_without_checkpoint_and_wrong_method(tmp_path, capsys):
     done = run("--method", "coop", "--data", "demo", "--backbone", "tiny", "--resume", "--output", str(tmp_path))
-    assert done.returncode == 2 and "no checkpoint at" in done.stderr and "Traceback" not in done.stderr
-    assert run("--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1", "--output",
-               str(tmp_path)).returncode == 0
-    done = run("--method", "cocoop", "--data", "demo", "--eval-only", "--checkpoint", str(tmp_path / "checkpoint.pt"))
-    assert done.returncode == 2 and "holds a coop run, not cocoop: pass --method coop" in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "no checkpoint at" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1  # the script's own output
+    assert train.main(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1", "--output",
+                       str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert train.main(["--method", "cocoop", "--data", "demo", "--eval-only", "--checkpoint",
+                       str(tmp_path / "checkpoint.pt"), "--output", str(tmp_path / "a")]) == 2
+    assert "holds a coop run, not cocoop: pass --method coop" in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
-    done = run("--method", "coop", "--data", "demo", "--eval-only", "--checkpoint", str(tmp_path / "junk.pt"))
-    assert done.returncode == 2 and "not a readable checkpoint" in done.stderr and "Traceback" not in done.stderr
+    assert train.main(["--method", "coop", "--data", "demo", "--eval-only", "--checkpoint", str(tmp_path / "junk.pt"),
+                       "--output", str(tmp_path / "b")]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
 
 
-def test_class_specific_context_does_not_transfer(tmp_path):
-    done = run("--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1", "--set", "csc=true",
-               "--protocol", "base2new", "--output", str(tmp_path))
-    assert done.returncode == 2 and "class-specific parameters, which do not transfer" in done.stderr
+def test_class_specific_context_does_not_transfer(tmp_path, capsys):
+    assert train.main(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1", "--set",
+                       "csc=true", "--protocol", "base2new", "--output", str(tmp_path)]) == 2
+    assert "class-specific parameters, which do not transfer" in capsys.readouterr().err
     assert not (tmp_path / "checkpoint.pt").exists()  # refused before training
 
 

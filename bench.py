@@ -428,7 +428,7 @@ def main(argv=None):
     rows += scaling_rows("tiny" if args.smoke else "ViT-B/16" if args.full else "ViT-B/32",
                          2 if args.smoke else 16 if args.full else 4, device)
     if args.smoke:
-        rows += memory_rows([("cocoop", "tiny"), ("codualpt", "tiny-rn")], 20, device)
+        rows += memory_rows([("cocoop", "tiny")], 20, device)  # each row: two processes of a few seconds
     elif args.full:
         rows += memory_rows(MEMORY_CASES, 1000, device)
     return report(rows, "--smoke" if args.smoke else "--full" if args.full else "--quick", device)

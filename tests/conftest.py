@@ -1,11 +1,27 @@
-"""Shared helpers: tiny CLIP configurations and randomised weights (std 1/sqrt(fan-in): features differ by input)."""
+"""Shared helpers: tiny CLIP configurations and randomised weights (std 1/sqrt(fan-in): features differ by input),
+the tiny CLIP fixture, class names and random images the method tests share."""
+import pytest
 import torch
+
+import clip_model
 
 # CLIP constructor arguments (reference order); widths >= 128 so several heads are split and merged.
 TINY_VIT = (64, 32, 2, 128, 8, 77, 49408, 128, 2, 2)
 TINY_RN = (64, 64, (1, 2, 1, 1), 8, None, 77, 49408, 128, 2, 2)
 B32_SHAPED = (512, 224, 2, 768, 32, 77, 49408, 512, 8, 2)        # ViT-B/32 widths, 2 layers per tower
 RN50_SHAPED = (1024, 224, (1, 1, 1, 1), 64, None, 77, 49408, 512, 8, 2)  # RN50 widths, 1 block per stage
+NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]  # an underscore, words of several tokens
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """The tiny random-weight CLIP (clip_model's `tiny`), one per test module."""
+    return clip_model.load("tiny")[0]
+
+
+def random_images(n, seed=0, size=32):
+    """n Gaussian images (n, 3, size, size), the same for the same seed."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def randomize(state_dict, seed=0):
@@ -34,8 +50,6 @@ def reference_clip(args, seed=0):
     A ResNet's BatchNorm statistics are then measured on noise images (as clip_model.load does for random
     weights): at arbitrary statistics its features are the same for every image and the comparison is blind."""
     import clip.model
-
-    import clip_model
     torch.manual_seed(seed)
     model = clip.model.CLIP(*args)
     model.load_state_dict(randomize(model.state_dict(), seed))

@@ -13,18 +13,7 @@ import coop
 import data
 import tip_adapter
 import train
-from conftest import train_steps
-
-NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return clip_model.load("tiny")[0]
-
-
-def images(n=6, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+from conftest import NAMES, random_images, train_steps
 
 
 def zero_shot(clip, template="a photo of a {}."):
@@ -37,7 +26,7 @@ def zero_shot(clip, template="a photo of a {}."):
 def test_clip_adapter_mixes_the_adapted_feature(clip):
     torch.manual_seed(0)
     model = clip_adapter.build(clip, NAMES, clip_adapter.Config()).eval()
-    x = images()
+    x = random_images(6)
     f = clip.encode_image(x)
     W1, W2 = model.adapter[0].weight, model.adapter[2].weight  # (E/4, E), (E, E/4)
     mixed = 0.2 * F.relu(F.relu(f @ W1.t()) @ W2.t()) + 0.8 * f
@@ -55,7 +44,7 @@ def test_clip_adapter_learns_and_moves_only_the_adapter(clip):
     before = copy.deepcopy(clip.state_dict())
     torch.manual_seed(0)
     model = clip_adapter.build(clip, NAMES, clip_adapter.Config())
-    x, y = images(8, seed=1), torch.arange(8) % len(NAMES)
+    x, y = random_images(8, seed=1), torch.arange(8) % len(NAMES)
     losses = train_steps(model, x, y, lr=0.5, steps=15)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
@@ -75,11 +64,11 @@ def cache_encode(x, y, val=None):
 @torch.no_grad()
 def test_tip_logits_are_the_official_formula_and_alpha_0_is_zero_shot(clip):
     model = tip_adapter.build(clip, NAMES, tip_adapter.Config(shots=2, search=False)).eval()
-    cache_x = F.normalize(clip.encode_image(images(8, seed=2)), dim=-1)
+    cache_x = F.normalize(clip.encode_image(random_images(8, seed=2)), dim=-1)
     y = torch.arange(8) % 4
     model.fit(cache_encode(cache_x, y))
     assert (model.alpha.item(), model.beta.item()) == pytest.approx((1.17, 1.0))  # ImageNet's, for an unknown dataset
-    x = images()
+    x = random_images(6)
     f = F.normalize(clip.encode_image(x), dim=-1)
     text = F.normalize(clip.encode_text(clip_model.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES])),
                        dim=-1)

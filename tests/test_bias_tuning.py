@@ -6,25 +6,14 @@ import torch
 
 import bias_tuning
 import clip_model
-from conftest import train_steps
-
-NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return clip_model.load("tiny")[0]
-
-
-def images(n=5, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+from conftest import NAMES, random_images, train_steps
 
 
 @torch.no_grad()
 def test_zero_biases_are_zeroshot_clip(clip):
     model = bias_tuning.build(clip, NAMES, bias_tuning.Config(template="a photo of a {}."))
-    expected = clip(images(), clip_model.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]))
-    torch.testing.assert_close(model(images()), expected, rtol=0, atol=1e-5)
+    expected = clip(random_images(5), clip_model.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]))
+    torch.testing.assert_close(model(random_images(5)), expected, rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
@@ -32,10 +21,10 @@ def test_bias_is_added_to_every_token_after_every_block(clip):
     model = bias_tuning.build(clip, NAMES, bias_tuning.Config())
     model.image_bias.normal_(0, 1)
     model.text_bias.normal_(0, 1)
-    x = clip.visual.embed(images())
+    x = clip.visual.embed(random_images(5))
     for block, b in zip(clip.visual.transformer.resblocks, model.image_bias):
         x = block(x) + b
-    torch.testing.assert_close(model.encode_image(images()), clip.visual.head(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.encode_image(random_images(5)), clip.visual.head(x), rtol=0, atol=1e-5)
     tokens = model.tokens
     x = clip.embed_text(tokens) + clip.positional_embedding  # all 77 positions, by hand
     for block, b in zip(clip.transformer.resblocks, model.text_bias):
@@ -67,7 +56,7 @@ def test_only_biases_learn(clip):
     clip = copy.deepcopy(clip)
     before = copy.deepcopy(clip.state_dict())
     model = bias_tuning.build(clip, NAMES, bias_tuning.Config())
-    x, y = images(8), torch.arange(8) % len(NAMES)
+    x, y = random_images(8), torch.arange(8) % len(NAMES)
     losses = train_steps(model, x, y, lr=0.5)
     assert losses[-1] < losses[0] - 0.05, losses
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"text_bias", "image_bias"}

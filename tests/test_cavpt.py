@@ -10,22 +10,13 @@ import torch.nn.functional as F
 
 import cavpt
 import clip_model
-from conftest import train_steps
+from conftest import random_images, train_steps
 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion", "oak tree", "tabby cat"]
 
 
-@pytest.fixture(scope="module")
-def clip():
-    return clip_model.load("tiny")[0]
-
-
 def config(variant, **changes):
     return replace(cavpt.Config(), **{**cavpt.VARIANTS[variant], **changes})
-
-
-def images(n=5, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def learned(model):
@@ -67,7 +58,7 @@ def test_top_k_is_the_zero_shot_pick(clip, k, expected_k):
     template = "{} texture."  # not the default: the pick must use the dataset's template
     model = cavpt.build(clip, NAMES, config("cavpt", top_k=k, template=template)).train()
     shake(model)
-    x = images(6)
+    x = random_images(6)
     model(x)
     tokens = clip_model.tokenize([template.format(n.replace("_", " ")) for n in NAMES])
     text = F.normalize(clip.encode_text(tokens), dim=-1)
@@ -83,7 +74,7 @@ def test_forward_follows_the_spec_equations(clip, variant):
     p = LN2(((softmax(Q0 A_q (KV A_k)^T / sqrt 32)) KV) A_v + Q0), Q0 = meta_net(text[top-K])."""
     model = cavpt.build(clip, NAMES, config(variant, top_k=3)).eval()
     shake(model)
-    x, visual, g = images(4), clip.visual, model.visual_prompts.generators[0]
+    x, visual, g = random_images(4), clip.visual, model.visual_prompts.generators[0]
     text = model.text_context(clip) if variant == "cavpt" else model.template_text  # unnormalised features
     tokens = visual.embed(x)
     tokens = visual.transformer.resblocks[0](torch.cat([tokens, model.visual_prompts.prompts[0].expand(4, -1, -1)], 1))
@@ -110,7 +101,7 @@ def _topk(clip, model, x):
 def test_images_do_not_interact(clip):
     model = cavpt.build(clip, NAMES, config("cavpt", top_k=3)).eval()
     shake(model)
-    x = images(4)
+    x = random_images(4)
     torch.testing.assert_close(model(x), torch.cat([model(x[i:i + 1]) for i in range(4)]), rtol=0, atol=1e-5)
     assert model.cached is not None and model.train().cached is None  # cached while evaluating only
 
@@ -123,7 +114,7 @@ def aux_term(model, logits, labels):
 def test_aux_loss_is_ce_at_the_true_class_slot(clip):
     model = cavpt.build(clip, NAMES, config("cavpt", top_k=2)).train()
     shake(model)
-    x = images(3)
+    x = random_images(3)
     logits = model(x)
     top, aux = model.topk, model.aux_logits.detach()  # (3, 2), (3, 1, 2, 6)
     outside = next(c for c in range(len(NAMES)) if c not in top[2])
@@ -142,7 +133,7 @@ def test_aux_loss_is_ce_at_the_true_class_slot(clip):
 def test_aux_loss_averages_over_class_aware_blocks(clip):
     model = cavpt.build(clip, NAMES, config("vpt-cavpt", top_k=3, bottom_limit=1)).train()  # both blocks
     shake(model)
-    logits = model(images(2))
+    logits = model(random_images(2))
     labels = model.topk[:, 2].clone()  # the third most likely class of each image
     aux = model.aux_logits.detach()  # (2, 2 blocks, 3, 6)
     by_hand = -torch.stack([aux[b, j, 2].log_softmax(-1)[labels[b]] for b in range(2) for j in range(2)]).mean()
@@ -152,7 +143,7 @@ def test_aux_loss_averages_over_class_aware_blocks(clip):
 def test_guidance_loss_in_its_first_epochs(clip):
     model = cavpt.build(clip, NAMES, config("cavpt", top_k=2, guidance_epochs=3, aux_weight=0.0)).train()
     shake(model)
-    x, y = images(4), torch.tensor([0, 1, 2, 3])
+    x, y = random_images(4), torch.tensor([0, 1, 2, 3])
     logits = model(x)
     scale, text = clip.logit_scale.exp(), F.normalize(model.text_context(clip), dim=-1)
     to_learned_text = scale * F.normalize(clip.encode_image(x), dim=-1) @ text.t()
@@ -170,7 +161,7 @@ def test_gradients_reach_only_learned_parameters(clip):
     seen = []
     clip.visual.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))  # the zero-shot pass only
     model = cavpt.build(clip, NAMES, config("cavpt", top_k=3)).train()
-    x = images(6)
+    x = random_images(6)
     logits = model(x)
     labels = model.topk[:, 0]  # every image's label is among its top K: the aux loss is on
     model.loss(logits.detach(), labels, epoch=0).backward()  # the aux term's gradients alone
@@ -188,7 +179,7 @@ def test_training_lowers_the_loss_and_moves_only_prompts(clip, variant):
     before = copy.deepcopy(clip.state_dict())
     torch.manual_seed(0)
     model = cavpt.build(clip, NAMES, config(variant, top_k=3))
-    x, y = images(12), torch.arange(12) % len(NAMES)
+    x, y = random_images(12), torch.arange(12) % len(NAMES)
     losses = train_steps(model, x, y, lr=0.5, steps=15)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())

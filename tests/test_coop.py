@@ -8,30 +8,21 @@ import torch.nn.functional as F
 
 import clip_model
 import coop
-from conftest import train_steps
+from conftest import random_images, train_steps
 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion", "x!y"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return clip_model.load("tiny")[0]
 
 
 def config(variant="coop", **changes):
     return replace(coop.Config(), **{**coop.VARIANTS[variant], **changes})
 
 
-def images(n=6, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
 @torch.no_grad()
 def test_zeroshot_is_clip_with_the_template(clip):
     model = coop.build(clip, NAMES, config("zeroshot", template="a photo of a {}."))
     tokens = clip_model.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES])
-    expected = clip(images(), tokens)
-    torch.testing.assert_close(model(images()), expected, rtol=0, atol=1e-5)
+    expected = clip(random_images(6), tokens)
+    torch.testing.assert_close(model(random_images(6)), expected, rtol=0, atol=1e-5)
     assert not any(p.requires_grad for p in model.parameters())
 
 
@@ -40,7 +31,7 @@ def test_coop_initialised_from_phrase_equals_zeroshot(clip):
     zeroshot = coop.build(clip, NAMES, config("zeroshot", template="a photo of a {}."))
     for csc in (False, True):
         model = coop.build(clip, NAMES, config(ctx_init="a photo of a", csc=csc)).eval()
-        torch.testing.assert_close(model(images()), zeroshot(images()), rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(random_images(6)), zeroshot(random_images(6)), rtol=0, atol=1e-5)
 
 
 def test_csc_with_an_init_phrase_is_one_context_per_class_and_a_listed_deviation(clip):
@@ -108,7 +99,7 @@ def test_cocoop_batched_equals_one_image_at_a_time(clip):
     model = coop.build(clip, NAMES, config("cocoop")).eval()
     for p in model.meta_net.parameters():  # a non-trivial meta-net
         p.normal_(0, 0.3)
-    x = images(5)
+    x = random_images(5)
     batched = model(x)
     looped = torch.cat([model(x[i:i + 1]) for i in range(5)])
     torch.testing.assert_close(batched, looped, rtol=0, atol=1e-5)
@@ -125,7 +116,7 @@ def test_training_moves_only_learned_parameters_and_lowers_loss(clip, variant, c
     before = {k: v.clone() for k, v in clip.state_dict().items()}
     torch.manual_seed(0)
     model = coop.build(clip, NAMES, config(variant, **changes))
-    x, y = images(10), torch.arange(10) % len(NAMES)
+    x, y = random_images(10), torch.arange(10) % len(NAMES)
     losses = train_steps(model, x, y, lr=0.5)
     assert losses[-1] < losses[0] - 0.1, losses
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())  # CLIP untouched
@@ -137,13 +128,13 @@ def test_text_features_cached_only_while_evaluating(clip):
     model = coop.build(clip, NAMES, config())
     model.eval()
     with torch.no_grad():
-        first = model(images())
+        first = model(random_images(6))
         text = model.cached[1]
-        assert torch.equal(model(images()), first) and model.cached[1] is text  # reused, not recomputed
+        assert torch.equal(model(random_images(6)), first) and model.cached[1] is text  # reused, not recomputed
         model.prompt_learner.ctx.add_(1.0)  # changed in place: recomputed (issue 17: it was stale)
-        assert not torch.allclose(model(images()), first) and model.cached[1] is not text
+        assert not torch.allclose(model(random_images(6)), first) and model.cached[1] is not text
     cached = model.cached
-    logits = model(images())  # with gradients (analyze.py's relevancy maps): computed afresh, cache untouched
+    logits = model(random_images(6))  # with gradients (analyze.py's relevancy maps): computed afresh, cache untouched
     assert logits.requires_grad and model.cached is cached
     model.train()
     assert model.cached is None

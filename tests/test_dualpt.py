@@ -20,18 +20,12 @@ import data
 import describe
 import dualpt
 import train
-from conftest import train_steps
+from conftest import NAMES, random_images, train_steps
 
 ROOT = Path(__file__).resolve().parent.parent
-NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
 DESCRIPTIONS = {"Red_Circle": ["a round red disc", "smooth edge"], "blue stripes": ["blue bands"],
                 "green checkerboard": ["green squares", "a grid", "alternating tiles"],
                 "sea lion": ["flippers", "wet fur"]}
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return clip_model.load("tiny")[0]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +38,7 @@ def config(variant="dualpt", **changes):
 
 
 def images(clip, n=6, seed=0):
-    R = clip.visual.input_resolution
-    return torch.randn(n, 3, R, R, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, seed, clip.visual.input_resolution)
 
 
 def unit(*shape, seed=0):

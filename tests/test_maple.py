@@ -9,9 +9,8 @@ import torch.nn.functional as F
 import clip_model
 import maple
 import train
-from conftest import TINY_VIT, reference_clip, train_steps
+from conftest import NAMES, TINY_VIT, random_images, reference_clip, train_steps
 
-NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
 DEEP_VIT = TINY_VIT[:2] + (4,) + TINY_VIT[3:9] + (4,)  # 4 blocks per tower: depth 3 leaves the last unprompted
 
 
@@ -20,10 +19,6 @@ def clips():
     """The reference CLIP and ours, with the same random weights."""
     reference, state_dict = reference_clip(DEEP_VIT)
     return reference, clip_model.build_model(state_dict)
-
-
-def images(n=3, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def official_logits(reference, model, x):
@@ -65,7 +60,8 @@ def test_logits_match_the_official_forward(clips, depth):
         if p.requires_grad:
             p.add_(0.05 * torch.randn_like(p))
     assert len(model.deep_text) == min(depth, 4) - 1
-    torch.testing.assert_close(model(images()), official_logits(reference, model, images()), rtol=0, atol=1e-5)
+    x = random_images(3)
+    torch.testing.assert_close(model(x), official_logits(reference, model, x), rtol=0, atol=1e-5)
 
 
 def test_parameter_count_for_vit_b16():
@@ -109,7 +105,7 @@ def test_gradients_reach_every_learned_parameter_and_it_learns(clips):
     before = copy.deepcopy(clip.state_dict())
     torch.manual_seed(0)
     model = maple.build(clip, NAMES, maple.Config(depth=3))
-    x, y = images(8, seed=1), torch.arange(8) % len(NAMES)
+    x, y = random_images(8, seed=1), torch.arange(8) % len(NAMES)
     F.cross_entropy(model.train()(x), y).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     model.zero_grad()

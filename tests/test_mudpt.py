@@ -7,22 +7,11 @@ import torch
 
 import clip_model
 import mudpt
-from conftest import train_steps
-
-NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return clip_model.load("tiny")[0]
+from conftest import NAMES, random_images, train_steps
 
 
 def config(variant, **changes):
     return replace(mudpt.Config(), **{**mudpt.VARIANTS[variant], **changes})
-
-
-def images(n=5, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 def learned(model):
@@ -51,10 +40,11 @@ def test_zero_injection_is_ivlp(clip, injection):
     independent.load_state_dict(model.state_dict(), strict=False)  # the same prompts
     for p in model.injection.parameters():
         p.normal_(0, 0.5)
-    assert (model(images()) - independent(images())).abs().max() > 1e-3  # the fusion path changes logits
+    x = random_images(5)
+    assert (model(x) - independent(x)).abs().max() > 1e-3  # the fusion path changes logits
     for p in model.injection.parameters():
         p.zero_()
-    torch.testing.assert_close(model(images()), independent(images()), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(random_images(5)), independent(random_images(5)), rtol=0, atol=1e-6)
 
 
 @torch.no_grad()
@@ -65,7 +55,7 @@ def test_per_layer_injection_at_every_depth(clip):
     independent = mudpt.build(clip, NAMES, config("ivlp", depth=1)).eval()
     independent.load_state_dict(one.state_dict(), strict=False)
     assert len(one.injection.text_to_image) == 0
-    torch.testing.assert_close(one(images()), independent(images()), rtol=0, atol=0)
+    torch.testing.assert_close(one(random_images(5)), independent(random_images(5)), rtol=0, atol=0)
     two = mudpt.build(clip, NAMES, config("mudpt", depth=2, injection="per_layer"))
     for p in two.injection.parameters():
         p.normal_(0, 0.5)
@@ -112,7 +102,7 @@ def test_only_prompts_and_injection_learn(clip):
     for variant in mudpt.VARIANTS:
         torch.manual_seed(0)
         model = mudpt.build(clip, NAMES, config(variant))
-        x, y = images(8), torch.arange(8) % len(NAMES)
+        x, y = random_images(8), torch.arange(8) % len(NAMES)
         losses = train_steps(model, x, y, lr=0.5)
         assert losses[-1] < losses[0] - 0.05, (variant, losses)
         names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -125,7 +115,7 @@ def test_only_prompts_and_injection_learn(clip):
 @torch.no_grad()
 def test_images_do_not_interact_and_text_is_cached(clip):
     model = mudpt.build(clip, NAMES, config("mudpt")).eval()
-    x = images(4)
+    x = random_images(4)
     torch.testing.assert_close(model(x), torch.cat([model(x[i:i + 1]) for i in range(4)]), rtol=0, atol=1e-5)
     assert model.cached is not None and model.train().cached is None
 
@@ -144,9 +134,9 @@ def test_image_prompts_follow_the_code(clip):
     model = mudpt.build(clip, NAMES, config("ivlp", depth=2))
     model.image_prompts.normal_(0, 1)
     v, visual = model.image_prompts, clip.visual
-    x = visual.conv1(images()).flatten(2).transpose(1, 2)
+    x = visual.conv1(random_images(5)).flatten(2).transpose(1, 2)
     x = torch.cat([visual.class_embedding.expand(5, 1, -1), x], 1) + visual.positional_embedding
     x = visual.ln_pre(torch.cat([x, v[0].expand(5, -1, -1)], 1))
     x = visual.transformer.resblocks[0](x)
     x = visual.transformer.resblocks[1](torch.cat([x[:, :-4], v[1].expand(5, -1, -1)], 1))
-    torch.testing.assert_close(model.encode_image(images(), v), visual.head(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.encode_image(random_images(5), v), visual.head(x), rtol=0, atol=1e-5)

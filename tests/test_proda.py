@@ -2,25 +2,13 @@
 the orthogonality term, evaluation by the mean of all K prompts, counts, gradients and learning."""
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 import clip_model
 import proda
 import train
-from conftest import train_steps
-
-NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return clip_model.load("tiny")[0]
-
-
-def images(n=6, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+from conftest import NAMES, random_images, train_steps
 
 
 def test_positions_split_the_prompts_by_quarters():
@@ -45,7 +33,7 @@ def test_loss_is_the_upper_bound_summed_by_hand(clip):
     torch.manual_seed(0)
     model = proda.build(clip, NAMES, proda.Config(n_prompts=8, n_ctx=4, prompt_batch=3)).train()
     y = torch.tensor([0, 3, 1, 2, 1, 0])
-    logits = model(images())
+    logits = model(random_images(6))
     text, f, s = model.text, model.image, clip.logit_scale.exp()
     assert text.shape == (3, 4, clip.text_projection.shape[1])
     torch.testing.assert_close(logits, s * f @ text.mean(0).t())  # mu of the step's 3 prompts
@@ -78,7 +66,7 @@ def test_orthogonality_is_the_mean_abs_cosine_of_the_contexts(clip):
 def test_evaluation_scores_with_the_mean_of_all_prompts(clip):
     torch.manual_seed(0)
     model = proda.build(clip, NAMES, proda.Config(n_prompts=5, n_ctx=3)).eval()
-    x = images()
+    x = random_images(6)
     mean = model.encode_prompts(torch.arange(5)).mean(0)  # (C, E), not re-normalised
     torch.testing.assert_close(model(x), clip.logit_scale.exp() * model.frozen_features(x) @ mean.t(),
                                rtol=0, atol=1e-5)
@@ -97,7 +85,7 @@ def test_training_reaches_every_context_and_learns(clip):
     before = copy.deepcopy(clip.state_dict())
     torch.manual_seed(0)
     model = proda.build(clip, NAMES, proda.Config(n_prompts=8, n_ctx=4))
-    x, y = images(8, seed=1), torch.arange(8) % len(NAMES)
+    x, y = random_images(8, seed=1), torch.arange(8) % len(NAMES)
     model.train()
     model.loss(model(x), y, 0).backward()
     grad = model.prompt_learner.ctx.grad.abs().sum((1, 2))  # (K,): every context, sampled or not (orthogonality)

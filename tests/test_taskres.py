@@ -9,9 +9,7 @@ import clip_model
 import coop
 import taskres
 import train
-from conftest import train_steps
-
-NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
+from conftest import NAMES, random_images, train_steps
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-rn"])
@@ -20,8 +18,7 @@ def clip(request):
 
 
 def images(clip, n=6, seed=0):
-    R = clip.visual.input_resolution
-    return torch.randn(n, 3, R, R, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, seed, clip.visual.input_resolution)
 
 
 @torch.no_grad()

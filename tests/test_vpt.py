@@ -10,30 +10,19 @@ import torch.nn.functional as F
 import clip_model
 import train
 import vpt
-from conftest import train_steps
-
-NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return clip_model.load("tiny")[0]
+from conftest import NAMES, random_images, train_steps
 
 
 def config(variant, **changes):
     return replace(vpt.Config(), **{**vpt.VARIANTS[variant], **changes})
 
 
-def images(n=5, seed=0):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("variant", ["vpt-shallow", "vpt"])
 def test_no_prompt_tokens_is_zeroshot_clip(clip, variant):
     model = vpt.build(clip, NAMES, config(variant, n_tokens=0))
-    expected = clip(images(), clip_model.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]))
-    torch.testing.assert_close(model(images()), expected, rtol=0, atol=1e-5)
+    expected = clip(random_images(5), clip_model.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in NAMES]))
+    torch.testing.assert_close(model(random_images(5)), expected, rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
@@ -42,19 +31,19 @@ def test_prompt_position_in_the_sequence_does_not_matter(clip, deep):
     """The docstring's claim: prompts after the patches (ours) = prompts right after the class token."""
     model = vpt.build(clip, NAMES, config("vpt", deep=deep))
     model.visual_prompts.prompts.normal_(0, 1)
-    visual, prompts, x = clip.visual, model.visual_prompts.prompts, clip.visual.embed(images())
+    visual, prompts, x = clip.visual, model.visual_prompts.prompts, clip.visual.embed(random_images(5))
     n = prompts.shape[1]
     for i, block in enumerate(visual.transformer.resblocks):
         if i < len(prompts):
             x = torch.cat([x[:, :1], prompts[i].expand(len(x), -1, -1), x[:, 1 + (n if i > 0 else 0):]], dim=1)
         x = block(x)
-    torch.testing.assert_close(model.visual_prompts(visual, images()), visual.head(x), rtol=0, atol=1e-5)
-    assert (visual.head(x) - clip.encode_image(images())).abs().max() > 1e-3  # prompts change the feature
+    torch.testing.assert_close(model.visual_prompts(visual, random_images(5)), visual.head(x), rtol=0, atol=1e-5)
+    assert (visual.head(x) - clip.encode_image(random_images(5))).abs().max() > 1e-3  # prompts change the feature
 
 
 def test_every_block_prompts_matter_when_deep(clip):
     model = vpt.build(clip, NAMES, config("vpt"))
-    model.visual_prompts(clip.visual, images()).sum().backward()
+    model.visual_prompts(clip.visual, random_images(5)).sum().backward()
     grad = model.visual_prompts.prompts.grad
     assert grad.shape == (2, 10, 128) and (grad.abs().sum((1, 2)) > 0).all()
 
@@ -95,7 +84,7 @@ def test_vlp_guidance_loss_in_its_first_epochs(clip):
     with torch.no_grad():
         model.visual_prompts.prompts.normal_(0, 1)
         model.text_context.ctx.normal_(0, 1)
-    x, y = images(4), torch.tensor([0, 1, 2, 3])
+    x, y = random_images(4), torch.tensor([0, 1, 2, 3])
     logits = model(x)
     scale, text = clip.logit_scale.exp(), F.normalize(model.text_context(clip), dim=-1)
     to_learned_text = scale * F.normalize(clip.encode_image(x), dim=-1) @ text.t()
@@ -116,7 +105,7 @@ def test_vlp_guidance_loss_in_its_first_epochs(clip):
 def test_images_do_not_interact(clip):
     model = vpt.build(clip, NAMES, config("vlp")).eval()
     model.visual_prompts.prompts.normal_(0, 1)
-    x = images(4)
+    x = random_images(4)
     torch.testing.assert_close(model(x), torch.cat([model(x[i:i + 1]) for i in range(4)]), rtol=0, atol=1e-5)
 
 
@@ -126,7 +115,7 @@ def test_training_moves_only_prompts(clip, variant):
     before = copy.deepcopy(clip.state_dict())
     torch.manual_seed(0)
     model = vpt.build(clip, NAMES, config(variant))
-    x, y = images(8), torch.arange(8) % len(NAMES)
+    x, y = random_images(8), torch.arange(8) % len(NAMES)
     losses = train_steps(model, x, y, lr=1.0)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())

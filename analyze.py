@@ -326,16 +326,18 @@ def main(argv=None):
         name, model, model_cfg, classnames, clip, preprocess, data_path, out = load_model(args)
         out = Path(args.out) if args.out else out
         ds = data.load_dataset(data_path)
-        items = random.Random(0).sample(ds.test, min(args.images, len(ds.test)))
+        index = {name: i for i, name in enumerate(classnames)}  # the run's classes (base-to-new: the base half)
+        test = [(path, index[ds.classnames[y]]) for path, y in ds.test if ds.classnames[y] in index]
+        items = random.Random(0).sample(test, min(args.images, len(test)))
         pil = [Image.open(path).convert("RGB") for path, _ in items]
         images = torch.stack([preprocess(im) for im in pil])
-        labels = torch.tensor([y for _, y in items])
-        zeroshot = train.coop.build(clip, classnames, train.coop.Config(n_ctx=0, template=ds.template))
+        labels = torch.tensor([y for _, y in items])  # indices into classnames
+        zero_cfg = train.coop.Config(n_ctx=0, template=ds.template)
+        zeroshot = train.coop.build(clip, classnames, zero_cfg)
     except (train.UserError, data.DataError, clip_model.LoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     target = labels if args.target == "label" else None
-    zero_cfg = train.coop.Config(n_ctx=0, template=ds.template)
     zero_stats, zero_image, _, _, zero_p = analyse(zeroshot, clip, zero_cfg, images, classnames, target)
     stats, image_rel, text_rel, explained, p = analyse(model, clip, model_cfg, images, classnames, target)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """analyze.py: the statistics on hand-made attention maps with known answers, relevancy, and the CLI."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,21 @@ def test_a_resnet_run_is_analysed_on_its_text_side(tmp_path):
     assert "image" not in stats["method"] and len(stats["method"]["text_eot"]["sot"]) == 2
     with Image.open(tmp_path / "analysis" / "relevancy_0.png") as png:
         assert png.size[0] == 914
+
+
+@pytest.mark.parametrize("target", ["pred", "label"])
+def test_a_base_to_new_run_is_analysed_on_its_own_classes(tmp_path, target):
+    """A base-to-new run knows the base half of the classes: its test images are drawn from those (analyze.py
+    failed on such runs, indexing past the model's classes, until issue 22's review)."""
+    r = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1",
+                                    "--protocol", "base2new", "--output", str(tmp_path)]))
+    assert analyze.main([str(tmp_path), "--images", "8", "--target", target]) == 0
+    stats = json.loads((tmp_path / "analysis" / "stats.json").read_text())
+    assert len(stats["labels"]) == 8 and all(0 <= y < len(r["classnames"]) == 4 for y in stats["labels"])
+    base = {Path(path).parent.name.replace("_", " ") for path in stats["images"]}  # the demo's folders: class names
+    assert base <= set(r["classnames"])
+    if target == "label":
+        assert stats["targets"] == stats["labels"]
 
 
 def test_relevancy_figure_is_labelled_and_coloured():

@@ -240,17 +240,18 @@ def for_data(cfg, template, dataset):
     fields = {k: v for k, v in dict(template=template, dataset=dataset).items() if hasattr(cfg, k)}
     return dataclasses.replace(cfg, **fields)
 
-def restore(model, learned, where, what):
-    """Copy a checkpoint's learned state into `model` (onto its device); a UserError naming `where` the state came
-    from and `what` the model is, when they do not fit."""
+def restore(model, learned, where, method, backbone, classes):
+    """Copy a checkpoint's learned state into `model` (onto its device): `method` built on `backbone` for `classes`
+    classes; a UserError naming `where` the state came from, when they do not fit."""
     try:
         missing, unexpected = model.load_state_dict(learned, strict=False)
     except RuntimeError:  # shapes differ: class-specific parameters, or another backbone
         missing = unexpected = ["(shapes differ)"]
     missing = [k for k in missing if k in learned_tensors(model)]  # frozen weights are not in a checkpoint
     if missing or unexpected:
-        raise UserError(f"the parameters from {where} do not fit {what} (class-specific context on other classes, or "
-                        f"another backbone or config): {(missing + unexpected)[:3]}")
+        raise UserError(f"the parameters from {where} do not fit {method} on {backbone} with {classes} classes "
+                        f"(class-specific context on other classes, or another backbone or config): "
+                        f"{(missing + unexpected)[:3]}")
 
 def read_run(run_dir):
     """A run folder's results.json -> (results, method module, the Config its model was built with, classnames):
@@ -286,8 +287,7 @@ def load_run(run_dir, device="cpu"):
     model = module.build(clip, classnames, cfg).to(device)
     if learned_tensors(model):  # learned or fitted: its checkpoint
         ckpt = load_checkpoint(run / "checkpoint.pt", method)
-        restore(model, ckpt["learned"], run / "checkpoint.pt", f"{method} on {cfg.backbone} with {len(classnames)} "
-                                                               "classes")
+        restore(model, ckpt["learned"], run / "checkpoint.pt", method, cfg.backbone, len(classnames))
     return model.eval(), preprocess, classnames
 
 def save_atomic(write, path):
@@ -364,8 +364,7 @@ class Runner:
             raise UserError(f"{self.args.method}: {e}") from None
 
     def load_learned(self, model, learned, where):
-        restore(model, learned, where, f"{self.args.method} on {self.cfg.backbone} with {len(self.task.classnames)} "
-                                       "classes")
+        restore(model, learned, where, self.args.method, self.cfg.backbone, len(self.task.classnames))
 
     def model_for(self, evalset):
         """The trained model, or the method rebuilt for another class set with the learned parameters."""

@@ -339,3 +339,20 @@ def test_epochs_zero_evaluates_the_method_as_initialised(tmp_path):
                                     "--shots", "2", "--output", str(tmp_path)]))
     assert r["epochs"] == 0 and r["history"] == [] and 0 <= r["accuracy"]["test"] <= 100
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_learned_state_that_does_not_fit_is_refused_by_name(tmp_path):
+    """restore(): class-specific context trained on 4 classes does not load into a model for 3; nor a checkpoint of
+    another method; the message says where the state came from and what it was asked to fit."""
+    clip = clip_model.load("tiny")[0]
+    cfg = dataclasses.replace(train.coop.Config(), n_ctx=4, csc=True)
+    four = train.coop.build(clip, ["a", "b", "c", "d"], cfg)
+    three = train.coop.build(clip, ["a", "b", "c"], cfg)
+    with pytest.raises(train.UserError, match=r"the parameters from x\.pt do not fit coop on tiny with 3 classes"):
+        train.restore(three, train.learned_state(four), "x.pt", "coop", "tiny", 3)
+    vpt_model = train.vpt.build(clip, ["a", "b", "c"], train.vpt.Config())
+    with pytest.raises(train.UserError, match=r"do not fit vpt on tiny with 3 classes .*prompt_learner\.ctx"):
+        train.restore(vpt_model, train.learned_state(three), "y.pt", "vpt", "tiny", 3)
+    fresh = train.coop.build(clip, ["a", "b", "c", "d"], cfg)
+    train.restore(fresh, train.learned_state(four), "z.pt", "coop", "tiny", 4)  # the same shapes: loaded
+    assert torch.equal(fresh.prompt_learner.ctx, four.prompt_learner.ctx)

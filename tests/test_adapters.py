@@ -13,7 +13,7 @@ import coop
 import data
 import tip_adapter
 import train
-from conftest import NAMES, random_images, train_steps
+from conftest import NAMES, assert_learns, random_images, train_steps
 
 
 def zero_shot(clip, template="a photo of a {}."):
@@ -45,8 +45,7 @@ def test_clip_adapter_learns_and_moves_only_the_adapter(clip):
     torch.manual_seed(0)
     model = clip_adapter.build(clip, NAMES, clip_adapter.Config())
     x, y = random_images(8, seed=1), torch.arange(8) % len(NAMES)
-    losses = train_steps(model, x, y, lr=0.5, steps=15)
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert_learns(train_steps(model, x, y, lr=0.03), len(NAMES))
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["adapter.0.weight", "adapter.2.weight"]
 

@@ -6,7 +6,7 @@ import torch
 
 import bias_tuning
 import clip_model
-from conftest import NAMES, random_images, train_steps
+from conftest import NAMES, assert_learns, random_images, train_steps
 
 
 @torch.no_grad()
@@ -57,8 +57,7 @@ def test_only_biases_learn(clip):
     before = copy.deepcopy(clip.state_dict())
     model = bias_tuning.build(clip, NAMES, bias_tuning.Config())
     x, y = random_images(8), torch.arange(8) % len(NAMES)
-    losses = train_steps(model, x, y, lr=0.5)
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert_learns(train_steps(model, x, y, lr=0.03), len(NAMES))
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"text_bias", "image_bias"}
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in clip.parameters())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import cavpt
 import clip_model
-from conftest import random_images, train_steps
+from conftest import assert_learns, random_images, train_steps
 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion", "oak tree", "tabby cat"]
 
@@ -180,8 +180,7 @@ def test_training_lowers_the_loss_and_moves_only_prompts(clip, variant):
     torch.manual_seed(0)
     model = cavpt.build(clip, NAMES, config(variant, top_k=3))
     x, y = random_images(12), torch.arange(12) % len(NAMES)
-    losses = train_steps(model, x, y, lr=0.5, steps=15)
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert_learns(train_steps(model, x, y, lr=0.003), len(NAMES))
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
 
 

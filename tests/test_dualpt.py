@@ -20,7 +20,7 @@ import data
 import describe
 import dualpt
 import train
-from conftest import NAMES, random_images, train_steps
+from conftest import NAMES, assert_learns, random_images, train_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTIONS = {"Red_Circle": ["a round red disc", "smooth edge"], "blue stripes": ["blue bands"],
@@ -375,8 +375,7 @@ def test_training_lowers_the_loss_and_moves_only_prompts(clip, clip_rn, tmp_path
     torch.manual_seed(0)
     model = dualpt.build(clip, NAMES, config(variant, descriptions=describe_file(tmp_path)))
     x, y = images(clip, 8), torch.arange(8) % len(NAMES)
-    losses = train_steps(model, x, y, lr=0.2, steps=12)
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert_learns(train_steps(model, x, y, lr=0.001), len(NAMES))
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
 
 

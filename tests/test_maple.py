@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import clip_model
 import maple
 import train
-from conftest import NAMES, TINY_VIT, random_images, reference_clip, train_steps
+from conftest import NAMES, TINY_VIT, assert_learns, random_images, reference_clip, train_steps
 
 DEEP_VIT = TINY_VIT[:2] + (4,) + TINY_VIT[3:9] + (4,)  # 4 blocks per tower: depth 3 leaves the last unprompted
 
@@ -109,8 +109,7 @@ def test_gradients_reach_every_learned_parameter_and_it_learns(clips):
     F.cross_entropy(model.train()(x), y).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     model.zero_grad()
-    losses = train_steps(model, x, y, lr=0.05, steps=12)
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert_learns(train_steps(model, x, y, lr=0.001), len(NAMES))
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
 
 

@@ -7,7 +7,7 @@ import torch
 
 import clip_model
 import mudpt
-from conftest import NAMES, random_images, train_steps
+from conftest import NAMES, assert_learns, random_images, train_steps
 
 
 def config(variant, **changes):
@@ -103,8 +103,7 @@ def test_only_prompts_and_injection_learn(clip):
         torch.manual_seed(0)
         model = mudpt.build(clip, NAMES, config(variant))
         x, y = random_images(8), torch.arange(8) % len(NAMES)
-        losses = train_steps(model, x, y, lr=0.5)
-        assert losses[-1] < losses[0] - 0.05, (variant, losses)
+        assert_learns(train_steps(model, x, y, lr=0.001), len(NAMES))
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         assert names == {"text_prompts", "image_prompts"} | (
             {n for n, _ in model.named_parameters() if n.startswith("injection.")} if variant == "mudpt" else set())

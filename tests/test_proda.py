@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import clip_model
 import proda
 import train
-from conftest import NAMES, random_images, train_steps
+from conftest import NAMES, assert_learns, random_images, train_steps
 
 
 def test_positions_split_the_prompts_by_quarters():
@@ -91,6 +91,5 @@ def test_training_reaches_every_context_and_learns(clip):
     grad = model.prompt_learner.ctx.grad.abs().sum((1, 2))  # (K,): every context, sampled or not (orthogonality)
     assert (grad > 0).all()
     model.zero_grad()
-    losses = train_steps(model, x, y, lr=0.5, steps=20)
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert_learns(train_steps(model, x, y, lr=0.003), len(NAMES))
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())

@@ -9,7 +9,7 @@ import clip_model
 import coop
 import taskres
 import train
-from conftest import NAMES, random_images, train_steps
+from conftest import NAMES, assert_learns, random_images, train_steps
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-rn"])
@@ -91,8 +91,7 @@ def test_training_moves_only_the_residual():
     before = copy.deepcopy(clip.state_dict())
     model = taskres.build(clip, NAMES, taskres.Config())
     x, y = images(clip, 8), torch.arange(8) % len(NAMES)
-    losses = train_steps(model, x, y, lr=0.5, steps=12)
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert_learns(train_steps(model, x, y, lr=0.03), len(NAMES))
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["residual"]
 

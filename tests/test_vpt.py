@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import clip_model
 import train
 import vpt
-from conftest import NAMES, random_images, train_steps
+from conftest import NAMES, assert_learns, random_images, train_steps
 
 
 def config(variant, **changes):
@@ -116,8 +116,7 @@ def test_training_moves_only_prompts(clip, variant):
     torch.manual_seed(0)
     model = vpt.build(clip, NAMES, config(variant))
     x, y = random_images(8), torch.arange(8) % len(NAMES)
-    losses = train_steps(model, x, y, lr=1.0)
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert_learns(train_steps(model, x, y, lr=0.001), len(NAMES))
     assert all(torch.equal(v, clip.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in clip.parameters())
 

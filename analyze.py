@@ -311,6 +311,14 @@ def plots(stats, folder):
         plt.close(fig)
     return "plots written"
 
+def read_image(path):
+    """An RGB test image, or a DataError naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise data.DataError(f"cannot read image {path} ({e}): replace or remove it") from None
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", nargs="?", help="a run folder of train.py (results.json + checkpoint.pt)")
@@ -322,6 +330,19 @@ def main(argv=None):
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained")
     p.add_argument("--out", help="output folder (default RUN/analysis)")
     args = p.parse_args(argv)
+    if args.images < 1:
+        p.error(f"--images {args.images}: must be 1 or more (the test images to analyse)")
+    try:
+        return analyse_run(args)
+    except train.UserError as e:  # a file that cannot be written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+def analyse_run(args):
+    """main() after its flags: the analysis, its figures and stats.json; exit status 0, or 2 after one line."""
     try:
         name, model, model_cfg, classnames, clip, preprocess, data_path, out = load_model(args)
         out = Path(args.out) if args.out else out
@@ -329,7 +350,9 @@ def main(argv=None):
         index = {name: i for i, name in enumerate(classnames)}  # the run's classes (base-to-new: the base half)
         test = [(path, index[ds.classnames[y]]) for path, y in ds.test if ds.classnames[y] in index]
         items = random.Random(0).sample(test, min(args.images, len(test)))
-        pil = [Image.open(path).convert("RGB") for path, _ in items]
+        if not items:
+            raise data.DataError(f"{ds.name} has no test images of the run's classes to analyse")
+        pil = [read_image(path) for path, _ in items]
         images = torch.stack([preprocess(im) for im in pil])
         labels = torch.tensor([y for _, y in items])  # indices into classnames
         zero_cfg = train.coop.Config(n_ctx=0, template=ds.template)
@@ -340,7 +363,11 @@ def main(argv=None):
     target = labels if args.target == "label" else None
     zero_stats, zero_image, _, _, zero_p = analyse(zeroshot, clip, zero_cfg, images, classnames, target)
     stats, image_rel, text_rel, explained, p = analyse(model, clip, model_cfg, images, classnames, target)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot make the output folder {out} ({e.strerror}): pass another --out", file=sys.stderr)
+        return 2
     explains = "the label" if args.target == "label" else "each model's predicted class"
     for i, im in enumerate(pil):
         label, c = int(labels[i]), int(explained[i])

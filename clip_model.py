@@ -71,6 +71,14 @@ SOT, EOT = 49406, 49407
 class LoadError(RuntimeError):
     """A model name, file or download the user supplied cannot be used; the message says what to do."""
 
+class TextTooLong(ValueError):
+    """A text longer than the context length (tokenize without truncate)."""
+
+    def __init__(self, text, length, context_length):
+        self.length, self.context_length = length, context_length
+        super().__init__(f"{text[:50]!r}... is {length} tokens, more than the context length {context_length}: "
+                         "shorten it or pass truncate=True")
+
 def available_models():
     return list(MODELS)
 
@@ -135,8 +143,7 @@ def tokenize(texts, context_length=77, truncate=False):
         ids = [SOT] + _tokenizer().encode(text) + [EOT]
         if len(ids) > context_length:
             if not truncate:
-                raise ValueError(f"{text[:50]!r}... is {len(ids)} tokens, more than the context length "
-                                 f"{context_length}: shorten it or pass truncate=True")
+                raise TextTooLong(text, len(ids), context_length)
             ids = ids[:context_length - 1] + [EOT]
         tokens[i, :len(ids)] = torch.tensor(ids)
     return tokens

@@ -141,10 +141,14 @@ def _read_variant(root, name, image_dir):
 
 def _read_generic(root, name=None, template="a photo of a {}."):
     """root/<class>/<image>: a fixed 50/20/30 train/val/test split per class (seed 0, like CoOp's own)."""
-    classes = [c for c in _class_folders(root) if _images(root / c)]
-    if not classes:
+    classes = _class_folders(root)
+    empty = [c for c in classes if not _images(root / c)]
+    if not classes or len(empty) == len(classes):
         raise DataError(f"{root} is not a dataset folder: expected a CoOp dataset folder ({', '.join(CROSS_TARGETS)}, "
                         f"imagenet, {', '.join(VARIANTS)}) or <class name>/<image> sub-folders ({HELP})")
+    if empty:  # a class without images would still be a class the model is asked to predict
+        raise DataError(f"{root / empty[0]} holds no images ({' '.join(IMAGE_SUFFIXES)}): add its images, or move the "
+                        f"folder out of {root} if it is not a class")
     rng, train, val, test = random.Random(0), [], [], []
     for label, c in enumerate(classes):
         images = _images(root / c)
@@ -202,6 +206,9 @@ def make_task(data, protocol="fewshot", shots=16, seed=1, eval_data=()):
         raise DataError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     ds = load_dataset(data)
     counts = Counter(y for _, y in ds.train)
+    if ds.train and (absent := [c for c in range(len(ds.classnames)) if not counts[c]]):
+        raise DataError(f"class {ds.classnames[absent[0]]!r} of {ds.name} has no training images in its split: "
+                        f"the split file or the image folders are incomplete ({HELP})")
     if shots > 0 and counts and min(counts.values()) < shots:
         label = min(counts, key=counts.get)
         raise DataError(f"class {ds.classnames[label]!r} of {ds.name} has {counts[label]} training images, fewer "
@@ -210,6 +217,9 @@ def make_task(data, protocol="fewshot", shots=16, seed=1, eval_data=()):
     ds = replace(ds, train=few_shot(ds.train, shots, rng), val=few_shot(ds.val, min(shots, 4), rng))
     evals = [replace(ds, name="test")]
     if protocol == "base2new":
+        if len(ds.classnames) < 2:
+            raise DataError(f"--protocol base2new splits the classes into a base and a new half, and {ds.name} has "
+                            f"{len(ds.classnames)} class: use --protocol fewshot")
         ds = subsample_classes(ds, "base")
         evals = [replace(ds, name="base"), replace(subsample_classes(evals[0], "new"), name="new")]
     elif protocol in ("cross", "dg"):
@@ -220,6 +230,9 @@ def make_task(data, protocol="fewshot", shots=16, seed=1, eval_data=()):
             raise DataError(f"--protocol {protocol}: no target datasets; pass --eval-data FOLDER ... or put them "
                             f"next to {ds.root} ({HELP})")
         evals = [ds] + [load_dataset(t) for t in targets]
+    if empty := next((e for e in evals if not e.test), None):
+        raise DataError(f"{empty.name}: {empty.root}'s test split is empty, so there is nothing to evaluate on: "
+                        f"the split file or the image folders are incomplete ({HELP})")
     missing = next((p for items in [ds.train, ds.val] + [e.test for e in evals] for p, _ in items
                     if not os.path.isfile(p)), None)
     if missing:
@@ -241,10 +254,10 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as image:
                 image.load()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot read image {path} ({e}): replace or remove it") from None
         with torch.random.fork_rng(devices=[]):  # DDP ranks, cached views and resumed runs see the same pixels
-            torch.manual_seed(self.seed * 1_000_003 + i)
+            torch.manual_seed((self.seed * 1_000_003 + i) % 2**64)  # torch's seeds are 64-bit (large --seed)
             return self.transform(image), label
 
 def train_transform(n_px):  # CoOp's augmentation, then CLIP's preprocess from its RGB conversion on

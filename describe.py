@@ -56,6 +56,9 @@ def describe(args):
     names, out = Path(args.classes), Path(args.out)
     if not names.is_file():
         raise ValueError(f"no file at --classes {names}: give a file of class names, one a line or a JSON list")
+    if not out.parent.is_dir() or out.is_dir():  # before the first (paid) answer, which could not be kept
+        raise ValueError(f"--out {out}: {'is a folder' if out.is_dir() else f'no folder {out.parent}'}; give a "
+                         "file in an existing folder")
     text = names.read_text(encoding="utf-8")
     classes = load_json(names, list, "a list of class names") if text.lstrip().startswith("[") else text.splitlines()
     done = load_json(out, dict, "descriptions {class: [description, ...]}") if out.exists() else {}
@@ -77,11 +80,20 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="JSON {class: [description, ...]}; existing classes are kept")
     p.add_argument("--api-base", default="https://api.openai.com/v1", help="any OpenAI-compatible endpoint")
     p.add_argument("--model", default="gpt-3.5-turbo", help="the paper's: GPT-3.5")
+    args = p.parse_args(argv)
     try:
-        return describe(p.parse_args(argv))
+        return describe(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out cannot be written: the answers before this one are in it
+        print(f"error: cannot write {args.out} ({e.strerror or e}); a rerun asks only for the classes missing "
+              "there", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {args.out} keeps the classes answered so far, and a rerun asks for the rest",
+              file=sys.stderr)
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -149,6 +149,11 @@ def load_json(path, kind, what):
         raise ValueError(f"{path} holds a JSON {type(content).__name__}: expected {what}")
     return content
 
+def descriptions_file(path):
+    """A relative path is looked up from the working directory, then from this file's folder."""
+    here = Path(__file__).resolve().parent
+    return here / path if not Path(path).is_file() and (here / path).is_file() else Path(path)
+
 def read_descriptions(path, classnames):
     """[[description, ...] per class] from a JSON file {class name: [str, ...]}, covering every class the model
     is built for (base2new: the new ones too, though unused); names compared lower-case,
@@ -156,8 +161,7 @@ def read_descriptions(path, classnames):
     def name(c):
         return c.replace("_", " ").strip().lower()
 
-    here = Path(__file__).resolve().parent
-    file = here / path if not Path(path).is_file() and (here / path).is_file() else Path(path)
+    file = descriptions_file(path)
     table = load_json(file, dict, "descriptions {class: [description, ...]} (python describe.py writes "
                                   "them; descriptions= uses the template)")
     table = {name(k): [d.strip() for d in v if isinstance(d, str) and d.strip()]
@@ -220,6 +224,14 @@ class DualPT(nn.Module):
             # identical)
             for p in self.meta_net[2].parameters():
                 nn.init.zeros_(p)
+        self.cached = None  # (version, (C, M, E) text features), reused while evaluating
+        self.text = self.plan = None  # kept by a forward: the text features for loss(), the plan for analysis
+        # PLOT's extra logit: the official code adds it when its dataset is ImageNet
+        self.global_logit = cfg.global_logit == "always" or (cfg.global_logit == "imagenet" and
+                                                             cfg.dataset == "ImageNet")
+        self.register_buffer("desc", None, persistent=False)  # the descriptions' features, for L_LLM only
+        if descriptions is None:  # the file is gone: the model still evaluates; training needs it (llm_loss)
+            return
         tokens = clip_model.tokenize([d for ds in descriptions for d in ds], truncate=True)  # as written, cut at 77
         with torch.no_grad():
             features = torch.cat([clip.encode_text_embeddings(clip.embed_text(t.to(device)), t.argmax(-1))
@@ -230,11 +242,6 @@ class DualPT(nn.Module):
         log_q = [torch.full((len(f),), -math.log(len(f)), device=device) for f in features]  # 1/e_k per class
         log_q = nn.utils.rnn.pad_sequence(log_q, True, -math.inf)  # (C, e); -inf: padding, no mass
         self.register_buffer("desc_log_q", log_q, persistent=False)  # wd's marginal over the descriptions
-        self.cached = None  # (version, (C, M, E) text features), reused while evaluating
-        self.text = self.plan = None  # kept by a forward: the text features for loss(), the plan for analysis
-        # PLOT's extra logit: the official code adds it when its dataset is ImageNet
-        self.global_logit = cfg.global_logit == "always" or (cfg.global_logit == "imagenet" and
-                                                             cfg.dataset == "ImageNet")
 
     def encode_prompts(self, prompts):
         """(..., C, M, L, D) -> (..., C, M, E) text features (not normalised), all prompts in one EOT-cut pass."""
@@ -277,6 +284,9 @@ class DualPT(nn.Module):
 
     def llm_loss(self, text):
         """L_LLM over the classes (and images, for per-image prompts): text (..., C, M, E) normalised."""
+        if self.desc is None:
+            raise ValueError(f"descriptions={self.cfg.descriptions}: no such file, and L_LLM needs it to train: "
+                             "restore it, or write it with python describe.py")
         if self.cfg.distill == "cosine":  # Eq. 5's cosine of an M x E and an e x E matrix, read (ours) as the
             # cosine of their means: 1 - cos(mean of the M prompts, mean of the e descriptions)
             return (1 - F.cosine_similarity(text.mean(-2), self.desc_mean, dim=-1)).mean()
@@ -302,7 +312,15 @@ class DualPT(nn.Module):
         return self
 
 def check_config(cfg):
-    """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
+    """ValueError for a Config no model can be trained with (train.py calls it before loading CLIP): its values, and
+    its descriptions file, which only training reads (a model built without it still evaluates)."""
+    check_values(cfg)
+    if cfg.beta and cfg.descriptions and not descriptions_file(cfg.descriptions).exists():
+        raise ValueError(f"descriptions={cfg.descriptions}: no such file (python describe.py writes one; "
+                         "descriptions= uses the template)")
+
+def check_values(cfg):
+    """ValueError for a Config value no model can be built with."""
     if cfg.distill not in ("cosine", "wd"):
         raise ValueError(f"distill={cfg.distill!r}: use cosine or wd")
     if cfg.sinkhorn_stop not in ("rows", "plot"):
@@ -320,9 +338,11 @@ def check_config(cfg):
             raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
 
 def build(clip, classnames, cfg):
-    check_config(cfg)
+    check_values(cfg)
     clip.requires_grad_(False)
-    if cfg.beta and cfg.descriptions:
+    if cfg.beta and cfg.descriptions and not descriptions_file(cfg.descriptions).exists():
+        descriptions = None  # moved since training: evaluation does not need them
+    elif cfg.beta and cfg.descriptions:
         descriptions = read_descriptions(cfg.descriptions, classnames)
     else:  # beta = 0 reads nothing; without a file each class's description is its template sentence
         descriptions = [[cfg.template.format(c.replace("_", " "))] for c in classnames]

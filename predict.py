@@ -41,11 +41,15 @@ def predict(model, preprocess, classnames, files, top, batch_size=32):
                 with Image.open(path) as image:
                     images.append(preprocess(image))
                 readable.append(path)
-            except (OSError, ValueError) as e:  # not an image, truncated, or an unsupported mode
-                skipped.append((path, str(e)))
+            except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, an
+                skipped.append((path, str(e)))  # unsupported mode, or over PIL's pixel limit
         if not images:
             continue
-        probabilities = model(torch.stack(images).to(device)).float().softmax(-1)  # (B, C)
+        logits = model(torch.stack(images).to(device)).float()  # (B, C)
+        if not torch.isfinite(logits).all():
+            raise train.UserError("the run's model gives nan or inf logits: its parameters are broken (a diverged "
+                                  "run); train it again with a lower --lr")
+        probabilities = logits.softmax(-1)
         values, indices = probabilities.topk(min(top, len(classnames)), dim=-1)
         for path, p, i in zip(readable, values.tolist(), indices.tolist()):
             predictions.append({"image": str(path), "top": [{"class": classnames[c], "probability": q}
@@ -62,13 +66,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.top < 1:
         p.error(f"--top {args.top}: must be 1 or more")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA GPU here; use --device cpu")
     try:
         model, preprocess, classnames = train.load_run(args.run, args.device)
+        files, missing = image_files(args.images)
+        if not files and not missing:  # folders without a single image
+            raise train.UserError(f"no image files ({' '.join(data.IMAGE_SUFFIXES)}) in {' '.join(args.images)}")
+        predictions, skipped = predict(model, preprocess, classnames, files, args.top)
     except (train.UserError, data.DataError, clip_model.LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    files, missing = image_files(args.images)
-    predictions, skipped = predict(model, preprocess, classnames, files, args.top)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     for path in missing:
         print(f"skipped {path}: no such file or folder", file=sys.stderr)
     for path, reason in skipped:

@@ -23,8 +23,11 @@ def collect(root):
             result = json.loads(path.read_text())
             key = tuple(result[k] for k in ("dataset", "method", "backbone", "shots", "protocol"))
             accuracy = result["accuracy"]
-        except (ValueError, KeyError, TypeError):
-            print(f"skipped {path}: not a finished run's results.json", file=sys.stderr)
+            hash(key)  # a list where a name belongs is not a key
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in accuracy.values()):
+                raise TypeError("an accuracy that is not a number")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # unreadable, not JSON, odd fields
+            print(f"skipped {path}: not a finished run's results.json ({type(e).__name__}: {e})", file=sys.stderr)
             continue
         for metric, value in accuracy.items():
             groups[key + (metric,)].append(value)

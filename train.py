@@ -24,6 +24,7 @@ terminal), on one device or on N GPUs under torchrun.
 """
 import argparse
 import dataclasses
+import fcntl
 import functools
 import inspect
 import json
@@ -65,6 +66,7 @@ BACKBONES = list(clip_model.CONFIGS)
 WARMUP_LR = 1e-5  # Dassl's WARMUP_CONS_LR, in every CoOp-family config
 COMPILED = (clip_model.ResidualAttentionBlock, clip_model.Bottleneck, clip_model.AttentionPool2d)  # --compile
 CACHE_IN_MEMORY = 4 * 2**30  # bytes of cached features kept on the device; more go to a memory-mapped file
+RUN_FILES = ("results.json", "checkpoint.pt")  # a folder holding either holds a run
 
 class UserError(Exception):
     """Something the user can fix; printed as one message, without a traceback."""
@@ -85,7 +87,9 @@ def parse_args(argv):
     p.add_argument("--eval-data", nargs="*", default=[], help="target datasets for cross / dg")
     p.add_argument("--output", help="default: runs/<data>/<method>/<backbone>/shots<K>[-<protocol>]/seed<S>")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, no training")
+    p.add_argument("--overwrite", action="store_true", help="replace the run the output folder holds (else refused)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, no training; writes "
+                   "eval_<dataset>_<protocol>.json beside it (or in --output)")
     p.add_argument("--checkpoint", help="checkpoint.pt of a finished run, for --eval-only")
     p.add_argument("--dry-run", action="store_true", help="build data and model, write results.json, stop")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -115,12 +119,22 @@ def must_be(name, value):
     return None
 
 def check_flags(args):
-    """A UserError for a flag's number no run can use, before anything is loaded or written."""
+    """A UserError for a flag no run can use, or that a run would ignore, before anything is loaded or written."""
     for name in ("shots", "epochs", "batch_size", "lr", "workers", "cache_features"):
         value = getattr(args, name)
         rule = None if value is None else must_be(name, value)
         if rule:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be {rule}")
+    if bad := [seed for seed in args.seeds if not 0 <= seed < 2**32]:
+        raise UserError(f"--seed {bad[0]}: must be 0 to {2**32 - 1} (a 32-bit seed, as numpy's)")
+    if args.eval_data and args.protocol not in ("cross", "dg"):
+        raise UserError(f"--eval-data names the target datasets of --protocol cross or dg; with --protocol "
+                        f"{args.protocol} it would be ignored: add --protocol cross (or dg), or drop --eval-data")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in the output folder, --overwrite replaces it: pass one of them")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False): use "
+                        "--device cpu, or a CUDA build of torch on a machine with a GPU")
 
 def check_config(args, module, cfg):
     """The loop's numbers in the method's Config (its paper's defaults and --set), then its own check_config."""
@@ -257,21 +271,27 @@ def read_run(run_dir):
     """A run folder's results.json -> (results, method module, the Config its model was built with, classnames):
     the classes the run trained on (base-to-new: the base half)."""
     run = Path(run_dir)
+    if run.is_file():
+        raise UserError(f"{run} is a file: pass the folder of a run of train.py (its --output)")
     try:
         results = json.loads((run / "results.json").read_text())
         method = results["method"]
         module = METHODS[method][0]
         known = {f.name for f in dataclasses.fields(module.Config)}  # the saved config also holds run options
         cfg = module.Config(**{k: v for k, v in results["config"].items() if k in known})
+        if missing := [key for key in ("dataset", "seed", "init") if key not in results]:  # load_run reads them
+            raise KeyError(missing[0])
+        classnames, template = results.get("classnames"), results.get("template")
+        if classnames is None:  # a run from before results.json kept its classes: read them from its dataset
+            task = data.make_task(results["data"], results["protocol"], 0, results["seed"])
+            classnames, template = task.classnames, task.template
     except FileNotFoundError:
         raise UserError(f"no results.json in {run}: pass the folder of a run of train.py (its --output)") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if isinstance(e, data.DataError):
+            raise
         raise UserError(f"{run / 'results.json'} is not the results of a run of this project "
                         f"({type(e).__name__}: {e})") from None
-    classnames, template = results.get("classnames"), results.get("template")
-    if classnames is None:  # a run from before results.json kept its classes: read them from its dataset
-        task = data.make_task(results["data"], results["protocol"], 0, results["seed"])
-        classnames, template = task.classnames, task.template
     return results, module, for_data(cfg, template, results["dataset"]), classnames
 
 def load_run(run_dir, device="cpu"):
@@ -286,8 +306,15 @@ def load_run(run_dir, device="cpu"):
     torch.manual_seed(results["seed"])
     model = module.build(clip, classnames, cfg).to(device)
     if learned_tensors(model):  # learned or fitted: its checkpoint
-        ckpt = load_checkpoint(run / "checkpoint.pt", method)
-        restore(model, ckpt["learned"], run / "checkpoint.pt", method, cfg.backbone, len(classnames))
+        path = run / "checkpoint.pt"
+        ckpt = load_checkpoint(path)
+        if (ckpt["method"], ckpt.get("backbone", cfg.backbone)) != (method, cfg.backbone):
+            raise UserError(f"{path} holds a {ckpt['method']} run on {ckpt.get('backbone')}, and results.json one "
+                            f"of {method} on {cfg.backbone}: the folder mixes two runs; train it again")
+        if bad := [k for k, v in ckpt["learned"].items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+            raise UserError(f"{path} holds nan or inf values ({bad[0]}): the run diverged; train it again with a "
+                            "lower --lr")
+        restore(model, ckpt["learned"], path, method, cfg.backbone, len(classnames))
     return model.eval(), preprocess, classnames
 
 def save_atomic(write, path):
@@ -298,6 +325,10 @@ def save_atomic(write, path):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save's is a RuntimeError), a read-only folder
+        reason = getattr(e, "strerror", None) or "the write failed: is the disk full?"
+        raise UserError(f"cannot write {path} ({reason}): free space or fix the folder; the previous "
+                        f"{Path(path).name}, if there was one, is intact") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -305,7 +336,8 @@ def save_atomic(write, path):
 def write_json(obj, path):
     save_atomic(lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)), path)
 
-def load_checkpoint(path, method):
+def load_checkpoint(path, method=None):
+    """A checkpoint of this project (of `method`, when given), read without running code."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a downloaded file cannot run code
         assert isinstance(ckpt, dict) and {"method", "learned", "config", "epoch"} <= ckpt.keys()
@@ -314,7 +346,7 @@ def load_checkpoint(path, method):
     except Exception:
         raise UserError(f"{path} is not a readable checkpoint of this project (truncated or another file): "
                         "delete it and train again") from None
-    if ckpt["method"] != method:
+    if method and ckpt["method"] != method:
         raise UserError(f"{path} holds a {ckpt['method']} run, not {method}: pass --method {ckpt['method']}")
     return ckpt
 
@@ -360,6 +392,10 @@ class Runner:
         cfg = for_data(self.cfg, template, dataset)
         try:
             return self.module.build(self.clip, classnames, cfg).to(self.device)
+        except clip_model.TextTooLong as e:  # learned context + template + class name over CLIP's 77 tokens
+            raise UserError(f"{self.args.method}: a prompt of this config is {e.length} tokens, more than CLIP's "
+                            f"{e.context_length}: use a shorter learned context (--set n_ctx=... or text_ctx=...) or "
+                            "shorter class names") from None
         except ValueError as e:  # a Config value the method rejects
             raise UserError(f"{self.args.method}: {e}") from None
 
@@ -407,10 +443,17 @@ class Runner:
             if not bar.disable and time.monotonic() - shown > 1:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
                 shown = time.monotonic()
+        # what the checkpoint will hold: a last step can leave the parameters finite but so large (lr 1e30: 5e29) that
+        # the next forward is nan, so they are tried on the epoch's last batch before they are kept
+        model.eval()
+        with torch.no_grad(), self.autocast():
+            ends_bad = ~torch.isfinite(model(**inputs)).all()
         # one read after the epoch; a nan in any process stops all, before this epoch's checkpoint is written
-        seen, loss_sum, correct, bad_processes = all_sum([seen, loss_sum, correct, first_bad >= 0], self.device)
+        seen, loss_sum, correct, bad_processes = all_sum([seen, loss_sum, correct, (first_bad >= 0) | ends_bad],
+                                                         self.device)
         if bad_processes:
-            where = f"first at step {int(first_bad) + 1}" if first_bad >= 0 else "in another process"
+            where = ("in another process" if not first_bad >= 0 and not ends_bad else
+                     f"first at step {int(first_bad) + 1}" if first_bad >= 0 else "in the parameters it ends with")
             raise UserError(f"the loss is nan or inf at epoch {epoch + 1} ({where}): lower --lr or use --precision "
                             f"fp32 and start again; {out} keeps the checkpoint and results.json of epoch {epoch} "
                             "(the last good one)")
@@ -481,13 +524,65 @@ def batches(loader, cache, epoch, device):
         yield dict(features=view[idx].to(device, non_blocking=True)), labels[idx].to(device)
 
 def default_output(args, cfg):
-    """runs/<data>/<method>/<backbone>/shots<K>[-<protocol>]/seed<S>"""
+    """runs/<data>/<method>/<backbone>/shots<K>[-<protocol>][,<changes>]/seed<S>, the changes being what sets this
+    run apart from the method's defaults: its Config fields that differ (--epochs, --lr, --batch-size, --set; a file
+    by its name), --init random and an explicit --precision. Runs with other settings get other folders."""
+    module, variant = METHODS[args.method]
+    defaults = dataclasses.replace(module.Config(), **variant)
+    changes = []
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.name not in ("backbone", "shots") and value != getattr(defaults, field.name):
+            changes.append(f"{field.name}={Path(value).name if isinstance(value, str) else value}")
+    changes += ["init=random"] * (args.init == "random") + [f"precision={args.precision}"] * (args.precision != "auto")
     protocol = "" if args.protocol == "fewshot" else f"-{args.protocol}"
-    backbone = cfg.backbone.replace("/", "-")
-    return Path("runs", Path(args.data).name, args.method, backbone, f"shots{args.shots}{protocol}", f"seed{args.seed}")
+    folder = f"shots{args.shots}{protocol}" + "".join(f",{c}" for c in changes)
+    return Path("runs", Path(args.data).name, args.method, cfg.backbone.replace("/", "-"), folder, f"seed{args.seed}")
+
+def claim_folder(out, args):
+    """The run folder, created and locked for this process (a lock the system drops when the process ends, even by
+    kill -9): a UserError when another run holds the lock, or when the folder holds a run that this one would
+    replace without --resume or --overwrite. Returns the lock's file descriptor. Under torchrun, process 0 locks."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        raise UserError(f"cannot make the run folder {out} ({e.strerror}): pass another --output") from None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise UserError(f"another run is writing to {out} now: wait for it to end, or pass another "
+                            "--output") from None
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not args.resume and not args.overwrite:
+        os.close(lock)
+        raise UserError(f"{out} already holds a run ({' and '.join(held)}): pass --resume to continue it, "
+                        "--overwrite to replace it, or another --output")
+    if args.overwrite and (not dist.is_initialized() or dist.get_rank() == 0):
+        for name in (*RUN_FILES, "log.txt"):
+            (out / name).unlink(missing_ok=True)
+    return lock
+
+def difference(key, saved, now):
+    """'key: saved, this run now' for a resume check; for configs, the fields that differ."""
+    if key == "config":
+        fields = [k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)]
+        return "; ".join(f"config {k}: {saved.get(k)}, this run {now.get(k)}" for k in sorted(fields))
+    return f"{key}: {saved}, this run {now}"
 
 def run(args):
-    """One run: config, data and model, the run folder, training, evaluation; returns its results."""
+    """One run: config, data and model, the run folder, training, evaluation; returns its results. The run folder's
+    lock is held until it returns or fails."""
+    locks = []
+    try:
+        return run_in_folder(args, locks)
+    finally:
+        for lock in locks:
+            os.close(lock)
+
+def run_in_folder(args, locks):
     check_flags(args)  # 1. the config and the data; nothing is written before 3
     module, cfg = make_config(args)
     if args.eval_only:
@@ -495,7 +590,14 @@ def run(args):
             raise UserError("--eval-only needs --checkpoint PATH (the checkpoint.pt of a finished run)")
         ckpt = load_checkpoint(args.checkpoint, args.method)
         known = dataclasses.asdict(cfg).keys() - {"template", "dataset"}  # the saved config also holds run options
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in ckpt["config"].items() if k in known})
+        saved = {k: v for k, v in ckpt["config"].items() if k in known}
+        # the model is rebuilt from the checkpoint's config: a flag that sets another value cannot apply
+        flagged = [item.partition("=")[0] for item in args.set] + (["backbone"] if args.backbone else [])
+        if clash := [k for k in flagged if k in saved and saved[k] != getattr(cfg, k)]:
+            raise UserError(f"--eval-only rebuilds the model {args.checkpoint} was trained as, with "
+                            f"{', '.join(f'{k}={saved[k]}' for k in clash)}; the flags ask for "
+                            f"{', '.join(f'{k}={getattr(cfg, k)}' for k in clash)}: drop them")
+        cfg = dataclasses.replace(cfg, **saved)
     shots = 0 if args.eval_only else args.shots
     task = data.make_task(args.data, args.protocol, shots, args.seed, args.eval_data)
     if args.eval_only or fitted_only(cfg):
@@ -505,6 +607,8 @@ def run(args):
     else:
         epochs = epochs_for(cfg, shots, module)
     out = Path(args.output or default_output(args, cfg))
+    if args.eval_only:  # an evaluation writes its own file, beside the checkpoint unless --output says elsewhere
+        out = Path(args.output or Path(args.checkpoint).parent)
 
     runner = Runner(args, module, cfg, task)  # 2. CLIP and the method; a bad backbone leaves nothing behind
     model, rank, world = runner.model, runner.rank, runner.world
@@ -530,7 +634,14 @@ def run(args):
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     epochs = epochs if learned else 0  # nothing to learn: zero-shot
 
-    out.mkdir(parents=True, exist_ok=True)  # 3. the run folder, its log and results
+    if args.eval_only:  # 3. the run folder, its log and results
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot make the folder {out} ({e.strerror}): pass another --output") from None
+    else:
+        locks.append(claim_folder(out, args))
+    results_file = out / (f"eval_{task.dataset}_{args.protocol}.json" if args.eval_only else "results.json")
 
     def log(line):
         if rank == 0:  # one process speaks and writes for a torchrun job
@@ -551,16 +662,21 @@ def run(args):
                    config={**dataclasses.asdict(cfg), "cache_features": args.cache_features},
                    classnames=task.classnames, template=task.template)  # what load_run() rebuilds the model for
     if args.dry_run:
-        write_json(results, out / "results.json")
-        log(f"dry run: wrote {out / 'results.json'}")
+        write_json(results, results_file)
+        log(f"dry run: wrote {results_file}")
         return results
 
     # 4. fitting and training: from epoch `start` (after a resume), `previous` seconds already spent on this run
     start, previous, history = 0, 0.0, []
     started = time.time()
 
+    # what defines the task a checkpoint continues: a resume with any other value would train on something else
+    identity = dict(data=str(task.root), dataset=task.dataset, protocol=args.protocol, shots=args.shots,
+                    seed=args.seed, backbone=cfg.backbone, init=args.init, precision=runner.precision,
+                    config=results["config"])
+
     def save_checkpoint(epoch, elapsed, optimizer):
-        state = dict(method=args.method, backbone=cfg.backbone, config=results["config"], epoch=epoch,
+        state = dict(method=args.method, backbone=cfg.backbone, config=results["config"], epoch=epoch, run=identity,
                      learned=learned_state(model), optimizer=optimizer.state_dict() if optimizer else None,
                      history=history, time_s=elapsed, precision=runner.precision, scaler=runner.scaler.state_dict())
         save_atomic(functools.partial(torch.save, state), out / "checkpoint.pt")
@@ -584,11 +700,15 @@ def run(args):
         optimizer = OPTIMIZERS[getattr(cfg, "optimizer", "sgd")](groups, lr=cfg.lr)
         if args.resume:
             ckpt = load_checkpoint(out / "checkpoint.pt", args.method)
-            if ckpt["config"] != results["config"]:
-                raise UserError(f"{out / 'checkpoint.pt'} was trained with another config; use another --output")
             if ckpt.get("precision", runner.precision) != runner.precision:
                 raise UserError(f"{out / 'checkpoint.pt'} was trained in {ckpt['precision']}, this run would use "
                                 f"{runner.precision}: pass --precision {ckpt['precision']} to resume it exactly")
+            saved = ckpt.get("run", dict(config=ckpt["config"]))  # a checkpoint from before it kept the task
+            differ = [key for key in saved if saved[key] != identity[key]]
+            if differ:
+                raise UserError(f"{out / 'checkpoint.pt'} was trained on another task or config ("
+                                f"{'; '.join(difference(key, saved[key], identity[key]) for key in differ)}): "
+                                "resume with the flags it was trained with, or pass another --output")
             runner.load_learned(model, ckpt["learned"], out / "checkpoint.pt")
             optimizer.load_state_dict(ckpt["optimizer"])
             if "scaler" in ckpt and runner.scaler.is_enabled():
@@ -599,8 +719,8 @@ def run(args):
                              workers=runner.workers, device=args.device, rank=rank, world=world)
         # order and augmentation depend on the epoch's seed alone, so a resumed run, every process, and view v of
         # --cache-features (= epoch v) see the same batches
-        epoch_seeds = [epoch_seed(args.seed, e) for e in range(epochs)]
-        cache = runner.encode_views(task.train, epoch_seeds[:args.cache_features], out) if args.cache_features else None
+        views = [epoch_seed(args.seed, e) for e in range(min(args.cache_features, epochs))]
+        cache = runner.encode_views(task.train, views, out) if args.cache_features else None
         trainer = model
         if world > 1:  # DDP averages the gradients over the processes
             device_ids = [runner.device] if args.device == "cuda" else None
@@ -610,9 +730,9 @@ def run(args):
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, group["base_lr"], epochs, group["warmup_epochs"])
-        torch.manual_seed(epoch_seeds[epoch])
-        loader.sampler.set_epoch(epoch_seeds[epoch])
-        loader.dataset.seed = epoch_seeds[epoch]
+        torch.manual_seed(epoch_seed(args.seed, epoch))
+        loader.sampler.set_epoch(epoch_seed(args.seed, epoch))
+        loader.dataset.seed = epoch_seed(args.seed, epoch)
         tic = time.time()
         inputs_and_labels = batches(loader, cache, epoch, runner.device)
         mine = len(loader) * loader.batch_size if loader.drop_last else len(loader.sampler)  # this process's images
@@ -637,8 +757,8 @@ def run(args):
         base, new = accuracy["base"], accuracy["new"]
         accuracy["hm"] = 2 * base * new / (base + new) if base + new else 0.0
     results.update(accuracy=accuracy, history=history, time_s=previous + time.time() - started)
-    write_json(results, out / "results.json")
-    log("  ".join(f"{name} {acc:.2f}" for name, acc in accuracy.items()) + f"  -> {out / 'results.json'}")
+    write_json(results, results_file)
+    log("  ".join(f"{name} {acc:.2f}" for name, acc in accuracy.items()) + f"  -> {results_file}")
     return results
 
 def method_list(classes=1000):
@@ -681,6 +801,13 @@ def main(argv=None):
         for seed in args.seeds:  # --seed 1 2 3: the papers' protocol, one run and folder per seed
             output = str(Path(args.output, f"seed{seed}")) if args.output and len(args.seeds) > 1 else args.output
             run(argparse.Namespace(**{**vars(args), "seed": seed, "output": output}))
+    except OSError as e:  # the run folder or a file the run writes (log.txt) cannot be written
+        print(f"error: {e.strerror or e}: {e.filename or 'a file of the run'}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the run folder keeps the checkpoint of its last finished epoch: --resume continues "
+              "it", file=sys.stderr)
+        return 130
     except (UserError, data.DataError, clip_model.LoadError) as e:
         message = str(e).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: keep the error's own line

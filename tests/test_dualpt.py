@@ -4,6 +4,7 @@ import copy
 import http.server
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -400,15 +401,34 @@ def test_description_names_are_normalised(clip, tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "cannot read"), ("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list"),
+    ("", "cannot read"), ("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list"),
     (json.dumps({"red circle": ["x"], "sea lion": []}), "has none for 3 of 4 classes: blue_stripes, green checkerboard"
                                                         ", sea lion;")])
 def test_bad_description_files(clip, tmp_path, content, message):
     path = tmp_path / "d.json"
-    if content is not None:
-        path.write_text(content)
+    path.write_text(content)
+    if not content:
+        path.chmod(0o000)  # unreadable (root reads it all the same: a folder in its place, then)
+        if os.access(path, os.R_OK):
+            path.unlink()
+            path.mkdir()
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         dualpt.build(clip, NAMES, config(descriptions=str(path)))
+
+
+def test_a_missing_description_file_stops_training_not_evaluation(clip, tmp_path):
+    """Issue 28: the descriptions feed L_LLM only, so a run whose file has moved still evaluates and predicts."""
+    cfg = config(descriptions=str(tmp_path / "moved.json"))
+    with pytest.raises(ValueError, match="no such file"):
+        dualpt.check_config(cfg)  # train.py's check, before CLIP loads
+    model = dualpt.build(clip, NAMES, cfg).eval()
+    with_template = dualpt.build(clip, NAMES, config(beta=0.0)).eval()
+    with_template.load_state_dict(model.state_dict())
+    x = random_images(2)
+    torch.testing.assert_close(model(x), with_template(x), rtol=0, atol=0)  # the logits do not read them
+    logits = model.train()(x)
+    with pytest.raises(ValueError, match="moved.json: no such file, and L_LLM needs it to train"):
+        model.loss(logits, torch.tensor([0, 1]), 0)
 
 
 def test_many_missing_classes_are_listed_up_to_ten(clip, tmp_path):

@@ -58,7 +58,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     ckpt = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
     train.run(train.parse_args(base + ["--epochs", "2", "--output", str(tmp_path / "part")]))
     part = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
-    part["config"] = ckpt["config"]
+    part["config"] = part["run"]["config"] = ckpt["config"]  # as if killed after epoch 2 of 3
     torch.save(part, tmp_path / "part" / "checkpoint.pt")
     done = torchrun([str(ROOT / "train.py"), *args, "--output", str(tmp_path / "part"), "--resume"], tmp_path)
     assert done.returncode == 0 and "resumed after epoch 2" in done.stdout, done.stderr

@@ -140,11 +140,15 @@ class TipAdapter(nn.Module):
             self.keys.copy_(F.normalize(views.float().mean(0), dim=-1))
             self.values.copy_(F.one_hot(labels, self.values.shape[1]).float())
         chosen = {"alpha": self.alpha.item(), "beta": self.beta.item()}
-        if self.cfg.search and (trained or not self.cfg.train_keys):  # Tip-Adapter-F trains at the initial pair
+        no_val = ("the search for alpha and beta needs validation images and this dataset has none: --set "
+                  "search=false keeps alpha and beta")
+        search_now = trained or not self.cfg.train_keys  # Tip-Adapter-F trains at the initial pair, searches after
+        if self.cfg.search and not search_now and not len(encode("val")[1]):
+            raise ValueError(no_val)  # Tip-Adapter-F: said before its epochs rather than after them
+        if self.cfg.search and search_now:
             f, labels = encode("val")
             if not len(labels):
-                raise ValueError("the search for alpha and beta needs validation images and this dataset has none: "
-                                 "--set search=false keeps alpha and beta")
+                raise ValueError(no_val)
             alpha, beta, accuracy = self.search(F.normalize(f.float(), dim=-1), labels)
             self.alpha.fill_(alpha)
             self.beta.fill_(beta)

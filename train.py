@@ -507,7 +507,9 @@ class Runner:
         """`encode` of a method's fit(): (features, labels) of the task's "train" or "val" images, un-augmented
         (n, ...) or in `views` augmented copies (views, n, ...); each process computes all (the same fit in each)."""
         items = {"train": self.task.train, "val": self.task.val}[split]
-        labels = torch.tensor([y for _, y in items], device=self.device)
+        labels = torch.tensor([y for _, y in items], device=self.device, dtype=torch.long)
+        if not items:  # an empty split (ImageNet has no val): the method's fit says what it needed it for
+            return torch.empty((views, 0) if views else (0,), device=self.device), labels
         if views:
             return self.encode_views(items, [epoch_seed(self.args.seed, v) for v in range(views)], folder), labels
         return self.encode_views(items, [0], folder, clip_model.transform(self.n_px))[0], labels

@@ -13,7 +13,7 @@ import describe
 import predict
 import report
 import train
-from test_data import image
+from test_data import image, make_split_dataset
 
 DEMO = ["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1"]
 
@@ -199,3 +199,19 @@ def test_a_dualpt_run_evaluates_after_its_descriptions_moved(tmp_path):
     assert train.main(["--method", "dualpt", "--data", "demo", "--eval-only", "--checkpoint",
                        str(out / "checkpoint.pt")]) == 0
     assert json.loads((out / "eval_demo_fewshot.json").read_text())["accuracy"]["test"] == accuracy
+
+
+@pytest.mark.parametrize("method,message", [("linear-probe", "the search for c_weight needs validation images"),
+                                            ("tip-adapter", "the search for alpha and beta needs validation images"),
+                                            ("tip-adapter-f", "the search for alpha and beta needs validation images")])
+def test_fitted_methods_without_val_images(tmp_path, capsys, method, message):
+    """Before: a TypeError from encoding an empty split; Tip-Adapter-F now says so before its 20 epochs."""
+    base = make_split_dataset(tmp_path, "dtd")
+    split_file = base / "split_zhou_DescribableTextures.json"
+    split_file.write_text(json.dumps({**json.loads(split_file.read_text()), "val": []}))
+    out = tmp_path / "out"
+    assert train.main(["--method", method, "--data", str(base), "--backbone", "tiny", "--shots", "2", "--output",
+                       str(out)]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "epoch 1/" not in captured.out
+    assert not (out / "results.json").exists() and not (out / "checkpoint.pt").exists()

@@ -452,8 +452,11 @@ class Runner:
         seen, loss_sum, correct, bad_processes = all_sum([seen, loss_sum, correct, (first_bad >= 0) | ends_bad],
                                                          self.device)
         if bad_processes:
-            where = ("in another process" if not first_bad >= 0 and not ends_bad else
-                     f"first at step {int(first_bad) + 1}" if first_bad >= 0 else "in the parameters it ends with")
+            where = "in another process"
+            if first_bad >= 0:
+                where = f"first at step {int(first_bad) + 1}"
+            elif ends_bad:
+                where = "in the parameters it ends with"
             raise UserError(f"the loss is nan or inf at epoch {epoch + 1} ({where}): lower --lr or use --precision "
                             f"fp32 and start again; {out} keeps the checkpoint and results.json of epoch {epoch} "
                             "(the last good one)")
@@ -541,28 +544,34 @@ def default_output(args, cfg):
     folder = f"shots{args.shots}{protocol}" + "".join(f",{c}" for c in changes)
     return Path("runs", Path(args.data).name, args.method, cfg.backbone.replace("/", "-"), folder, f"seed{args.seed}")
 
-def claim_folder(out, args):
-    """The run folder, created and locked for this process (a lock the system drops when the process ends, even by
-    kill -9): a UserError when another run holds the lock, or when the folder holds a run that this one would
-    replace without --resume or --overwrite. Returns the lock's file descriptor. Under torchrun, process 0 locks."""
+def claim_folder(out, args, device):
+    """The run folder, created and locked for this run (a lock the system drops when the process ends, even by
+    kill -9): a UserError when the folder holds a run that this one would replace without --resume or --overwrite,
+    or when another run holds the lock. Returns the lock's file descriptor. Under torchrun process 0 takes the lock
+    and every process learns whether it could, so that all stop together."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = os.open(out, os.O_RDONLY)
     except OSError as e:
         raise UserError(f"cannot make the run folder {out} ({e.strerror}): pass another --output") from None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    held = [name for name in RUN_FILES if (out / name).exists()]  # before any process writes: the same for all
+    busy = False
+    if first and not (held and not args.resume and not args.overwrite):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(lock)
-            raise UserError(f"another run is writing to {out} now: wait for it to end, or pass another "
-                            "--output") from None
-    held = [name for name in RUN_FILES if (out / name).exists()]
+            busy = True
+    if dist.is_initialized():
+        busy = all_sum([busy], device)[0] > 0
     if held and not args.resume and not args.overwrite:
         os.close(lock)
         raise UserError(f"{out} already holds a run ({' and '.join(held)}): pass --resume to continue it, "
                         "--overwrite to replace it, or another --output")
-    if args.overwrite and (not dist.is_initialized() or dist.get_rank() == 0):
+    if busy:
+        os.close(lock)
+        raise UserError(f"another run is writing to {out} now: wait for it to end, or pass another --output")
+    if args.overwrite and first:
         for name in (*RUN_FILES, "log.txt"):
             (out / name).unlink(missing_ok=True)
     return lock
@@ -642,7 +651,7 @@ def run_in_folder(args, locks):
         except OSError as e:
             raise UserError(f"cannot make the folder {out} ({e.strerror}): pass another --output") from None
     else:
-        locks.append(claim_folder(out, args))
+        locks.append(claim_folder(out, args, runner.device))
     results_file = out / (f"eval_{task.dataset}_{args.protocol}.json" if args.eval_only else "results.json")
 
     def log(line):

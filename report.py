@@ -82,6 +82,8 @@ def main(argv=None):
     parser.add_argument("runs", help="folder holding runs (searched recursively for results.json)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw accuracy against shots")
     args = parser.parse_args(argv)
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        sys.exit(f"--plot {args.plot}: no folder {Path(args.plot).parent} to write it in")
     groups = collect(args.runs)
     if not groups:
         sys.exit(f"no results.json under {args.runs}: run train.py first")

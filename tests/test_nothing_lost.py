@@ -215,3 +215,8 @@ def test_fitted_methods_without_val_images(tmp_path, capsys, method, message):
     captured = capsys.readouterr()
     assert message in captured.err and "epoch 1/" not in captured.out
     assert not (out / "results.json").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_report_plot_into_a_missing_folder(tmp_path):
+    with pytest.raises(SystemExit, match="no folder"):
+        report.main([str(tmp_path), "--plot", str(tmp_path / "missing" / "shots.png")])

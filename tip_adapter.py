@@ -45,7 +45,8 @@ SETTINGS = {  # the official configs/<dataset>.yaml: dataset -> (init_alpha, the
 class Config:
     backbone: str = "RN50"              # the official configs'
     template: str = "a photo of a {}."  # train.py sets the dataset's (CoOp's hand-crafted prompt)
-    dataset: str = ""                   # train.py sets the dataset's name: SETTINGS, and ImageNet's templates
+    dataset: str = ""                   # train.py sets the dataset's name: SETTINGS, and ImageNet's templates;
+    # copied alone, set it yourself (e.g. "DescribableTextures"): a name not in SETTINGS gets ImageNet's ranges
     shots: int = 16                     # train.py sets --shots: the cache holds shots x classes images
     train_keys: bool = False            # Tip-Adapter-F: the keys are learned
     augment_views: int = 10             # augmented passes averaged into the keys (the official augment_epoch)

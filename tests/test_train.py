@@ -1,6 +1,7 @@
 """train.py end to end on the demo data with a tiny CLIP: every method, resume, eval-only, the CLI's errors,
 and the README's copy-a-method loop."""
 import dataclasses
+import importlib
 import io
 import itertools
 import json
@@ -246,10 +247,15 @@ FITTED_FILES = {m.__name__ for name, (m, _) in train.METHODS.items() if name not
 
 @pytest.mark.parametrize("module", sorted({m.__name__ for m, _ in train.METHODS.values()} - FITTED_FILES))
 def test_a_copied_method_file_trains_alone(tmp_path, module):
-    loop = readme_block("copy-loop") + 'print("lrs", sorted({g["lr"] for g in optimizer.param_groups}))\n'
+    loop = readme_block("copy-loop") + ('print("optimizer", type(optimizer).__name__)\n'
+                                        'print("lrs", sorted({g["lr"] for g in optimizer.param_groups}))\n')
     done = copy_and_run(tmp_path, module, loop, "coop")
     losses = [float(x) for x in re.findall(r"loss ([\d.]+)", done.stdout)]
     assert len(losses) == 30 and losses[-1] < losses[0]
+    # the optimizer train.py would build from the Config (TaskRes: Adam; README's loop built SGD for every method)
+    module_object = importlib.import_module(module)
+    expected = type(train.OPTIMIZERS[getattr(module_object.Config(), "optimizer", "sgd")]([torch.zeros(1)], lr=1))
+    assert done.stdout.strip().splitlines()[-2] == f"optimizer {expected.__name__}"
     # the method's own learning rates (cavpt.py: DPT's text context at 0.002, the visual prompts at 0.01)
     assert done.stdout.strip().splitlines()[-1] == ("lrs [0.002, 0.01]" if module == "cavpt" else
                                                    f"lrs [{module_config_lr(module)}]")

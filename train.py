@@ -562,6 +562,8 @@ def claim_folder(out, args, device):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             busy = True
+        except OSError:  # a file system without locks on folders (some NFS mounts): no guard, but the run goes on
+            pass
     if dist.is_initialized():
         busy = all_sum([busy], device)[0] > 0
     if held and not args.resume and not args.overwrite:

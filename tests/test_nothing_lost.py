@@ -220,3 +220,10 @@ def test_fitted_methods_without_val_images(tmp_path, capsys, method, message):
 def test_report_plot_into_a_missing_folder(tmp_path):
     with pytest.raises(SystemExit, match="no folder"):
         report.main([str(tmp_path), "--plot", str(tmp_path / "missing" / "shots.png")])
+
+
+def test_a_file_system_without_folder_locks_still_trains(tmp_path, monkeypatch):
+    def no_locks(*args):
+        raise OSError(9, "Bad file descriptor")  # flock on a folder of some NFS mounts
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    assert run(tmp_path)[0] == 0

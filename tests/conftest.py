@@ -82,7 +82,7 @@ def train_steps(model, images, labels, lr, steps=30):
 def assert_learns(losses, classes, by=0.05):
     """A stable descent to below chance. No step's loss above the first: after a step that overshoots, where
     training ends depends on float rounding that differs between machines (VPT-CAVPT's test at SGD lr 0.5 ended at
-    1.67 on one and 19.6 on another, one trajectory up to its 12th step). The last loss `by` under both the first and
+    1.67 on one and 19.6 on another, one trajectory up to its 10th step). The last loss `by` under both the first and
     ln(classes), the cross-entropy of a uniform guess: a model that only flattens its logits stops at ln(classes), and
     a loss that adds non-negative terms to the cross-entropy (CAVPT's aux, ProDA's variance) is above it."""
     assert max(losses[1:]) < losses[0], f"a step rose above the first loss: {losses}"

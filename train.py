@@ -578,12 +578,36 @@ def claim_folder(out, args, device):
             (out / name).unlink(missing_ok=True)
     return lock
 
-def difference(key, saved, now):
-    """'key: saved, this run now' for a resume check; for configs, the fields that differ."""
-    if key == "config":
-        fields = [k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k)]
-        return "; ".join(f"config {k}: {saved.get(k)}, this run {now.get(k)}" for k in sorted(fields))
-    return f"{key}: {saved}, this run {now}"
+def checkpoint_config(args, cfg, ckpt):
+    """--eval-only: the Config the checkpoint was trained with (its model is rebuilt as it was); a UserError when
+    --backbone or --set ask for another value, which could not apply."""
+    known = dataclasses.asdict(cfg).keys() - {"template", "dataset"}  # the saved config also holds run options
+    saved = {k: v for k, v in ckpt["config"].items() if k in known}
+    flagged = [item.partition("=")[0] for item in args.set] + (["backbone"] if args.backbone else [])
+    if clash := [k for k in flagged if k in saved and saved[k] != getattr(cfg, k)]:
+        raise UserError(f"--eval-only rebuilds the model {args.checkpoint} was trained as, with "
+                        f"{', '.join(f'{k}={saved[k]}' for k in clash)}; the flags ask for "
+                        f"{', '.join(f'{k}={getattr(cfg, k)}' for k in clash)}: drop them")
+    return dataclasses.replace(cfg, **saved)
+
+def check_resume(ckpt, identity, path):
+    """A UserError unless the checkpoint at `path` continues this run's task: the same precision, and the same
+    `identity` (data, protocol, shots, seed, backbone, init, precision, config), each difference named."""
+    if ckpt.get("precision", identity["precision"]) != identity["precision"]:
+        raise UserError(f"{path} was trained in {ckpt['precision']}, this run would use {identity['precision']}: "
+                        f"pass --precision {ckpt['precision']} to resume it exactly")
+    saved = ckpt.get("run", dict(config=ckpt["config"]))  # a checkpoint from before it kept the task
+    differences = []
+    for key in [key for key in saved if saved[key] != identity[key]]:
+        if key == "config":  # the fields that differ
+            fields = sorted(k for k in saved[key].keys() | identity[key].keys()
+                            if saved[key].get(k) != identity[key].get(k))
+            differences += [f"config {k}: {saved[key].get(k)}, this run {identity[key].get(k)}" for k in fields]
+        else:
+            differences.append(f"{key}: {saved[key]}, this run {identity[key]}")
+    if differences:
+        raise UserError(f"{path} was trained on another task or config ({'; '.join(differences)}): resume with the "
+                        "flags it was trained with, or pass another --output")
 
 def run(args):
     """One run: config, data and model, the run folder, training, evaluation; returns its results. The run folder's
@@ -602,15 +626,7 @@ def run_in_folder(args, locks):
         if not args.checkpoint:
             raise UserError("--eval-only needs --checkpoint PATH (the checkpoint.pt of a finished run)")
         ckpt = load_checkpoint(args.checkpoint, args.method)
-        known = dataclasses.asdict(cfg).keys() - {"template", "dataset"}  # the saved config also holds run options
-        saved = {k: v for k, v in ckpt["config"].items() if k in known}
-        # the model is rebuilt from the checkpoint's config: a flag that sets another value cannot apply
-        flagged = [item.partition("=")[0] for item in args.set] + (["backbone"] if args.backbone else [])
-        if clash := [k for k in flagged if k in saved and saved[k] != getattr(cfg, k)]:
-            raise UserError(f"--eval-only rebuilds the model {args.checkpoint} was trained as, with "
-                            f"{', '.join(f'{k}={saved[k]}' for k in clash)}; the flags ask for "
-                            f"{', '.join(f'{k}={getattr(cfg, k)}' for k in clash)}: drop them")
-        cfg = dataclasses.replace(cfg, **saved)
+        cfg = checkpoint_config(args, cfg, ckpt)
     shots = 0 if args.eval_only else args.shots
     task = data.make_task(args.data, args.protocol, shots, args.seed, args.eval_data)
     if args.eval_only or fitted_only(cfg):
@@ -713,15 +729,7 @@ def run_in_folder(args, locks):
         optimizer = OPTIMIZERS[getattr(cfg, "optimizer", "sgd")](groups, lr=cfg.lr)
         if args.resume:
             ckpt = load_checkpoint(out / "checkpoint.pt", args.method)
-            if ckpt.get("precision", runner.precision) != runner.precision:
-                raise UserError(f"{out / 'checkpoint.pt'} was trained in {ckpt['precision']}, this run would use "
-                                f"{runner.precision}: pass --precision {ckpt['precision']} to resume it exactly")
-            saved = ckpt.get("run", dict(config=ckpt["config"]))  # a checkpoint from before it kept the task
-            differ = [key for key in saved if saved[key] != identity[key]]
-            if differ:
-                raise UserError(f"{out / 'checkpoint.pt'} was trained on another task or config ("
-                                f"{'; '.join(difference(key, saved[key], identity[key]) for key in differ)}): "
-                                "resume with the flags it was trained with, or pass another --output")
+            check_resume(ckpt, identity, out / "checkpoint.pt")
             runner.load_learned(model, ckpt["learned"], out / "checkpoint.pt")
             optimizer.load_state_dict(ckpt["optimizer"])
             if "scaler" in ckpt and runner.scaler.is_enabled():

@@ -311,14 +311,6 @@ def plots(stats, folder):
         plt.close(fig)
     return "plots written"
 
-def read_image(path):
-    """An RGB test image, or a DataError naming it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise data.DataError(f"cannot read image {path} ({e}): replace or remove it") from None
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", nargs="?", help="a run folder of train.py (results.json + checkpoint.pt)")
@@ -352,7 +344,7 @@ def analyse_run(args):
         items = random.Random(0).sample(test, min(args.images, len(test)))
         if not items:
             raise data.DataError(f"{ds.name} has no test images of the run's classes to analyse")
-        pil = [read_image(path) for path, _ in items]
+        pil = [data.open_image(path).convert("RGB") for path, _ in items]
         images = torch.stack([preprocess(im) for im in pil])
         labels = torch.tensor([y for _, y in items])  # indices into classnames
         zero_cfg = train.coop.Config(n_ctx=0, template=ds.template)

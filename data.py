@@ -240,6 +240,16 @@ def make_task(data, protocol="fewshot", shots=16, seed=1, eval_data=()):
                         f"incomplete or the folder layout differs ({HELP})")
     return Task(ds.name, ds.root, ds.classnames, ds.template, ds.train, ds.val, evals)
 
+def open_image(path):
+    """The image at `path`, loaded; a DataError naming it when it cannot be read (not an image, truncated, an
+    unsupported mode, or over PIL's pixel limit, its guard against decompression bombs)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path} ({e}): replace or remove it") from None
+    return image
+
 class ImageDataset(torch.utils.data.Dataset):
     """(image, label); image i's augmentation depends on (seed, i) only: the same in any process, worker or order."""
 
@@ -251,11 +261,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.items[i]
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"cannot read image {path} ({e}): replace or remove it") from None
+        image = open_image(path)
         with torch.random.fork_rng(devices=[]):  # DDP ranks, cached views and resumed runs see the same pixels
             torch.manual_seed((self.seed * 1_000_003 + i) % 2**64)  # torch's seeds are 64-bit (large --seed)
             return self.transform(image), label

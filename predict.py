@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 import clip_model
 import data
@@ -38,11 +37,10 @@ def predict(model, preprocess, classnames, files, top, batch_size=32):
         readable, images = [], []
         for path in files[start:start + batch_size]:
             try:
-                with Image.open(path) as image:
-                    images.append(preprocess(image))
+                images.append(preprocess(data.open_image(path)))
                 readable.append(path)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, an
-                skipped.append((path, str(e)))  # unsupported mode, or over PIL's pixel limit
+            except data.DataError as e:
+                skipped.append((path, str(e)))
         if not images:
             continue
         logits = model(torch.stack(images).to(device)).float()  # (B, C)
@@ -83,7 +81,7 @@ def main(argv=None):
     for path in missing:
         print(f"skipped {path}: no such file or folder", file=sys.stderr)
     for path, reason in skipped:
-        print(f"skipped {path}: not a readable image ({reason})", file=sys.stderr)
+        print(f"skipped {path}: {reason}", file=sys.stderr)  # "cannot read image ...", from data.open_image
     if args.json:
         print(json.dumps(predictions, indent=1))
     else:

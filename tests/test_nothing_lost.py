@@ -150,7 +150,7 @@ def test_predict_skips_an_image_over_the_pixel_limit(tmp_path, capsys, monkeypat
     assert run(tmp_path)[0] == 0
     image(tmp_path / "big.png", size=200)
     image(tmp_path / "small.png", size=8)
-    monkeypatch.setattr(predict.Image, "MAX_IMAGE_PIXELS", 10_000)  # 200 x 200 is over twice that
+    monkeypatch.setattr(train.data.Image, "MAX_IMAGE_PIXELS", 10_000)  # 200 x 200 is over twice that
     assert predict.main([str(tmp_path / "run"), str(tmp_path / "big.png"), str(tmp_path / "small.png")]) == 1
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "big.png" in captured.err and "decompression bomb" in captured.err

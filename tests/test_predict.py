@@ -48,7 +48,7 @@ def test_folders_and_unreadable_images(run, tmp_path, capsys):
     lines = out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == [str(images / "b.png"), str(images / "sub" / "a.png")]
     assert all(len(line.split(": ")[1].split(", ")) == 2 for line in lines)  # --top 2
-    assert f"skipped {images / 'broken.jpg'}: not a readable image" in err
+    assert f"skipped {images / 'broken.jpg'}: cannot read image {images / 'broken.jpg'}" in err
     assert f"skipped {tmp_path / 'missing.png'}: no such file or folder" in err
 
 

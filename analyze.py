@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import clip_model
+import coop
 import data
-import train
+import methods
+import runs
 
 class Recorder:
     """While active, every block of `clip` runs the explicit attention path and its maps are kept."""
@@ -90,20 +92,20 @@ def rollout(maps, grads):
 
 def load_model(args):
     """(method name, model, its Config, its classes, CLIP, preprocess, data path, output folder): a run rebuilt by
-    train.load_run, or, without one, --method as initialised on --data."""
+    runs.load_run, or, without one, --method as initialised on --data."""
     if args.run:
-        results, _, cfg, _ = train.read_run(args.run)
-        model, preprocess, classnames = train.load_run(args.run)
+        results, _, cfg, _ = runs.read_run(args.run)
+        model, preprocess, classnames = runs.load_run(args.run)
         return (results["method"], model, cfg, classnames, model.clip, preprocess, results["data"],
                 Path(args.run) / "analysis")
     if not (args.method and args.data):
-        raise train.UserError("pass a run folder, or --method zeroshot --data D [--backbone B]")
-    if args.method not in train.METHODS:
-        raise train.UserError(f"unknown method {args.method!r}; choose one of: {' '.join(train.METHODS)}")
-    module, changes = train.METHODS[args.method]
+        raise methods.UserError("pass a run folder, or --method zeroshot --data D [--backbone B]")
+    if args.method not in methods.METHODS:
+        raise methods.UserError(f"unknown method {args.method!r}; choose one of: {' '.join(methods.METHODS)}")
+    module, changes = methods.METHODS[args.method]
     cfg = replace(module.Config(), **changes, **({"backbone": args.backbone} if args.backbone else {}))
     ds = data.load_dataset(args.data)
-    cfg = train.for_data(cfg, ds.template, ds.name)
+    cfg = methods.for_data(cfg, ds.template, ds.name)
     clip, preprocess = clip_model.load(cfg.backbone, pretrained=args.init == "pretrained", seed=1)
     torch.manual_seed(1)
     model = module.build(clip, ds.classnames, cfg)
@@ -326,7 +328,7 @@ def main(argv=None):
         p.error(f"--images {args.images}: must be 1 or more (the test images to analyse)")
     try:
         return analyse_run(args)
-    except train.UserError as e:  # a file that cannot be written
+    except methods.UserError as e:  # a file that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -347,9 +349,9 @@ def analyse_run(args):
         pil = [data.open_image(path).convert("RGB") for path, _ in items]
         images = torch.stack([preprocess(im) for im in pil])
         labels = torch.tensor([y for _, y in items])  # indices into classnames
-        zero_cfg = train.coop.Config(n_ctx=0, template=ds.template)
-        zeroshot = train.coop.build(clip, classnames, zero_cfg)
-    except (train.UserError, data.DataError, clip_model.LoadError, ValueError) as e:
+        zero_cfg = coop.Config(n_ctx=0, template=ds.template)
+        zeroshot = coop.build(clip, classnames, zero_cfg)
+    except (methods.UserError, data.DataError, clip_model.LoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     target = labels if args.target == "label" else None
@@ -373,7 +375,7 @@ def analyse_run(args):
                     f"text: relevancy (0 to the row's maximum) of each token of {name}'s text for "
                     f"'{classnames[c]}', {side}"]
         panel = figure(im, classnames[label], panels, list(zip(words, text_rel[i])), captions)
-        train.save_atomic(functools.partial(panel.save, format="PNG"), out / f"relevancy_{i}.png")
+        runs.save_atomic(functools.partial(panel.save, format="PNG"), out / f"relevancy_{i}.png")
     result = {"zeroshot": {"name": "zero-shot CLIP", **zero_stats}, "method": {"name": name, **stats},
               "images": [path for path, _ in items], "labels": labels.tolist(), "targets": explained.tolist(),
               "backbone": model_cfg.backbone, "dataset": ds.name,
@@ -382,7 +384,7 @@ def analyse_run(args):
         print(f"{name}: the 3 nearest vocabulary tokens of each learned vector (Euclidean distance)")
         for i, row in enumerate(rows):
             print(f"  {i:3d}  " + "   ".join(f"{token} {distance:.3f}" for token, distance in row))
-    train.write_json(result, out / "stats.json")
+    runs.write_json(result, out / "stats.json")
     print(f"{plots(result, out)}; wrote {out / 'stats.json'} and {len(pil)} relevancy_<i>.png")
     return 0
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import torch.utils.flop_counter
 
 import clip_model
+import methods
 import train
 
 DTD = ("banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline dotted fibrous "
@@ -133,7 +134,7 @@ def text_rows(clip, repeats, device):
 
 
 def cocoop_row(clip, batch, repeats, device):
-    module, changes = train.METHODS["cocoop"]
+    module, changes = methods.METHODS["cocoop"]
     model = module.build(clip, DTD, dataclasses.replace(module.Config(), **changes)).to(device).eval()
     images = torch.randn(batch, 3, clip.visual.input_resolution, clip.visual.input_resolution, device=device)
     with torch.no_grad():
@@ -146,8 +147,8 @@ def method_rows(backbone, batch, repeats, device):
     """Per method: one training step (forward, loss, backward, SGD) against the frozen CLIP forward.
     batch None: each method's own batch size (the papers')."""
     rows = []
-    for name in train.TRAINED:  # the fitted-only methods take no SGD steps
-        module, changes = train.METHODS[name]
+    for name in methods.TRAINED:  # the fitted-only methods take no SGD steps
+        module, changes = methods.METHODS[name]
         cfg = dataclasses.replace(module.Config(), **changes)
         clip = clip_model.load(backbone, device=device, pretrained=False)[0]
         try:
@@ -233,7 +234,7 @@ def loop_row(clip, batch, steps, repeats, device):
     """train.py's epoch (Runner.train_epoch: the method's loss, the scaler, the running sums and the finiteness
     check) against bare SGD steps on the same batches: what the loop's bookkeeping costs. CoOp on cached image
     features, the cheapest step, shows it most."""
-    module, changes = train.METHODS["coop"]
+    module, changes = methods.METHODS["coop"]
     model = module.build(clip, DTD, dataclasses.replace(module.Config(), **changes)).to(device)
     E = clip.text_projection.shape[1]
     data = [(dict(features=F.normalize(torch.randn(batch, E, device=device), dim=-1)),
@@ -271,7 +272,7 @@ def random_names(n, seed=0):
 def memory_child(method, backbone, classes, checkpoint, device):
     """In a fresh process: one training step of `method` on `classes` made-up classes at its paper's batch size,
     with or without activation checkpointing in the text tower -> prints {"peak_mib", "seconds"}."""
-    module, changes = train.METHODS[method]
+    module, changes = methods.METHODS[method]
     cfg = dataclasses.replace(module.Config(), **changes)
     if not checkpoint:
         cfg = dataclasses.replace(cfg, checkpoint_prompts=0)
@@ -334,15 +335,15 @@ def memory_rows(cases, classes, device, compare=True):
 def paper_cases():
     """(method, its paper's backbone) for every method that learns, but those of MEMORY_CASES."""
     cases = []
-    for name in train.TRAINED:
-        module, changes = train.METHODS[name]
+    for name in methods.TRAINED:
+        module, changes = methods.METHODS[name]
         if name != "zeroshot" and name not in dict(MEMORY_CASES):
             cases.append((name, dataclasses.replace(module.Config(), **changes).backbone))
     return cases
 
 
 def eval_row(clip, batch, repeats, device):
-    module, changes = train.METHODS["coop"]
+    module, changes = methods.METHODS["coop"]
     model = module.build(clip, DTD, dataclasses.replace(module.Config(), **changes)).to(device).eval()
     R = clip.visual.input_resolution
     batches = [torch.randn(batch, 3, R, R, device=device) for _ in range(4)]

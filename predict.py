@@ -1,6 +1,6 @@
 """Classify images with a trained run: python predict.py RUN_DIR IMAGE_OR_FOLDER... [--top K] [--json]
 
-The run is rebuilt as it was trained (train.load_run: method, config, classes, learned parameters); each image is
+The run is rebuilt as it was trained (runs.load_run: method, config, classes, learned parameters); each image is
 preprocessed as CLIP's evaluation does, and the K most probable of the run's classes are printed (softmax of the
 method's logits). A folder stands for every image below it, sorted. An image that cannot be read is reported on
 stderr and skipped; the others are still predicted (exit status 1 if any was skipped, 2 if the run cannot load).
@@ -14,7 +14,8 @@ import torch
 
 import clip_model
 import data
-import train
+import methods
+import runs
 
 def image_files(paths):
     """The files named, and every image file below the folders named (sorted); missing paths are returned apart."""
@@ -45,8 +46,8 @@ def predict(model, preprocess, classnames, files, top, batch_size=32):
             continue
         logits = model(torch.stack(images).to(device)).float()  # (B, C)
         if not torch.isfinite(logits).all():
-            raise train.UserError("the run's model gives nan or inf logits: its parameters are broken (a diverged "
-                                  "run); train it again with a lower --lr")
+            raise methods.UserError("the run's model gives nan or inf logits: its parameters are broken (a diverged "
+                                    "run); train it again with a lower --lr")
         probabilities = logits.softmax(-1)
         values, indices = probabilities.topk(min(top, len(classnames)), dim=-1)
         for path, p, i in zip(readable, values.tolist(), indices.tolist()):
@@ -67,12 +68,12 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA GPU here; use --device cpu")
     try:
-        model, preprocess, classnames = train.load_run(args.run, args.device)
+        model, preprocess, classnames = runs.load_run(args.run, args.device)
         files, missing = image_files(args.images)
         if not files and not missing:  # folders without a single image
-            raise train.UserError(f"no image files ({' '.join(data.IMAGE_SUFFIXES)}) in {' '.join(args.images)}")
+            raise methods.UserError(f"no image files ({' '.join(data.IMAGE_SUFFIXES)}) in {' '.join(args.images)}")
         predictions, skipped = predict(model, preprocess, classnames, files, args.top)
-    except (train.UserError, data.DataError, clip_model.LoadError) as e:
+    except (methods.UserError, data.DataError, clip_model.LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import clip_adapter
 import clip_model
 import coop
 import data
+import methods
 import tip_adapter
 import train
 from conftest import NAMES, assert_learns, random_images, train_steps
@@ -121,9 +122,9 @@ def test_tip_search_is_the_official_one(clip):
 def test_cache_is_the_mean_of_the_augmented_views(tmp_path):
     """Through train.py: the keys equal the normalised mean of the features of 3 augmentations drawn as epochs 0-2
     would, each encoded here directly; the values are the one-hot labels."""
-    args = train.parse_args(["--method", "tip-adapter", "--data", "demo", "--backbone", "tiny", "--shots", "1",
-                             "--set", "augment_views=3", "search=false"])
-    module, cfg = train.make_config(args)
+    args = methods.parse_args(["--method", "tip-adapter", "--data", "demo", "--backbone", "tiny", "--shots", "1",
+                               "--set", "augment_views=3", "search=false"])
+    module, cfg = methods.make_config(args)
     task = data.make_task("demo", shots=1)
     runner = train.Runner(args, module, cfg, task)
     runner.model.fit(runner.encode_split)
@@ -143,43 +144,43 @@ def test_cache_is_the_mean_of_the_augmented_views(tmp_path):
                                           ("clip-adapter", 524_288)])
 def test_counts_at_rn50(tmp_path, method, count):
     """Tip-Adapter-F: shots x classes x E = 4 x 8 x 1024 = 32,768; CLIP-Adapter: 2 x 1024 x 256 = 524,288."""
-    r = train.run(train.parse_args(["--method", method, "--data", "demo", "--shots", "4", "--init", "random",
-                                    "--dry-run", "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", method, "--data", "demo", "--shots", "4", "--init", "random",
+                                      "--dry-run", "--output", str(tmp_path)]))
     assert r["backbone"] == "RN50" and r["learned_params"] == count
 
 
 def test_tip_adapter_fits_without_epochs_and_its_checkpoint_evaluates(tmp_path):
-    r = train.run(train.parse_args(["--method", "tip-adapter", "--data", "demo", "--backbone", "tiny", "--shots", "4",
-                                    "--output", str(tmp_path / "fit")]))
+    r = train.run(methods.parse_args(["--method", "tip-adapter", "--data", "demo", "--backbone", "tiny", "--shots", "4",
+                                      "--output", str(tmp_path / "fit")]))
     assert r["epochs"] == 0 and r["history"] == [] and r["learned_params"] == 0
     assert r["accuracy"]["test"] > 40 and r["fit"]["val_accuracy"] > 40  # chance: 12.5 %
     assert "fitted, no SGD epochs" in (tmp_path / "fit" / "log.txt").read_text().splitlines()[0]
     saved = torch.load(tmp_path / "fit" / "checkpoint.pt", weights_only=True)["learned"]
     assert sorted(saved) == ["alpha", "beta", "keys", "values"] and saved["alpha"] == r["fit"]["alpha"]
-    again = train.run(train.parse_args(["--method", "tip-adapter", "--data", "demo", "--backbone", "tiny",
-                                        "--eval-only", "--checkpoint", str(tmp_path / "fit" / "checkpoint.pt"),
-                                        "--output", str(tmp_path / "eval")]))
+    again = train.run(methods.parse_args(["--method", "tip-adapter", "--data", "demo", "--backbone", "tiny",
+                                          "--eval-only", "--checkpoint", str(tmp_path / "fit" / "checkpoint.pt"),
+                                          "--output", str(tmp_path / "eval")]))
     assert again["accuracy"] == r["accuracy"]
 
 
 def test_tip_adapter_f_trains_the_keys_with_adamw_then_searches(tmp_path):
     args = ["--method", "tip-adapter-f", "--data", "demo", "--backbone", "tiny", "--shots", "4", "--epochs", "3",
             "--batch-size", "8", "--lr", "0.01"]
-    r = train.run(train.parse_args(args + ["--output", str(tmp_path / "whole")]))
+    r = train.run(methods.parse_args(args + ["--output", str(tmp_path / "whole")]))
     log = (tmp_path / "whole" / "log.txt").read_text()
     assert "fitted, then 3 epochs" in log and "fitted: alpha 1.17  beta 1" in log  # trains at the initial pair
     assert "fitted after training: alpha" in log and r["fit"]["val_accuracy"] > 0
     ckpt = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     assert ckpt["optimizer"]["param_groups"][0]["eps"] == 1e-4 and "exp_avg" in ckpt["optimizer"]["state"][0]
     assert ckpt["learned"]["alpha"] == r["fit"]["alpha"]  # the searched pair is what the checkpoint evaluates
-    train.run(train.parse_args(args[:-5] + ["1", "--batch-size", "8", "--lr", "0.01", "--output",
+    train.run(methods.parse_args(args[:-5] + ["1", "--batch-size", "8", "--lr", "0.01", "--output",
                                             str(tmp_path / "part")]))
     part = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)  # after 1 of 3 epochs...
     assert part["epoch"] == 1
     part["config"]["epochs"] = 3  # as a killed run's: alpha and beta still the initial pair, searched at the end
     part["learned"].update(alpha=torch.tensor(1.17), beta=torch.tensor(1.0))
     torch.save(part, tmp_path / "part" / "checkpoint.pt")
-    resumed = train.run(train.parse_args(args + ["--output", str(tmp_path / "part"), "--resume"]))
+    resumed = train.run(methods.parse_args(args + ["--output", str(tmp_path / "part"), "--resume"]))
     assert resumed["accuracy"] == r["accuracy"] and resumed["fit"] == r["fit"]
 
 

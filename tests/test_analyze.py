@@ -9,6 +9,10 @@ from PIL import Image
 
 import analyze
 import clip_model
+import coop
+import maple
+import methods
+import mudpt
 import train
 
 
@@ -46,8 +50,8 @@ def test_rollout_of_identity_maps_is_the_identity_plus_gradient_mass():
 def tiny_analysis():
     clip = clip_model.load("tiny")[0]
     names = ["red circle", "green square", "blue triangle"]
-    cfg = train.coop.Config(n_ctx=0)
-    model = train.coop.build(clip, names, cfg)
+    cfg = coop.Config(n_ctx=0)
+    model = coop.build(clip, names, cfg)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     return clip, names, cfg, model, images
 
@@ -66,8 +70,8 @@ def test_relevancy_is_grid_shaped_non_negative_and_depends_on_the_target(tiny_an
 
 @pytest.mark.parametrize("method", ["vpt", "ivlp", "mudpt", "maple", "bias_tuning", "coop", "cocoop"])
 def test_cli_on_a_tiny_run_writes_json_and_pngs(tmp_path, method):
-    train.run(train.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", "1",
-                                "--batch-size", "16", "--output", str(tmp_path)]))
+    train.run(methods.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", "1",
+                                  "--batch-size", "16", "--output", str(tmp_path)]))
     assert analyze.main([str(tmp_path), "--images", "2"]) == 0
     stats = json.loads((tmp_path / "analysis" / "stats.json").read_text())
     assert stats["method"]["name"] == method and len(stats["targets"]) == 2
@@ -83,8 +87,8 @@ def test_cli_on_a_tiny_run_writes_json_and_pngs(tmp_path, method):
 def test_a_resnet_run_is_analysed_on_its_text_side(tmp_path):
     """A ResNet image tower has no attention maps: the text side is analysed and the figure says so (analyze.py
     failed on ResNet runs until issue 22)."""
-    train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny-rn", "--epochs", "1",
-                                "--output", str(tmp_path)]))
+    train.run(methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny-rn", "--epochs", "1",
+                                  "--output", str(tmp_path)]))
     assert analyze.main([str(tmp_path), "--images", "1"]) == 0
     stats = json.loads((tmp_path / "analysis" / "stats.json").read_text())
     assert "image" not in stats["method"] and len(stats["method"]["text_eot"]["sot"]) == 2
@@ -96,8 +100,8 @@ def test_a_resnet_run_is_analysed_on_its_text_side(tmp_path):
 def test_a_base_to_new_run_is_analysed_on_its_own_classes(tmp_path, target):
     """A base-to-new run knows the base half of the classes: its test images are drawn from those (analyze.py
     failed on such runs, indexing past the model's classes, until issue 22's review)."""
-    r = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1",
-                                    "--protocol", "base2new", "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1",
+                                      "--protocol", "base2new", "--output", str(tmp_path)]))
     assert analyze.main([str(tmp_path), "--images", "8", "--target", target]) == 0
     stats = json.loads((tmp_path / "analysis" / "stats.json").read_text())
     assert len(stats["labels"]) == 8 and all(0 <= y < len(r["classnames"]) == 4 for y in stats["labels"])
@@ -135,12 +139,12 @@ def test_relevancy_figure_is_labelled_and_coloured():
 
 
 def test_prompt_tokens_are_the_words_the_text_tower_ran():
-    zero = analyze.prompt_tokens(train.coop.Config(n_ctx=0), "red_circle")
+    zero = analyze.prompt_tokens(coop.Config(n_ctx=0), "red_circle")
     assert zero == ["SOT", "a", "photo", "of", "a", "red", "circle", "."]
-    learned = analyze.prompt_tokens(train.coop.Config(n_ctx=4), "red circle")
+    learned = analyze.prompt_tokens(coop.Config(n_ctx=4), "red circle")
     assert learned == ["SOT", "[V1]", "[V2]", "[V3]", "[V4]", "red", "circle", "."]
-    assert len(learned) == analyze.text_rows(train.coop.Config(n_ctx=4), "red circle")[2]  # = EOT's row
-    assert analyze.prompt_tokens(train.coop.Config(n_ctx=4), "red circle", template_only=True) == zero
+    assert len(learned) == analyze.text_rows(coop.Config(n_ctx=4), "red circle")[2]  # = EOT's row
+    assert analyze.prompt_tokens(coop.Config(n_ctx=4), "red circle", template_only=True) == zero
 
 
 def test_zeroshot_without_a_run_and_errors(tmp_path, capsys):
@@ -148,7 +152,7 @@ def test_zeroshot_without_a_run_and_errors(tmp_path, capsys):
                          "--out", str(tmp_path)]) == 0
     assert (tmp_path / "stats.json").is_file()
     assert analyze.main([str(tmp_path / "nothing")]) == 2
-    assert "no results.json in" in capsys.readouterr().err  # one loader: train.load_run's message
+    assert "no results.json in" in capsys.readouterr().err  # one loader: runs.load_run's message
     assert analyze.main(["--method", "vpt-deep", "--data", "demo"]) == 2
     assert "unknown method 'vpt-deep'" in capsys.readouterr().err
 
@@ -157,14 +161,14 @@ def test_nearest_words_of_an_init_phrase_are_its_words():
     """CoOp's reading of learned context: a context that starts as "a photo of a" is nearest those four tokens
     (distance 0); MuDPT reads its first block's text prompts only, MaPLe its input context, not the deep ones."""
     clip = clip_model.load("tiny")[0]
-    model = train.coop.build(clip, ["cat", "dog"], train.coop.Config(ctx_init="a photo of a"))
+    model = coop.build(clip, ["cat", "dog"], coop.Config(ctx_init="a photo of a"))
     found = analyze.word_context(model)
     assert list(found) == ["prompt_learner.ctx"] and found["prompt_learner.ctx"].shape == (4, 128)
     rows = analyze.nearest_words(clip, found["prompt_learner.ctx"])
     assert [row[0][0] for row in rows] == ["a", "photo", "of", "a"] and all(row[0][1] < 1e-4 for row in rows)
     assert all(row[1][1] > 0.01 for row in rows)  # the next nearest are other tokens, further away
-    mudpt = train.mudpt.build(clip, ["cat", "dog"], train.mudpt.Config(depth=2))
-    assert [row[0][0] for row in analyze.nearest_words(clip, analyze.word_context(mudpt)["text_prompts[0]"])] == \
+    model = mudpt.build(clip, ["cat", "dog"], mudpt.Config(depth=2))
+    assert [row[0][0] for row in analyze.nearest_words(clip, analyze.word_context(model)["text_prompts[0]"])] == \
         ["a", "photo", "of", "a"]
-    maple = train.maple.build(clip, ["cat", "dog"], train.maple.Config())
-    assert list(analyze.word_context(maple)) == ["ctx"]  # "a photo", not the deep prompts
+    model = maple.build(clip, ["cat", "dog"], maple.Config())
+    assert list(analyze.word_context(model)) == ["ctx"]  # "a photo", not the deep prompts

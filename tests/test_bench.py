@@ -1,6 +1,6 @@
 """bench.py's smoke mode: every row is measured and the fast paths equal the slow ones (no timing asserted)."""
 import bench
-import train
+import methods
 
 
 def test_smoke_prints_every_row(capsys):
@@ -13,7 +13,7 @@ def test_smoke_prints_every_row(capsys):
     assert any(n.startswith("CoOp epoch: 10 cached views") for n in names)
     assert any(n.startswith("DDP, 2 processes vs 1") for n in names)
     measured = {n.split(": ")[1].split(" (")[0] for n in names if n.startswith("train step")}
-    assert measured == set(train.TRAINED)  # every method trained by SGD runs on tiny
+    assert measured == set(methods.TRAINED)  # every method trained by SGD runs on tiny
     assert any(n.startswith("train.py's epoch vs bare SGD steps") for n in names)
     assert sum(n.startswith("one training step, 20 classes: ") and "text checkpointing" in n for n in names) == 1
     assert "nan" not in " ".join(n for n in names if n.startswith("one training step"))  # both children measured

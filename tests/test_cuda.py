@@ -17,6 +17,7 @@ import torch
 
 import clip_model
 import data
+import methods
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,9 +43,9 @@ def finished(folder):
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp16"])
-@pytest.mark.parametrize("method", list(train.METHODS))
+@pytest.mark.parametrize("method", list(methods.METHODS))
 def test_every_method_trains_the_demo(tmp_path, method, precision):
-    schedule = ["--epochs", "2", "--batch-size", "8"] if method in train.TRAINED else []  # fitted: no epochs
+    schedule = ["--epochs", "2", "--batch-size", "8"] if method in methods.TRAINED else []  # fitted: no epochs
     argv = ["--method", method, *DEMO, *schedule, "--shots", "4", "--precision", precision, "--output", str(tmp_path)]
     assert train.main(argv) == 0
     r = finished(tmp_path)
@@ -59,10 +60,10 @@ def backbones():
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("method", [m for m in train.TRAINED if m != "zeroshot"])
+@pytest.mark.parametrize("method", [m for m in methods.TRAINED if m != "zeroshot"])
 def test_one_paper_sized_step(backbones, capsys, method, precision):
     """One training step at the paper's batch size on DTD's 47 classes: finite loss, and the peak memory."""
-    module, changes = train.METHODS[method]
+    module, changes = methods.METHODS[method]
     cfg = dataclasses.replace(module.Config(), **changes)
     name = "RN50" if cfg.backbone.startswith("RN") else "ViT-B/16"  # the paper's ResNet, else ViT-B/16
     clip = backbones[name]
@@ -105,8 +106,8 @@ def test_training_steps_never_wait_for_the_host(method):
     """torch.cuda's sync debug mode raises on any host synchronisation while the steps run (the epoch's sums
     are read once, after the last step). dualpt's Sinkhorn stop test and cavpt's aux-loss rows do read the
     device inside the method, so they are not in this list."""
-    args = train.parse_args(["--method", method, *DEMO, "--precision", "bf16"])
-    module, cfg = train.make_config(args)
+    args = methods.parse_args(["--method", method, *DEMO, "--precision", "bf16"])
+    module, cfg = methods.make_config(args)
     runner = train.Runner(args, module, cfg, data.make_task("demo", shots=2))
     optimizer = torch.optim.SGD([p for p in runner.model.parameters() if p.requires_grad], lr=1e-3)
     images = torch.randn(4, 3, 32, 32, device="cuda")

@@ -20,6 +20,7 @@ import clip_model
 import data
 import describe
 import dualpt
+import methods
 import train
 from conftest import NAMES, assert_learns, random_images, train_steps
 
@@ -153,16 +154,16 @@ def test_parameter_counts_for_rn50(variant, changes, count):
 
 @pytest.mark.parametrize("variant,count", [("dualpt", 32_768), ("codualpt", 107_072), ("plot", 32_768)])
 def test_dry_run_reports_the_counts(tmp_path, variant, count):
-    r = train.run(train.parse_args(["--method", variant, "--data", "demo", "--init", "random", "--dry-run",
-                                    "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", variant, "--data", "demo", "--init", "random", "--dry-run",
+                                      "--output", str(tmp_path)]))
     assert r["backbone"] == "RN50" and r["learned_params"] == count and r["config"]["n_prompts"] == 4
 
 
 def test_plot_is_the_official_configuration(tmp_path):
     """PLOT's plot-coop: rn50.yaml (50 epochs at every shot count, batch 128, lr 0.002), main.sh (N = 4, 16 tokens),
     the trainer (eps 0.1, at most 100 Sinkhorn steps, threshold 1e-2 on a's mean change, ImageNet's extra logit)."""
-    r = train.run(train.parse_args(["--method", "plot", "--data", "demo", "--shots", "1", "--init", "random",
-                                    "--dry-run", "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", "plot", "--data", "demo", "--shots", "1", "--init", "random",
+                                      "--dry-run", "--output", str(tmp_path)]))
     cfg = r["config"]
     assert (r["epochs"], cfg["batch_size"], cfg["lr"], cfg["warmup_epochs"]) == (50, 128, 0.002, 1)
     assert (cfg["n_prompts"], cfg["n_ctx"], cfg["ctx_init"], cfg["ot_lambda"]) == (4, 16, "", 0.1)
@@ -270,9 +271,9 @@ def test_train_gives_plot_the_dataset_name(tmp_path):
     from test_data import WNIDS, make_imagenet, make_variant
     make_imagenet(tmp_path)
     make_variant(tmp_path, "imagenetv2", WNIDS[:3])
-    args = train.parse_args(["--method", "plot", "--data", str(tmp_path / "imagenet"), "--protocol", "dg",
-                             "--backbone", "tiny-rn", "--init", "random", "--shots", "1"])
-    module, cfg = train.make_config(args)
+    args = methods.parse_args(["--method", "plot", "--data", str(tmp_path / "imagenet"), "--protocol", "dg",
+                               "--backbone", "tiny-rn", "--init", "random", "--shots", "1"])
+    module, cfg = methods.make_config(args)
     task = data.make_task(args.data, args.protocol, 1, 1)
     runner = train.Runner(args, module, cfg, task)
     assert runner.model.cfg.dataset == "ImageNet" and runner.model.global_logit
@@ -454,13 +455,13 @@ def test_cli_error_is_one_line(tmp_path):
 @pytest.mark.parametrize("variant", list(dualpt.VARIANTS))
 def test_demo_trains_with_the_shipped_descriptions(tmp_path, monkeypatch, backbone, variant):
     monkeypatch.chdir(tmp_path)  # the relative path is found next to dualpt.py
-    r = train.run(train.parse_args(["--method", variant, "--data", "demo", "--backbone", backbone, "--epochs", "2",
-                                    "--shots", "2", "--batch-size", "8", "--set", "descriptions=descriptions/demo.json",
-                                    "--output", str(tmp_path / "run")]))
+    r = train.run(methods.parse_args(["--method", variant, "--data", "demo", "--backbone", backbone, "--epochs", "2",
+                                      "--shots", "2", "--batch-size", "8", "--set",
+                                      "descriptions=descriptions/demo.json", "--output", str(tmp_path / "run")]))
     assert r["config"]["descriptions"] == "descriptions/demo.json" and len(r["history"]) == 2
     assert all(math.isfinite(h["loss"]) for h in r["history"]) and 0 <= r["accuracy"]["test"] <= 100
     table = json.loads((ROOT / "descriptions" / "demo.json").read_text())
-    assert sorted(table) == sorted(train.data.DEMO_CLASSES) and all(3 <= len(v) <= 5 for v in table.values())
+    assert sorted(table) == sorted(data.DEMO_CLASSES) and all(3 <= len(v) <= 5 for v in table.values())
 
 
 # ---- python describe.py, against a local fake endpoint ----

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import clip_model
+import runs
 import train
 from test_data import WNIDS, image, make_imagenet, make_split_dataset, make_variant
 
@@ -269,13 +270,13 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    train.save_atomic(lambda tmp: torch.save({"epoch": 1}, tmp), path)
+    runs.save_atomic(lambda tmp: torch.save({"epoch": 1}, tmp), path)
 
     def crash(tmp):
         Path(tmp).write_bytes(b"half a check")
         raise KeyboardInterrupt  # killed mid-write
     with pytest.raises(KeyboardInterrupt):
-        train.save_atomic(crash, path)
+        runs.save_atomic(crash, path)
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 

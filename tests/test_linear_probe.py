@@ -9,7 +9,9 @@ import torch
 from sklearn.linear_model import LogisticRegression  # the official script's solver: a test-only reference
 
 import clip_model
+import data
 import linear_probe
+import methods
 import train
 
 
@@ -112,14 +114,14 @@ def test_a_search_without_validation_images_is_a_clear_error():
 
 def test_demo_fits_writes_a_checkpoint_and_evaluates_it(tmp_path):
     """The CLI: fitted (no epochs), well above chance (12.5 %), a checkpoint that --eval-only scores the same."""
-    r = train.run(train.parse_args(["--method", "linear-probe", "--data", "demo", "--backbone", "tiny", "--shots", "4",
-                                    "--output", str(tmp_path / "fit")]))
+    r = train.run(methods.parse_args(["--method", "linear-probe", "--data", "demo", "--backbone", "tiny", "--shots",
+                                      "4", "--output", str(tmp_path / "fit")]))
     assert r["epochs"] == 0 and r["history"] == [] and r["learned_params"] == 8 * 64 + 8  # C E + C, tiny: E = 64
     assert len(r["fit"]["searched"]) == 23 and r["fit"]["c_weight"] > 0 and r["accuracy"]["test"] > 50
     assert "fitted, no SGD epochs" in (tmp_path / "fit" / "log.txt").read_text().splitlines()[0]
-    again = train.run(train.parse_args(["--method", "linear-probe", "--data", "demo", "--backbone", "tiny",
-                                        "--eval-only", "--checkpoint", str(tmp_path / "fit" / "checkpoint.pt"),
-                                        "--output", str(tmp_path / "eval")]))
+    again = train.run(methods.parse_args(["--method", "linear-probe", "--data", "demo", "--backbone", "tiny",
+                                          "--eval-only", "--checkpoint", str(tmp_path / "fit" / "checkpoint.pt"),
+                                          "--output", str(tmp_path / "eval")]))
     assert again["accuracy"] == r["accuracy"] and "fit" not in again
 
 
@@ -139,13 +141,13 @@ def test_flags_a_fitted_method_cannot_use(tmp_path, capsys, flags, message):
 def test_encode_gives_un_augmented_and_augmented_views():
     """train.py's `encode` for fit(): the un-augmented features equal the evaluation transform's; view v is the
     augmentation epoch v draws (the same twice, different between views)."""
-    args = train.parse_args(["--method", "linear-probe", "--data", "demo", "--backbone", "tiny", "--shots", "1"])
-    module, cfg = train.make_config(args)
-    runner = train.Runner(args, module, cfg, train.data.make_task("demo", shots=1))
+    args = methods.parse_args(["--method", "linear-probe", "--data", "demo", "--backbone", "tiny", "--shots", "1"])
+    module, cfg = methods.make_config(args)
+    runner = train.Runner(args, module, cfg, data.make_task("demo", shots=1))
     plain, labels = runner.encode_split("train")
     views, same_labels = runner.encode_split("train", views=2)
     assert plain.shape == (8, 64) and views.shape == (2, 8, 64) and torch.equal(labels, same_labels)
-    images = torch.stack([clip_model.transform(runner.n_px)(train.data.Image.open(p)) for p, _ in runner.task.train])
+    images = torch.stack([clip_model.transform(runner.n_px)(data.Image.open(p)) for p, _ in runner.task.train])
     torch.testing.assert_close(plain, runner.clip.encode_image(images), rtol=0, atol=1e-5)
     assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[0], plain)
     torch.testing.assert_close(runner.encode_split("train", views=1)[0][0], views[0], rtol=0, atol=0)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import clip_model
 import maple
+import methods
 import train
 from conftest import NAMES, TINY_VIT, assert_learns, random_images, reference_clip, train_steps
 
@@ -74,8 +75,8 @@ def test_parameter_count_for_vit_b16():
 
 
 def test_dry_run_reports_the_official_count(tmp_path):
-    r = train.run(train.parse_args(["--method", "maple", "--data", "demo", "--init", "random", "--dry-run",
-                                    "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", "maple", "--data", "demo", "--init", "random", "--dry-run",
+                                      "--output", str(tmp_path)]))
     assert r["backbone"] == "ViT-B/16" and r["learned_params"] == 3_555_072
     cfg = r["config"]
     assert (cfg["n_ctx"], cfg["depth"], cfg["ctx_init"]) == (2, 9, "a photo of a")

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 import analyze
+import data
 import describe
+import methods
 import predict
 import report
+import runs
 import train
 from test_data import image, make_split_dataset
 
@@ -38,8 +41,8 @@ def test_a_finished_run_is_never_overwritten(tmp_path, capsys):
 
 def test_default_folders_tell_settings_apart():
     def folder(*extra):
-        args = train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", *extra])
-        return train.default_output(args, train.make_config(args)[1])
+        args = methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", *extra])
+        return runs.default_output(args, methods.make_config(args)[1])
     assert folder() == Path("runs/demo/coop/tiny/shots16/seed1")  # the method's defaults: as before
     assert folder("--epochs", "50") == Path("runs/demo/coop/tiny/shots16,epochs=50/seed1")
     assert folder("--lr", "0.01", "--set", "n_ctx=4", "--init", "random", "--protocol", "base2new") == Path(
@@ -99,7 +102,7 @@ def test_a_diverged_epoch_is_not_kept(tmp_path, capsys):
     # a checkpoint with nan or inf in it: predict says so
     ckpt["learned"]["prompt_learner.ctx"][0, 0] = float("inf")
     torch.save(ckpt, out / "checkpoint.pt")
-    demo = Path(train.data.demo_folder())
+    demo = Path(data.demo_folder())
     assert predict.main([str(out), str(next(demo.rglob("*.png")))]) == 2
     assert "holds nan or inf values (prompt_learner.ctx): the run diverged" in capsys.readouterr().err
 
@@ -135,7 +138,7 @@ def test_predict_and_analyze_refuse_what_they_cannot_use(tmp_path, capsys):
         assert "must be 1 or more" in capsys.readouterr().err
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     torch.save({**ckpt, "backbone": "tiny-rn"}, out / "checkpoint.pt")  # another run's file, shapes that fit
-    picture = str(next(Path(train.data.demo_folder()).rglob("*.png")))
+    picture = str(next(Path(data.demo_folder()).rglob("*.png")))
     assert predict.main([str(out), picture]) == 2
     assert "the folder mixes two runs" in capsys.readouterr().err
     torch.save(ckpt, out / "checkpoint.pt")
@@ -150,7 +153,7 @@ def test_predict_skips_an_image_over_the_pixel_limit(tmp_path, capsys, monkeypat
     assert run(tmp_path)[0] == 0
     image(tmp_path / "big.png", size=200)
     image(tmp_path / "small.png", size=8)
-    monkeypatch.setattr(train.data.Image, "MAX_IMAGE_PIXELS", 10_000)  # 200 x 200 is over twice that
+    monkeypatch.setattr(data.Image, "MAX_IMAGE_PIXELS", 10_000)  # 200 x 200 is over twice that
     assert predict.main([str(tmp_path / "run"), str(tmp_path / "big.png"), str(tmp_path / "small.png")]) == 1
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "big.png" in captured.err and "decompression bomb" in captured.err
@@ -192,7 +195,7 @@ def test_a_dualpt_run_evaluates_after_its_descriptions_moved(tmp_path):
                        "--set", f"descriptions={descriptions}", "--output", str(out)]) == 0
     accuracy = json.loads((out / "results.json").read_text())["accuracy"]["test"]
     os.rename(descriptions, tmp_path / "elsewhere.json")
-    model = train.load_run(out)[0]
+    model = runs.load_run(out)[0]
     assert model.desc is None
     assert train.main(["--method", "dualpt", "--data", "demo", "--eval-only", "--checkpoint",
                        str(out / "checkpoint.pt")]) == 0
@@ -223,5 +226,5 @@ def test_report_plot_into_a_missing_folder(tmp_path):
 def test_a_file_system_without_folder_locks_still_trains(tmp_path, monkeypatch):
     def no_locks(*args):
         raise OSError(9, "Bad file descriptor")  # flock on a folder of some NFS mounts
-    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
     assert run(tmp_path)[0] == 0

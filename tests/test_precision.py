@@ -11,6 +11,7 @@ import clip_model
 import coop
 import data
 import dualpt
+import methods
 import train
 
 STEPS = ["--data", "demo", "--backbone", "tiny", "--epochs", "1", "--shots", "2", "--batch-size", "8"]  # 2 steps
@@ -20,7 +21,7 @@ def results(folder):
     return json.loads((folder / "results.json").read_text())
 
 
-@pytest.mark.parametrize("method", [m for m in train.TRAINED if m != "zeroshot"])
+@pytest.mark.parametrize("method", [m for m in methods.TRAINED if m != "zeroshot"])
 def test_every_method_trains_two_steps_in_bf16_on_cpu(tmp_path, method):
     assert train.main(["--method", method, *STEPS, "--precision", "bf16", "--output", str(tmp_path)]) == 0
     r = results(tmp_path)
@@ -43,17 +44,17 @@ def test_fp16_with_the_gradient_scaler_on_cpu(tmp_path, method):
 def test_fp16_resume_equals_an_uninterrupted_run(tmp_path):
     args = ["--method", "coop", "--data", "demo", "--backbone", "tiny", "--shots", "2", "--batch-size", "4",
             "--precision", "fp16", "--epochs", "3"]
-    whole = train.run(train.parse_args(args + ["--output", str(tmp_path / "whole")]))
-    train.run(train.parse_args(args[:-1] + ["1", "--output", str(tmp_path / "part")]))  # stopped after epoch 1...
+    whole = train.run(methods.parse_args(args + ["--output", str(tmp_path / "whole")]))
+    train.run(methods.parse_args(args[:-1] + ["1", "--output", str(tmp_path / "part")]))  # stopped after epoch 1...
     ckpt = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     ckpt["config"]["epochs"] = 3  # ...of a 3-epoch run: make its checkpoint say so, as a killed run's would
     torch.save(ckpt, tmp_path / "part" / "checkpoint.pt")
-    resumed = train.run(train.parse_args(args + ["--output", str(tmp_path / "part"), "--resume"]))
+    resumed = train.run(methods.parse_args(args + ["--output", str(tmp_path / "part"), "--resume"]))
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
     assert resumed["accuracy"] == whole["accuracy"]
     ckpt["scaler"]["scale"] = 1024.0  # a scale the run could have reached: the resumed scaler starts from it
     torch.save(ckpt, tmp_path / "part" / "checkpoint.pt")
-    train.run(train.parse_args(args + ["--output", str(tmp_path / "part"), "--resume"]))
+    train.run(methods.parse_args(args + ["--output", str(tmp_path / "part"), "--resume"]))
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] == 1024.0
 
 
@@ -92,8 +93,8 @@ class Reads:
 def test_the_loop_reads_nothing_per_step(monkeypatch, method):
     """An epoch of 2 steps and one of 6 read the device equally often: once, at the end (the sums and the
     finiteness flag together), and the method's forward reads nothing either."""
-    args = train.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny"])
-    module, cfg = train.make_config(args)
+    args = methods.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny"])
+    module, cfg = methods.make_config(args)
     runner = train.Runner(args, module, cfg, data.make_task("demo", shots=2))
     optimizer = torch.optim.SGD([p for p in runner.model.parameters() if p.requires_grad], lr=1e-3)
     images = torch.randn(2, 3, 32, 32)

@@ -1,4 +1,4 @@
-"""predict.py and train.load_run on a trained demo run: the run's own predictions, probabilities, unreadable
+"""predict.py and runs.load_run on a trained demo run: the run's own predictions, probabilities, unreadable
 images skipped, clear errors for folders that are not runs."""
 import json
 import shutil
@@ -6,16 +6,19 @@ import shutil
 import pytest
 import torch
 
+import clip_model
 import data
+import methods
 import predict
+import runs
 import train
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
-    results = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--shots", "4",
-                                          "--epochs", "10", "--output", str(folder)]))
+    results = train.run(methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--shots", "4",
+                                            "--epochs", "10", "--output", str(folder)]))
     return folder, results
 
 
@@ -77,8 +80,8 @@ def test_a_run_from_before_the_classes_were_saved(run, tmp_path):
     saved = json.loads((old / "results.json").read_text())
     del saved["classnames"], saved["template"]
     (old / "results.json").write_text(json.dumps(saved))
-    model, _, classnames = train.load_run(old)
-    new_model, _, _ = train.load_run(folder)
+    model, _, classnames = runs.load_run(old)
+    new_model, _, _ = runs.load_run(folder)
     assert classnames == results["classnames"]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -94,7 +97,7 @@ def test_a_run_whose_weights_are_not_here_says_how_to_get_them(run, tmp_path, mo
     saved["backbone"] = saved["config"]["backbone"] = "RN50"
     (rn50 / "results.json").write_text(json.dumps(saved))
     monkeypatch.setenv("HOME", str(tmp_path))  # an empty download cache, and no network:
-    monkeypatch.setitem(train.clip_model.MODELS, "RN50",
-                        train.clip_model.MODELS["RN50"].replace("https://", "file:///nonexistent/"))
+    monkeypatch.setitem(clip_model.MODELS, "RN50",
+                        clip_model.MODELS["RN50"].replace("https://", "file:///nonexistent/"))
     assert predict.main([str(rn50), "x.png"]) == 2
     assert f"without internet, copy RN50.pt into {tmp_path / '.cache' / 'clip'}" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+import methods
 import proda
 import train
 from conftest import NAMES, assert_learns, random_images, train_steps
@@ -74,8 +75,8 @@ def test_evaluation_scores_with_the_mean_of_all_prompts(clip):
 
 
 def test_parameter_count_at_the_default_backbone(tmp_path):
-    r = train.run(train.parse_args(["--method", "proda", "--data", "demo", "--init", "random", "--dry-run",
-                                    "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", "proda", "--data", "demo", "--init", "random", "--dry-run",
+                                      "--output", str(tmp_path)]))
     assert r["backbone"] == "RN50" and r["learned_params"] == 32 * 16 * 512  # K n_ctx D = 262,144
     assert (r["config"]["n_prompts"], r["config"]["prompt_batch"], r["config"]["ortho_weight"]) == (32, 4, 0.1)
 

@@ -13,6 +13,8 @@ import clip_model
 import coop
 import data
 import dualpt
+import features
+import methods
 import proda
 import taskres
 import tip_adapter
@@ -45,7 +47,7 @@ def torchrun(script_args, tmp_path):
 def test_torchrun_two_processes_equal_one(tmp_path):
     base = ["--method", "coop", *DEMO, "--batch-size", "8", "--device", "cpu"]
     args = base + ["--epochs", "3"]
-    train.run(train.parse_args(args + ["--output", str(tmp_path / "one")]))
+    train.run(methods.parse_args(args + ["--output", str(tmp_path / "one")]))
     done = torchrun([str(ROOT / "train.py"), *args, "--output", str(tmp_path / "two")], tmp_path)
     assert done.returncode == 0, done.stderr
     assert_same_run(tmp_path / "one", tmp_path / "two")
@@ -56,7 +58,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert json.loads((tmp_path / "two" / "results.json").read_text())["processes"] == 2
     # --resume under torchrun: stop after epoch 2 of the 3 (as a killed run would), then continue
     ckpt = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
-    train.run(train.parse_args(base + ["--epochs", "2", "--output", str(tmp_path / "part")]))
+    train.run(methods.parse_args(base + ["--epochs", "2", "--output", str(tmp_path / "part")]))
     part = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     part["config"] = part["run"]["config"] = ckpt["config"]  # as if killed after epoch 2 of 3
     torch.save(part, tmp_path / "part" / "checkpoint.pt")
@@ -96,7 +98,7 @@ def test_every_kind_of_method_under_ddp_equals_one_process(tmp_path):
     assert "--batch-size 3 is the global batch; it must split evenly over the 2 processes" in done.stderr
     assert done.stderr.count("--batch-size 3") == 1  # the error is printed once
     for name, run in zip(METHOD_RUNS, runs):
-        train.run(train.parse_args(run[:-1] + [str(tmp_path / "one" / name)]))
+        train.run(methods.parse_args(run[:-1] + [str(tmp_path / "one" / name)]))
         assert_same_run(tmp_path / "one" / name, run[-1])
 
 
@@ -108,7 +110,7 @@ def test_cached_features_give_the_same_logits():
                                    (taskres, "taskres", "tiny-rn"), (clip_adapter, "clip-adapter", "tiny"),
                                    (tip_adapter, "tip-adapter-f", "tiny-rn")]:
         clip, _ = clip_model.load(backbone)
-        cfg = train.make_config(train.parse_args(["--method", name, "--backbone", backbone]))[1]
+        cfg = methods.make_config(methods.parse_args(["--method", name, "--backbone", backbone]))[1]
         model = module.build(clip, ["cat", "dog", "red car"], cfg).eval()
         images = torch.randn(3, 3, clip.visual.input_resolution, clip.visual.input_resolution)
         with torch.no_grad():
@@ -119,17 +121,17 @@ def test_cached_run_equals_the_uncached_one_when_every_epoch_has_its_view(tmp_pa
     """View v is epoch v's augmentation, so with V >= epochs the cache changes nothing but the speed; with
     fewer views the run still learns. A set too large for memory goes to a memory-mapped file, deleted."""
     args = ["--method", "coop", *DEMO, "--epochs", "3"]
-    train.run(train.parse_args(args + ["--output", str(tmp_path / "plain")]))
-    cached = train.run(train.parse_args(args + ["--cache-features", "3", "--output", str(tmp_path / "cached")]))
+    train.run(methods.parse_args(args + ["--output", str(tmp_path / "plain")]))
+    cached = train.run(methods.parse_args(args + ["--cache-features", "3", "--output", str(tmp_path / "cached")]))
     assert "cached image features: 3 views" in capsys.readouterr().out
     assert cached["config"]["cache_features"] == 3
     assert_same_run(tmp_path / "plain", tmp_path / "cached")
-    monkeypatch.setattr(train, "CACHE_IN_MEMORY", 0)  # and V > epochs: only the 3 views the epochs use
-    train.run(train.parse_args(args + ["--cache-features", "5", "--output", str(tmp_path / "mapped")]))
+    monkeypatch.setattr(features, "CACHE_IN_MEMORY", 0)  # and V > epochs: only the 3 views the epochs use
+    train.run(methods.parse_args(args + ["--cache-features", "5", "--output", str(tmp_path / "mapped")]))
     assert_same_run(tmp_path / "plain", tmp_path / "mapped")
     assert sorted(p.name for p in (tmp_path / "mapped").iterdir()) == ["checkpoint.pt", "log.txt", "results.json"]
-    few = train.run(train.parse_args(["--method", "coop", *DEMO, "--shots", "8", "--epochs", "8", "--batch-size",
-                                      "16", "--cache-features", "2", "--output", str(tmp_path / "few")]))
+    few = train.run(methods.parse_args(["--method", "coop", *DEMO, "--shots", "8", "--epochs", "8", "--batch-size",
+                                        "16", "--cache-features", "2", "--output", str(tmp_path / "few")]))
     losses = [h["loss"] for h in few["history"]]
     assert losses[-1] < 0.9 * losses[0]
 
@@ -157,10 +159,10 @@ def test_seeds_sweep_writes_one_complete_folder_per_seed(tmp_path):
 
 def test_compile_equals_eager(tmp_path):
     args = ["--method", "vpt", *DEMO, "--epochs", "1"]
-    runner = train.Runner(train.parse_args(args + ["--compile"]), vpt, *train.make_config(train.parse_args(args))[1:],
-                          data.make_task("demo", shots=2))
+    cfg = methods.make_config(methods.parse_args(args))[1]
+    runner = train.Runner(methods.parse_args(args + ["--compile"]), vpt, cfg, data.make_task("demo", shots=2))
     blocks = [m for m in runner.clip.modules() if isinstance(m, train.COMPILED)]
     assert len(blocks) == 4 and all(b._compiled_call_impl is not None for b in blocks)  # 2 image + 2 text blocks
-    train.run(train.parse_args(args + ["--output", str(tmp_path / "eager")]))
-    train.run(train.parse_args(args + ["--compile", "--output", str(tmp_path / "compiled")]))
+    train.run(methods.parse_args(args + ["--output", str(tmp_path / "eager")]))
+    train.run(methods.parse_args(args + ["--compile", "--output", str(tmp_path / "compiled")]))
     assert_same_run(tmp_path / "eager", tmp_path / "compiled", atol=1e-4)

@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
+import coop
+import methods
 import report
 import train
 
@@ -46,9 +48,9 @@ def test_lr_matches_dassl_epoch_by_epoch(epochs, warmup, base):
 
 
 def test_epochs_by_shots_follow_coop():
-    cfg = train.coop.Config()
-    assert [train.epochs_for(cfg, k, train.coop) for k in (1, 2, 4, 8, 16, 0)] == [50, 100, 100, 200, 200, 200]
-    assert train.epochs_for(train.coop.Config(epochs=7), 1, train.coop) == 7
+    cfg = coop.Config()
+    assert [methods.epochs_for(cfg, k, train.coop) for k in (1, 2, 4, 8, 16, 0)] == [50, 100, 100, 200, 200, 200]
+    assert methods.epochs_for(coop.Config(epochs=7), 1, train.coop) == 7
 
 
 def test_report_averages_seeds(tmp_path, capsys):
@@ -98,5 +100,5 @@ def test_paper_numbers_name_real_methods_once_with_a_source():
         rows = list(csv.DictReader(f))
     keys = [(r["dataset"], r["method"], r["backbone"], r["shots"], r["protocol"], r["metric"]) for r in rows]
     assert len(set(keys)) == len(keys) == len(report.paper_numbers())
-    assert all(r["method"] in train.METHODS and 0 < float(r["value"]) <= 100 and r["source"] for r in rows)
+    assert all(r["method"] in methods.METHODS and 0 < float(r["value"]) <= 100 and r["source"] for r in rows)
     assert {"maple", "taskres"} <= {r["method"] for r in rows}

@@ -7,6 +7,7 @@ import torch
 
 import clip_model
 import coop
+import methods
 import taskres
 import train
 from conftest import NAMES, assert_learns, random_images, train_steps
@@ -98,8 +99,8 @@ def test_training_moves_only_the_residual():
 
 @pytest.mark.parametrize("shots,epochs", [(1, 100), (4, 100), (8, 200), (16, 200)])
 def test_official_schedule_by_shots(tmp_path, shots, epochs):
-    r = train.run(train.parse_args(["--method", "taskres", "--data", "demo", "--shots", str(shots), "--init", "random",
-                                    "--dry-run", "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", "taskres", "--data", "demo", "--shots", str(shots), "--init",
+                                      "random", "--dry-run", "--output", str(tmp_path)]))
     assert r["epochs"] == epochs and r["backbone"] == "RN50" and r["learned_params"] == 8 * 1024
     cfg = r["config"]
     assert (cfg["optimizer"], cfg["lr"], cfg["batch_size"], cfg["alpha"]) == ("adam", 0.002, 256, 0.5)
@@ -108,8 +109,8 @@ def test_official_schedule_by_shots(tmp_path, shots, epochs):
 def test_demo_learns_with_adam(tmp_path):
     """The CLI, the official optimiser: the checkpoint holds Adam's moments; accuracy above chance (12.5 %). (The
     demo's 128 images are half of one official batch: smaller batches and a larger lr give it 80 steps.)"""
-    r = train.run(train.parse_args(["--method", "taskres", "--data", "demo", "--backbone", "tiny", "--epochs", "20",
-                                    "--batch-size", "32", "--lr", "0.05", "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", "taskres", "--data", "demo", "--backbone", "tiny", "--epochs", "20",
+                                      "--batch-size", "32", "--lr", "0.05", "--output", str(tmp_path)]))
     assert r["history"][-1]["loss"] < 0.8 * r["history"][0]["loss"] and r["accuracy"]["test"] > 40
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
     assert {"exp_avg", "exp_avg_sq"} <= state[0].keys()

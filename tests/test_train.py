@@ -17,8 +17,12 @@ import torch
 from PIL import Image
 
 import clip_model
+import coop
 import data
+import methods
+import runs
 import train
+import vpt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,12 +36,12 @@ def results(folder):
     return json.loads((Path(folder) / "results.json").read_text())
 
 
-@pytest.mark.parametrize("method", list(train.METHODS))
+@pytest.mark.parametrize("method", list(methods.METHODS))
 def test_every_method_runs_on_demo(tmp_path, method, monkeypatch, capsys):
     """Every method trains (or is fitted) from the CLI and writes its results; load_run rebuilds it from the folder:
     the same logits as the trained model (recorded as the run evaluated) and the same test accuracy."""
     epochs = {"cocoop": "2"}.get(method, "4")
-    schedule = ["--epochs", epochs, "--batch-size", "8"] if method in train.TRAINED else []  # fitted: no epochs
+    schedule = ["--epochs", epochs, "--batch-size", "8"] if method in methods.TRAINED else []  # fitted: no epochs
     test = data.make_task("demo", shots=4).evals[0].test
     seen, evaluate = {}, train.Runner.evaluate
 
@@ -56,17 +60,17 @@ def test_every_method_runs_on_demo(tmp_path, method, monkeypatch, capsys):
     assert r["method"] == method and r["dataset"] == "demo" and r["frozen_params"] == 7_171_201
     assert 0 <= r["accuracy"]["test"] <= 100
     if r["learned_params"]:  # trained or fitted: finite losses, and every learned tensor moved from its start
-        assert len(r["history"]) == (int(epochs) if method in train.TRAINED else 0)
+        assert len(r["history"]) == (int(epochs) if method in methods.TRAINED else 0)
         assert all(math.isfinite(h["loss"]) for h in r["history"])
-        args = train.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--shots", "4"])
-        module, cfg = train.make_config(args)
-        start = train.learned_state(train.Runner(args, module, cfg, data.make_task("demo", shots=4)).model)
+        args = methods.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--shots", "4"])
+        module, cfg = methods.make_config(args)
+        start = runs.learned_state(train.Runner(args, module, cfg, data.make_task("demo", shots=4)).model)
         learned = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["learned"]
         assert learned.keys() == start.keys() and all(not torch.equal(learned[k], start[k]) for k in start)
     else:
         assert r["history"] == [] and r["epochs"] == 0
     assert "epoch" in (tmp_path / "log.txt").read_text() or not r["learned_params"]
-    model, preprocess, classnames = train.load_run(tmp_path)  # rebuilt from the folder
+    model, preprocess, classnames = runs.load_run(tmp_path)  # rebuilt from the folder
     with torch.no_grad():
         logits = model(torch.stack([preprocess(Image.open(path)) for path, _ in test]))
         first = model(torch.stack([preprocess(Image.open(path)) for path, _ in test[:6]]))
@@ -78,8 +82,8 @@ def test_every_method_runs_on_demo(tmp_path, method, monkeypatch, capsys):
 
 def test_coop_learns_the_demo(tmp_path):
     """The README's demo promise, shortened: accuracy rises well above chance (12.5 %)."""
-    r = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "40",
-                                    "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "40",
+                                      "--output", str(tmp_path)]))
     assert r["history"][-1]["loss"] < 0.8 * r["history"][0]["loss"]
     assert r["accuracy"]["test"] > 40
 
@@ -88,51 +92,51 @@ def test_coop_learns_the_demo(tmp_path):
 def test_resnet_methods_learn_the_demo(tmp_path, method, epochs, floor):
     """On a random ResNet too, accuracy rises well above chance (12.5 %); it stayed at chance while random
     ResNets gave every image the same feature (issue 17)."""
-    r = train.run(train.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny-rn", "--epochs",
-                                    str(epochs), "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny-rn", "--epochs",
+                                      str(epochs), "--output", str(tmp_path)]))
     assert r["history"][-1]["loss"] < 0.9 * r["history"][0]["loss"]
     assert r["accuracy"]["test"] > floor
 
 
 @pytest.mark.parametrize("method", ["coop", "mudpt", "ivlp", "maple"])
 def test_base_to_new_reports_harmonic_mean(tmp_path, method):
-    r = train.run(train.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", "2",
-                                    "--protocol", "base2new", "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", "2",
+                                      "--protocol", "base2new", "--output", str(tmp_path)]))
     base, new = r["accuracy"]["base"], r["accuracy"]["new"]
     assert r["accuracy"]["hm"] == pytest.approx(2 * base * new / (base + new))
 
 
 def test_resume_gives_the_same_run(tmp_path):
     args = ["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "3"]
-    whole = train.run(train.parse_args(args + ["--output", str(tmp_path / "whole")]))
-    train.run(train.parse_args(args[:-1] + ["1", "--output", str(tmp_path / "part")]))  # stopped after epoch 1...
+    whole = train.run(methods.parse_args(args + ["--output", str(tmp_path / "whole")]))
+    train.run(methods.parse_args(args[:-1] + ["1", "--output", str(tmp_path / "part")]))  # stopped after epoch 1...
     ckpt = train.torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     ckpt["config"]["epochs"] = 3  # ...of a 3-epoch run: make its checkpoint say so, as a killed run's would
     train.torch.save(ckpt, tmp_path / "part" / "checkpoint.pt")
-    resumed = train.run(train.parse_args(args + ["--output", str(tmp_path / "part"), "--resume"]))
+    resumed = train.run(methods.parse_args(args + ["--output", str(tmp_path / "part"), "--resume"]))
     assert resumed["accuracy"] == whole["accuracy"]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
 
 
 def test_eval_only_reproduces_accuracy(tmp_path):
-    trained = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "3",
-                                          "--output", str(tmp_path / "a")]))
-    again = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--eval-only", "--checkpoint",
-                                        str(tmp_path / "a" / "checkpoint.pt"), "--output", str(tmp_path / "b")]))
+    trained = train.run(methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "3",
+                                            "--output", str(tmp_path / "a")]))
+    again = train.run(methods.parse_args(["--method", "coop", "--data", "demo", "--eval-only", "--checkpoint",
+                                          str(tmp_path / "a" / "checkpoint.pt"), "--output", str(tmp_path / "b")]))
     assert again["accuracy"] == trained["accuracy"] and again["backbone"] == "tiny"
 
 
 def test_dry_run_counts_parameters(tmp_path):
-    r = train.run(train.parse_args(["--method", "cocoop", "--data", "demo", "--backbone", "ViT-B/16", "--init",
-                                    "random", "--dry-run", "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", "cocoop", "--data", "demo", "--backbone", "ViT-B/16", "--init",
+                                      "random", "--dry-run", "--output", str(tmp_path)]))
     assert r["learned_params"] == 35_360 and r["frozen_params"] == 149_620_737
     assert "accuracy" not in r and results(tmp_path)["learned_params"] == 35_360
 
 
 def test_set_overrides_config_fields(tmp_path):
-    r = train.run(train.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--dry-run",
-                                    "--set", "n_ctx=4", "csc=true", "class_token_position=front", "--output",
-                                    str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--dry-run",
+                                      "--set", "n_ctx=4", "csc=true", "class_token_position=front", "--output",
+                                      str(tmp_path)]))
     assert r["learned_params"] == 8 * 4 * 128 and r["config"]["csc"] is True
     assert r["config"]["template"] == "a photo of a {}."  # set from the dataset
 
@@ -168,7 +172,7 @@ def test_list_and_help_config(capsys):
     assert train.main(["--list"]) == 0
     listed = capsys.readouterr().out
     lines = {line.split()[0]: line for line in listed.splitlines()[1:-1]}
-    assert list(lines) == list(train.METHODS)  # one line per variant, each its own
+    assert list(lines) == list(methods.METHODS)  # one line per variant, each its own
     assert len({line.split(None, 4)[4] for line in lines.values()}) == len(lines)
     assert lines["maple"].split()[1:4] == ["maple.py", "ViT-B/16", "3,555,072"]  # the official count
     assert lines["plot"].split()[1:4] == ["dualpt.py", "RN50", "32,768"] and "PLOT" in lines["plot"]
@@ -228,7 +232,7 @@ def readme_block(name):
 
 
 def module_config_lr(name):
-    return next(m for m, _ in train.METHODS.values() if m.__name__ == name).Config().lr
+    return next(m for m, _ in methods.METHODS.values() if m.__name__ == name).Config().lr
 
 
 def copy_and_run(tmp_path, module, block, original):
@@ -242,10 +246,10 @@ def copy_and_run(tmp_path, module, block, original):
     return done
 
 
-FITTED_FILES = {m.__name__ for name, (m, _) in train.METHODS.items() if name not in train.TRAINED}
+FITTED_FILES = {m.__name__ for name, (m, _) in methods.METHODS.items() if name not in methods.TRAINED}
 
 
-@pytest.mark.parametrize("module", sorted({m.__name__ for m, _ in train.METHODS.values()} - FITTED_FILES))
+@pytest.mark.parametrize("module", sorted({m.__name__ for m, _ in methods.METHODS.values()} - FITTED_FILES))
 def test_a_copied_method_file_trains_alone(tmp_path, module):
     loop = readme_block("copy-loop") + ('print("optimizer", type(optimizer).__name__)\n'
                                         'print("lrs", sorted({g["lr"] for g in optimizer.param_groups}))\n')
@@ -269,11 +273,11 @@ def test_a_copied_fitted_method_file_fits_alone(tmp_path, module):
     assert predictions == "tensor([0, 1, 2, 0, 1, 2]) tensor([0, 1, 2, 0, 1, 2])"  # the stand-in task is learned
 
 
-@pytest.mark.parametrize("method", [m for m in train.METHODS if m != "zeroshot"])  # zeroshot learns nothing
+@pytest.mark.parametrize("method", [m for m in methods.METHODS if m != "zeroshot"])  # zeroshot learns nothing
 def test_eval_mode_never_returns_stale_logits(method):
     """A model in eval mode caches its text features; load_state_dict (or any in-place change) must invalidate
     them: the logits then equal a freshly built model's with those parameters (issue 17: they were stale)."""
-    module, changes = train.METHODS[method]
+    module, changes = methods.METHODS[method]
     clip = clip_model.load("tiny")[0]
     cfg = dataclasses.replace(module.Config(), **changes)
     names = ["red circle", "blue square", "green ring"]
@@ -283,7 +287,7 @@ def test_eval_mode_never_returns_stale_logits(method):
     torch.manual_seed(1)
     other = module.build(clip, names, cfg)
     with torch.no_grad():  # other values in everything a run learns or fits (some start at zero: bias tuning,
-        for t in train.learned_tensors(other).values():  # meta-nets, Tip-Adapter's cache)
+        for t in runs.learned_tensors(other).values():  # meta-nets, Tip-Adapter's cache)
             t.add_(0.1 * torch.randn_like(t))
         before = model(x)
         assert torch.equal(model(x), before)
@@ -304,7 +308,7 @@ def test_eval_mode_never_returns_stale_logits(method):
 def test_ctx_init_underscores_are_spaces(method, field):
     """The official code turns "_" into spaces (CoCoOp's configs write a_photo_of_a): the same 4 tokens and
     learned parameters as "a photo of a" (issue 17: 7 tokens, or MuDPT's random start)."""
-    module, changes = train.METHODS[method]
+    module, changes = methods.METHODS[method]
     clip = clip_model.load("tiny")[0]
     learned = []
     for phrase in ("a photo of a", "a_photo_of_a", ""):
@@ -341,8 +345,8 @@ def test_numbers_a_method_cannot_use_are_refused_first(tmp_path, capsys, method,
 
 def test_epochs_zero_evaluates_the_method_as_initialised(tmp_path):
     """--epochs 0 trains nothing (it was quietly read as 'the method's schedule': 200 epochs for vpt)."""
-    r = train.run(train.parse_args(["--method", "vpt", "--data", "demo", "--backbone", "tiny", "--epochs", "0",
-                                    "--shots", "2", "--output", str(tmp_path)]))
+    r = train.run(methods.parse_args(["--method", "vpt", "--data", "demo", "--backbone", "tiny", "--epochs", "0",
+                                      "--shots", "2", "--output", str(tmp_path)]))
     assert r["epochs"] == 0 and r["history"] == [] and 0 <= r["accuracy"]["test"] <= 100
     assert not (tmp_path / "checkpoint.pt").exists()
 
@@ -351,14 +355,14 @@ def test_learned_state_that_does_not_fit_is_refused_by_name(tmp_path):
     """restore(): class-specific context trained on 4 classes does not load into a model for 3; nor a checkpoint of
     another method; the message says where the state came from and what it was asked to fit."""
     clip = clip_model.load("tiny")[0]
-    cfg = dataclasses.replace(train.coop.Config(), n_ctx=4, csc=True)
-    four = train.coop.build(clip, ["a", "b", "c", "d"], cfg)
-    three = train.coop.build(clip, ["a", "b", "c"], cfg)
-    with pytest.raises(train.UserError, match=r"the parameters from x\.pt do not fit coop on tiny with 3 classes"):
-        train.restore(three, train.learned_state(four), "x.pt", "coop", "tiny", 3)
-    vpt_model = train.vpt.build(clip, ["a", "b", "c"], train.vpt.Config())
-    with pytest.raises(train.UserError, match=r"do not fit vpt on tiny with 3 classes .*prompt_learner\.ctx"):
-        train.restore(vpt_model, train.learned_state(three), "y.pt", "vpt", "tiny", 3)
-    fresh = train.coop.build(clip, ["a", "b", "c", "d"], cfg)
-    train.restore(fresh, train.learned_state(four), "z.pt", "coop", "tiny", 4)  # the same shapes: loaded
+    cfg = dataclasses.replace(coop.Config(), n_ctx=4, csc=True)
+    four = coop.build(clip, ["a", "b", "c", "d"], cfg)
+    three = coop.build(clip, ["a", "b", "c"], cfg)
+    with pytest.raises(methods.UserError, match=r"the parameters from x\.pt do not fit coop on tiny with 3 classes"):
+        runs.restore(three, runs.learned_state(four), "x.pt", "coop", "tiny", 3)
+    vpt_model = vpt.build(clip, ["a", "b", "c"], vpt.Config())
+    with pytest.raises(methods.UserError, match=r"do not fit vpt on tiny with 3 classes .*prompt_learner\.ctx"):
+        runs.restore(vpt_model, runs.learned_state(three), "y.pt", "vpt", "tiny", 3)
+    fresh = coop.build(clip, ["a", "b", "c", "d"], cfg)
+    runs.restore(fresh, runs.learned_state(four), "z.pt", "coop", "tiny", 4)  # the same shapes: loaded
     assert torch.equal(fresh.prompt_learner.ctx, four.prompt_learner.ctx)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
-import train
+import methods
 import vpt
 from conftest import NAMES, assert_learns, random_images, train_steps
 
@@ -128,6 +128,6 @@ def test_readme_gives_the_official_scripts_settings():
         in readme
     for method, settings in [("cavpt", ["guidance_epochs=30", "aux_weight=0.3"]),
                              ("vpt-cavpt", ["guidance_epochs=30", "aux_weight=0.3"]), ("vlp", ["guidance_epochs=30"])]:
-        args = train.parse_args(["--method", method, "--data", "demo", "--epochs", "60", "--set", *settings])
-        _, cfg = train.make_config(args)
+        args = methods.parse_args(["--method", method, "--data", "demo", "--epochs", "60", "--set", *settings])
+        _, cfg = methods.make_config(args)
         assert (cfg.epochs, cfg.guidance_epochs, getattr(cfg, "aux_weight", 0.3)) == (60, 30, 0.3)

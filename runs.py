@@ -1,0 +1,275 @@
+"""A run's folder and what it keeps: results.json, checkpoint.pt, log.txt, written atomically, and read back.
+
+train.py writes a run through these functions; predict.py and analyze.py read one back with `load_run` (the model
+rebuilt as it was trained) without importing the training loop. A folder holding results.json or checkpoint.pt holds
+a run: claim_folder refuses to write into it unless the run continues it (--resume) or replaces it (--overwrite), and
+locks it while a run writes. check_resume refuses a checkpoint of another task or config.
+"""
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import clip_model
+import data
+from methods import METHODS, UserError, for_data
+
+RUN_FILES = ("results.json", "checkpoint.pt")  # a folder holding either holds a run
+
+def all_sum(values, device):
+    """Numbers or device tensors summed over the processes of a torchrun job (in a single process, the values
+    themselves), read on the host: one synchronisation for all of them."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+def save_atomic(write, path):
+    """write(tmp) then rename: a crash leaves the previous file, never half a new one. Only torchrun's rank 0 writes."""
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save's is a RuntimeError), a read-only folder
+        reason = getattr(e, "strerror", None) or "the write failed: is the disk full?"
+        raise UserError(f"cannot write {path} ({reason}): free space or fix the folder; the previous "
+                        f"{Path(path).name}, if there was one, is intact") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def write_json(obj, path):
+    save_atomic(lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)), path)
+
+def load_checkpoint(path, method=None):
+    """A checkpoint of this project (of `method`, when given), read without running code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a downloaded file cannot run code
+        assert isinstance(ckpt, dict) and {"method", "learned", "config", "epoch"} <= ckpt.keys()
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}: train first (without --resume), or pass the right path") from None
+    except Exception:
+        raise UserError(f"{path} is not a readable checkpoint of this project (truncated or another file): "
+                        "delete it and train again") from None
+    if method and ckpt["method"] != method:
+        raise UserError(f"{path} holds a {ckpt['method']} run, not {method}: pass --method {ckpt['method']}")
+    return ckpt
+
+def learned_tensors(model):
+    """What a run learned, by name: the parameters it trains, and the persistent buffers of the method a fit() set
+    (a method keeps what it computes at build non-persistent; CLIP's own buffers, under `clip.`, are CLIP's)."""
+    tensors = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    persistent = model.state_dict().keys()
+    tensors.update({k: v for k, v in model.named_buffers() if k in persistent and not k.startswith("clip.")})
+    return tensors
+
+def learned_state(model):
+    """A copy of learned_tensors(model): what a checkpoint holds."""
+    return {k: v.detach().clone() for k, v in learned_tensors(model).items()}
+
+def restore(model, learned, where, method, backbone, classes):
+    """Copy a checkpoint's learned state into `model` (onto its device): `method` built on `backbone` for `classes`
+    classes; a UserError naming `where` the state came from, when they do not fit."""
+    try:
+        missing, unexpected = model.load_state_dict(learned, strict=False)
+    except RuntimeError:  # shapes differ: class-specific parameters, or another backbone
+        missing = unexpected = ["(shapes differ)"]
+    missing = [k for k in missing if k in learned_tensors(model)]  # frozen weights are not in a checkpoint
+    if missing or unexpected:
+        raise UserError(f"the parameters from {where} do not fit {method} on {backbone} with {classes} classes "
+                        f"(class-specific context on other classes, or another backbone or config): "
+                        f"{(missing + unexpected)[:3]}")
+
+def read_run(run_dir):
+    """A run folder's results.json -> (results, method module, the Config its model was built with, classnames):
+    the classes the run trained on (base-to-new: the base half)."""
+    run = Path(run_dir)
+    if run.is_file():
+        raise UserError(f"{run} is a file: pass the folder of a run of train.py (its --output)")
+    try:
+        results = json.loads((run / "results.json").read_text())
+        method = results["method"]
+        module = METHODS[method][0]
+        known = {f.name for f in dataclasses.fields(module.Config)}  # the saved config also holds run options
+        cfg = module.Config(**{k: v for k, v in results["config"].items() if k in known})
+        if missing := [key for key in ("dataset", "seed", "init") if key not in results]:  # load_run reads them
+            raise KeyError(missing[0])
+        classnames, template = results.get("classnames"), results.get("template")
+        if classnames is None:  # a run from before results.json kept its classes: read them from its dataset
+            task = data.make_task(results["data"], results["protocol"], 0, results["seed"])
+            classnames, template = task.classnames, task.template
+    except FileNotFoundError:
+        raise UserError(f"no results.json in {run}: pass the folder of a run of train.py (its --output)") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if isinstance(e, data.DataError):
+            raise
+        raise UserError(f"{run / 'results.json'} is not the results of a run of this project "
+                        f"({type(e).__name__}: {e})") from None
+    return results, module, for_data(cfg, template, results["dataset"]), classnames
+
+def load_run(run_dir, device="cpu"):
+    """A run of train.py, rebuilt -> (model in eval mode, preprocess, classnames): method, backbone, config and
+    classes from its results.json (read_run), what it learned or fitted from its checkpoint.pt, CLIP's weights
+    from the download cache (OpenAI's; an --init random run's are made again from its seed)."""
+    run = Path(run_dir)
+    results, module, cfg, classnames = read_run(run)
+    method = results["method"]
+    clip, preprocess = clip_model.load(cfg.backbone, device=device, pretrained=results["init"] == "pretrained",
+                                       seed=results["seed"])
+    torch.manual_seed(results["seed"])
+    model = module.build(clip, classnames, cfg).to(device)
+    if learned_tensors(model):  # learned or fitted: its checkpoint
+        path = run / "checkpoint.pt"
+        ckpt = load_checkpoint(path)
+        if (ckpt["method"], ckpt.get("backbone", cfg.backbone)) != (method, cfg.backbone):
+            raise UserError(f"{path} holds a {ckpt['method']} run on {ckpt.get('backbone')}, and results.json one "
+                            f"of {method} on {cfg.backbone}: the folder mixes two runs; train it again")
+        if bad := [k for k, v in ckpt["learned"].items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+            raise UserError(f"{path} holds nan or inf values ({bad[0]}): the run diverged; train it again with a "
+                            "lower --lr")
+        restore(model, ckpt["learned"], path, method, cfg.backbone, len(classnames))
+    return model.eval(), preprocess, classnames
+
+def default_output(args, cfg):
+    """runs/<data>/<method>/<backbone>/shots<K>[-<protocol>][,<changes>]/seed<S>, the changes being what sets this
+    run apart from the method's defaults: its Config fields that differ (--epochs, --lr, --batch-size, --set; a file
+    by its name), --init random and an explicit --precision. Runs with other settings get other folders."""
+    module, variant = METHODS[args.method]
+    defaults = dataclasses.replace(module.Config(), **variant)
+    changes = []
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.name not in ("backbone", "shots") and value != getattr(defaults, field.name):
+            changes.append(f"{field.name}={Path(value).name if isinstance(value, str) else value}")
+    changes += ["init=random"] * (args.init == "random") + [f"precision={args.precision}"] * (args.precision != "auto")
+    protocol = "" if args.protocol == "fewshot" else f"-{args.protocol}"
+    folder = f"shots{args.shots}{protocol}" + "".join(f",{c}" for c in changes)
+    return Path("runs", Path(args.data).name, args.method, cfg.backbone.replace("/", "-"), folder, f"seed{args.seed}")
+
+def output_folder(args, cfg):
+    """Where a run writes: --output, else default_output; an evaluation (--eval-only) writes its own file beside its
+    checkpoint unless --output says elsewhere."""
+    if args.eval_only:
+        return Path(args.output or Path(args.checkpoint).parent)
+    return Path(args.output or default_output(args, cfg))
+
+@contextlib.contextmanager
+def claim_folder(out, args, device):
+    """The run folder, created and, for training, locked while the run writes (a lock the system drops when the
+    process ends, even by kill -9): a UserError when the folder holds a run that this one would replace without
+    --resume or --overwrite, or when another run holds the lock. Under torchrun process 0 takes the lock and every
+    process learns whether it could, so that all stop together. An evaluation writes its own file: no lock."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        raise UserError(f"cannot make the run folder {out} ({e.strerror}): pass another --output") from None
+    try:
+        if not args.eval_only:
+            lock_run(out, lock, args, device)
+        yield out
+    finally:
+        os.close(lock)
+
+def lock_run(out, lock, args, device):
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    held = [name for name in RUN_FILES if (out / name).exists()]  # before any process writes: the same for all
+    busy = False
+    if first and not (held and not args.resume and not args.overwrite):
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy = True
+        except OSError:  # a file system without locks on folders (some NFS mounts): no guard, but the run goes on
+            pass
+    if dist.is_initialized():
+        busy = all_sum([busy], device)[0] > 0
+    if held and not args.resume and not args.overwrite:
+        raise UserError(f"{out} already holds a run ({' and '.join(held)}): pass --resume to continue it, "
+                        "--overwrite to replace it, or another --output")
+    if busy:
+        raise UserError(f"another run is writing to {out} now: wait for it to end, or pass another --output")
+    if args.overwrite and first:
+        for name in (*RUN_FILES, "log.txt"):
+            (out / name).unlink(missing_ok=True)
+
+def checkpoint_config(args, cfg, ckpt):
+    """--eval-only: the Config the checkpoint was trained with (its model is rebuilt as it was); a UserError when
+    --backbone or --set ask for another value, which could not apply."""
+    known = dataclasses.asdict(cfg).keys() - {"template", "dataset"}  # the saved config also holds run options
+    saved = {k: v for k, v in ckpt["config"].items() if k in known}
+    flagged = [item.partition("=")[0] for item in args.set] + (["backbone"] if args.backbone else [])
+    if clash := [k for k in flagged if k in saved and saved[k] != getattr(cfg, k)]:
+        raise UserError(f"--eval-only rebuilds the model {args.checkpoint} was trained as, with "
+                        f"{', '.join(f'{k}={saved[k]}' for k in clash)}; the flags ask for "
+                        f"{', '.join(f'{k}={getattr(cfg, k)}' for k in clash)}: drop them")
+    return dataclasses.replace(cfg, **saved)
+
+def check_resume(ckpt, identity, path):
+    """A UserError unless the checkpoint at `path` continues this run's task: the same precision, and the same
+    `identity` (data, protocol, shots, seed, backbone, init, precision, config), each difference named."""
+    if ckpt.get("precision", identity["precision"]) != identity["precision"]:
+        raise UserError(f"{path} was trained in {ckpt['precision']}, this run would use {identity['precision']}: "
+                        f"pass --precision {ckpt['precision']} to resume it exactly")
+    saved = ckpt.get("run", dict(config=ckpt["config"]))  # a checkpoint from before it kept the task
+    differences = []
+    for key in [key for key in saved if saved[key] != identity[key]]:
+        if key == "config":  # the fields that differ
+            fields = sorted(k for k in saved[key].keys() | identity[key].keys()
+                            if saved[key].get(k) != identity[key].get(k))
+            differences += [f"config {k}: {saved[key].get(k)}, this run {identity[key].get(k)}" for k in fields]
+        else:
+            differences.append(f"{key}: {saved[key]}, this run {identity[key]}")
+    if differences:
+        raise UserError(f"{path} was trained on another task or config ({'; '.join(differences)}): resume with the "
+                        "flags it was trained with, or pass another --output")
+
+def start_results(runner, epochs):
+    """results.json before training: the run's task, model and config, with what load_run() rebuilds it for."""
+    args, cfg, task, model = runner.args, runner.cfg, runner.task, runner.model
+    return dict(method=args.method, dataset=task.dataset, data=args.data, protocol=args.protocol, shots=args.shots,
+                seed=args.seed, backbone=cfg.backbone, init=args.init, epochs=epochs,
+                learned_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                frozen_params=sum(p.numel() for p in model.parameters() if not p.requires_grad),
+                precision=runner.precision, processes=runner.world,
+                config=runner.identity()["config"], classnames=task.classnames, template=task.template)
+
+def headline(runner, results):
+    """The log's first line: what trains on what, where, and for how long."""
+    args = runner.args
+    where = f"{args.device} x{runner.world} (torchrun)" if runner.world > 1 else args.device
+    epochs = results["epochs"]
+    cached = f", cached image features: {args.cache_features} views" if args.cache_features and epochs else ""
+    fits = hasattr(runner.model, "fit") and not args.eval_only
+    schedule = "fitted, no SGD epochs" if fits and not epochs else f"{'fitted, then ' if fits else ''}{epochs} epochs"
+    return (f"{args.method} on {results['dataset']} ({args.protocol}, {args.shots} shots, seed {args.seed}): "
+            f"{results['backbone']}{' random init' if args.init == 'random' else ''}, {where}, {runner.precision}, "
+            f"{results['learned_params']:,} learned / {results['frozen_params']:,} frozen parameters, "
+            f"{len(runner.task.train)} train images, {schedule}{cached}")
+
+class Log:
+    """log(line): printed, and appended to the run's log.txt; one process speaks and writes for a torchrun job."""
+
+    def __init__(self, out, rank):
+        self.path, self.rank = Path(out) / "log.txt", rank
+
+    def __call__(self, line):
+        if self.rank == 0:
+            print(line, flush=True)
+            with open(self.path, "a") as f:
+                print(line, file=f)
+
+def progress(total, what, rank=0):
+    """A bar of the images this process handles (count, img/s, ETA) on a terminal, for process 0; elsewhere (a pipe,
+    a log file, pytest, torchrun's other processes) a bar that draws nothing, and the log lines are all there is."""
+    return tqdm(total=total, desc=what, unit="img", leave=False, dynamic_ncols=True,
+                disable=rank != 0 or not sys.stderr.isatty())

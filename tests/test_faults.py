@@ -1,4 +1,4 @@
-"""Faults and bad input: every row of the README's "When something goes wrong" table, kill -9 and resume,
+"""Faults and bad input: every row of docs/troubleshooting.md's "When something goes wrong" table, kill -9 and resume,
 crashes while saving, refused checkpoints, determinism, and the tokenizer on random unicode."""
 import fcntl
 import hashlib
@@ -29,10 +29,9 @@ BAD_NUMBERS = {"negative `--shots`": ["--shots", "-3"], "`--epochs` below 0": ["
                "negative `--workers`": ["--workers", "-1"], "negative `--cache-features`": ["--cache-features", "-2"]}
 
 
-def readme_rows():
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## When something goes wrong"):]
-    section = section[:section.index("\n## ", 5)]
+def fault_table_rows():
+    text = (ROOT / "docs" / "troubleshooting.md").read_text()
+    section = text[text.index("# When something goes wrong"):]
     return [(m.group(1), m.group(2)) for m in re.finditer(r"^\| (.+?) \| `(.+?)` \|", section, re.M)]
 
 
@@ -51,7 +50,7 @@ def served_file(tmp_path, content, sha):
 
 
 def scenario(name, tmp_path, monkeypatch):
-    """The argv that causes the README row `name` (after preparing files under tmp_path)."""
+    """The argv that causes the fault table's row `name` (after preparing files under tmp_path)."""
     out = ["--output", str(tmp_path / "out")]
     demo = ["--method", "coop", "--data", "demo", *TINY, *out]
     if name == "unknown method":
@@ -198,10 +197,10 @@ def scenario(name, tmp_path, monkeypatch):
     if name == "`--eval-only` with a `--backbone` or `--set` the checkpoint was not trained with":
         return ["--method", "coop", "--data", "demo", "--eval-only", "--checkpoint",
                 str(trained(tmp_path) / "checkpoint.pt"), "--set", "n_ctx=4", *out]
-    raise KeyError(f"README row {name!r} has no scenario in tests/test_faults.py")
+    raise KeyError(f"docs/troubleshooting.md row {name!r} has no scenario in tests/test_faults.py")
 
 
-ROWS = readme_rows()
+ROWS = fault_table_rows()
 NOTHING_WRITTEN = {"`--resume` and `--overwrite` together", "`--device cuda` without a GPU",
                    "`--seed` outside 0 .. 2^32 - 1", "a class folder without images",
                    "a class without training images in the split", "an empty test split", "base-to-new on one class",
@@ -210,12 +209,12 @@ NOTHING_WRITTEN = {"`--resume` and `--overwrite` together", "`--device cuda` wit
                    "`--eval-only` with a `--backbone` or `--set` the checkpoint was not trained with"}
 
 
-def test_the_readme_table_is_complete():
+def test_the_fault_table_is_complete():
     assert len(ROWS) >= 20
 
 
 @pytest.mark.parametrize("name,message", ROWS, ids=[r[0] for r in ROWS])
-def test_readme_row(tmp_path, monkeypatch, capsys, name, message):
+def test_fault_row(tmp_path, monkeypatch, capsys, name, message):
     argv = scenario(name, tmp_path, monkeypatch)
     capsys.readouterr()
     assert train.main(argv) == 2
@@ -227,7 +226,7 @@ def test_readme_row(tmp_path, monkeypatch, capsys, name, message):
 
 
 @pytest.mark.parametrize("name", ["unknown backbone", "corrupt image"])
-def test_readme_row_as_a_process(tmp_path, monkeypatch, name):
+def test_fault_row_as_a_process(tmp_path, monkeypatch, name):
     argv = scenario(name, tmp_path, monkeypatch)
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)

@@ -121,11 +121,12 @@ def test_training_moves_only_prompts(clip, variant):
     assert all(p.grad is None for p in clip.parameters())
 
 
-def test_readme_gives_the_official_scripts_settings():
-    """README's CAVPT block: the --set that switches to train_single.sh's values works for each method named."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_the_reproduction_commands_give_the_official_scripts_settings():
+    """docs/reproducing.md's CAVPT block: the --set that switches to train_single.sh's values works for each method
+    named."""
+    commands = (Path(__file__).resolve().parent.parent / "docs" / "reproducing.md").read_text()
     assert "--epochs 60 and --set guidance_epochs=30 aux_weight=0.3 (cavpt, vpt-cavpt) or guidance_epochs=30 (vlp)" \
-        in readme
+        in commands
     for method, settings in [("cavpt", ["guidance_epochs=30", "aux_weight=0.3"]),
                              ("vpt-cavpt", ["guidance_epochs=30", "aux_weight=0.3"]), ("vlp", ["guidance_epochs=30"])]:
         args = methods.parse_args(["--method", method, "--data", "demo", "--epochs", "60", "--set", *settings])

@@ -2,7 +2,7 @@
 
 `--data ./data/dtd` reads a folder as KaiyangZhou/CoOp does (its split files, labels and few-shot sampling),
 so results compare with the CoOp family of papers; a folder of `<class name>/<image>` works too, and `demo`
-is generated. Nothing is ever written into a dataset folder. Layouts: README.md, section "Datasets"."""
+is generated. Nothing is ever written into a dataset folder. Layouts: docs/datasets.md."""
 import json
 import math
 import os
@@ -18,7 +18,7 @@ from torchvision import transforms as T
 
 import clip_model
 
-HELP = "see the Datasets section of README.md"
+HELP = "see docs/datasets.md"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 PROTOCOLS = ("fewshot", "base2new", "cross", "dg")
 TEMPLATES = {  # CoOp's hand-crafted prompts (trainers/zsclip.py CUSTOM_TEMPLATES), per dataset

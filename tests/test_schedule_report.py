@@ -49,8 +49,8 @@ def test_lr_matches_dassl_epoch_by_epoch(epochs, warmup, base):
 
 def test_epochs_by_shots_follow_coop():
     cfg = coop.Config()
-    assert [methods.epochs_for(cfg, k, train.coop) for k in (1, 2, 4, 8, 16, 0)] == [50, 100, 100, 200, 200, 200]
-    assert methods.epochs_for(coop.Config(epochs=7), 1, train.coop) == 7
+    assert [methods.epochs_for(cfg, k, coop) for k in (1, 2, 4, 8, 16, 0)] == [50, 100, 100, 200, 200, 200]
+    assert methods.epochs_for(coop.Config(epochs=7), 1, coop) == 7
 
 
 def test_report_averages_seeds(tmp_path, capsys):

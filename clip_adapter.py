@@ -11,6 +11,7 @@ keeps most of CLIP's zero-shot knowledge; the adapter learns what the few shots 
 - Learned: `adapter` (E -> E/4 -> E, no biases): 2 E^2 / 4 = 524,288 on RN50.
 - Injected where: on the image tower's output, before the normalisation.
 - Frozen: all of CLIP; the text features (encoded once, at build).
+- Loss: cross-entropy over the C classes (the paper's, and the official code's only term).
 - Deviations:
   - The adapter's width follows the backbone (the official code fixes 1024, RN50's).
   - The schedule: the official repository has no configs and says to run CoOp's; these are CoOp's RN50 settings.
@@ -60,6 +61,10 @@ class CLIPAdapter(nn.Module):
         f = self.frozen_features(images) if features is None else features
         x = self.cfg.ratio * self.adapter(f) + (1 - self.cfg.ratio) * f  # (B, E)
         return self.clip.logit_scale.exp() * F.normalize(x, dim=-1) @ self.text.t()
+
+    def loss(self, logits, labels, epoch):
+        """CLIP-Adapter's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     def train(self, mode=True):
         super().train(mode)

@@ -13,6 +13,7 @@ transfers better to classes unseen in training.
 - Learned: `ctx` (n_ctx, D), or (C, n_ctx, D) with csc; CoCoOp adds `meta_net` E -> E/16 -> D.
 - Injected where: the prompt's token embeddings, rows 1..n_ctx (next to the class name's rows).
 - Frozen: all of CLIP.
+- Loss: cross-entropy over the C classes (both papers); zero-shot CLIP learns nothing and is not trained.
 - Deviations from the official code (github.com/KaiyangZhou/CoOp):
   - CoCoOp encodes all images x classes in one batched pass (the official code loops over the images).
   - An init phrase sets n_ctx to its token count (the official code counts words: the same for "a photo of a").
@@ -199,6 +200,10 @@ class CoOp(nn.Module):
             text = self.encode_prompts(self.prompt_learner(shift))  # (b, C, E)
             logits.append(scale * torch.einsum("be,bce->bc", chunk, text))
         return torch.cat(logits)  # (B, C)
+
+    def loss(self, logits, labels, epoch):
+        """CoOp's and CoCoOp's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     def train(self, mode=True):
         super().train(mode)

@@ -16,6 +16,7 @@ on ImageNet a second logit, the global image feature against the mean of the M p
 - Learned: `ctx` (M, n_ctx, D), M = 4 unified contexts; CoDUAL-PT adds `meta_net` E -> E/16 -> D.
 - Injected where: rows 1..n_ctx of "[SOT] X ... X {class}. [EOT]", one prompt per class and context.
 - Frozen: all of CLIP; the plan (no gradient); the descriptions' text features (encoded once, at build).
+- Loss: Eq. 9, beta L_LLM + (1 - beta) cross-entropy over the C classes; PLOT (beta 0) the cross-entropy alone.
 - Deviations (ours where the paper is silent, PLOT's where it is about transport; details on their lines):
   - Marginals p = 1/N over regions, q = 1/M over prompts (the paper's text swaps them).
   - Sinkhorn stops on the plan's row sums (PLOT: on the change of a; `sinkhorn_stop=plot`, the plot variant's).

@@ -11,6 +11,8 @@ interval (in log10) around the best, keeping the last step's winner.
 - Learned: `weight` (C, E) and `bias` (C,), one row per class.
 - Injected where: on the image tower's output, not normalised (as the official features).
 - Frozen: all of CLIP; the text tower is unused.
+- Loss (minimised by L-BFGS in fit(); never trained by SGD, so no `loss()`): the mean cross-entropy over the C
+  classes plus the L2 penalty above.
 - Deviations:
   - Solved in torch (L-BFGS with a strong Wolfe line search, float64), not scikit-learn's scipy L-BFGS-B: the same
     objective, start (zeros), history (10) and limits (1,000 iterations, gradient 1e-4), so the same classifier up

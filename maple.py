@@ -15,6 +15,7 @@ text (the image prompts, F_0 of them, are new tokens from the start).
   image prompts appended after the patches (block 0: through ln_pre, no positions), replaced before blocks
   1..depth-1.
 - Frozen: all of CLIP.
+- Loss: cross-entropy over the C classes (the paper's, and the official code's only term).
 - Deviations:
   - Learned parameters stay fp32 under autocast (the official fp16 run keeps ctx and F_0 in fp16).
   - A ctx_init phrase with fewer tokens than n_ctx is refused (the official code starts the extra rows at the
@@ -119,6 +120,10 @@ class MaPLe(nn.Module):
                 self.cached = key, F.normalize(self.encode_text(text_prompts), dim=-1)
             text = self.cached[1]
         return self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
+
+    def loss(self, logits, labels, epoch):
+        """MaPLe's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     def train(self, mode=True):
         super().train(mode)

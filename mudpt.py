@@ -13,6 +13,7 @@ two sets are learned as one system. With the Injection Model off this is IVLP, t
 - Injected where: text rows 1..n before blocks 0..depth-1; image prompts appended after the patches before
   block 0, replacing the previous block's prompt outputs before blocks 1..depth-1.
 - Frozen: all of CLIP.
+- Loss: cross-entropy over the C classes (the paper's, and the official code's only term).
 - Deviations (the paper leaves the Injection Model open; the official code, which made its numbers, decides):
   - `injection="shared"` is the official code's; `per_layer` is ours, another reading of the paper.
   - The image -> text maps end in the text width D (official: E; equal in every OpenAI ViT).
@@ -142,6 +143,10 @@ class MuDPT(nn.Module):
                 self.cached = key, F.normalize(self.encode_text(text_prompts), dim=-1)
             text = self.cached[1]
         return self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
+
+    def loss(self, logits, labels, epoch):
+        """MuDPT's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     def train(self, mode=True):
         super().train(mode)

@@ -14,6 +14,7 @@ mean feature mu_c is each class's classifier.
 - Injected where: around the class name in "[SOT] ... [EOT]": K/4 prompts name first, K/4 name in the middle of
   the context, the rest name last.
 - Frozen: all of CLIP.
+- Loss: an upper bound of the expected cross-entropy over the classes' Gaussians + 0.1 x orthogonality (`loss`).
 - Deviations: the paper's text could not be read where this file was written; its abstract and the public
   re-implementations (e.g. ml-stat-Sustech/CLIP_Calibration, trainers/classification/proda.py) decide, and "ours"
   marks what none of them does:

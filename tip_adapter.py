@@ -13,6 +13,8 @@ zero-shot CLIP's logits. alpha and beta are searched on the validation split. Ti
   keys, K C E parameters (32,768 for 4 shots x 8 classes on RN50).
 - Injected where: after both towers, beside the zero-shot logits.
 - Frozen: all of CLIP; the zero-shot classifier (encoded once, at build).
+- Loss: Tip-Adapter-F's cross-entropy over the C classes (the paper's, and the official code's only term);
+  Tip-Adapter has none (fitted, not trained).
 - Deviations:
   - The cache's augmented passes are this repository's training augmentation (CoOp's crop scale 0.08-1; the
     official: 0.5-1), view v drawn as epoch v's.
@@ -113,6 +115,10 @@ class TipAdapter(nn.Module):
     def forward(self, images=None, features=None):  # features: frozen_features(images)
         f = self.frozen_features(images) if features is None else features
         return self.logits(F.normalize(f, dim=-1), self.alpha, self.beta)
+
+    def loss(self, logits, labels, epoch):
+        """Tip-Adapter-F's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     @torch.no_grad()
     def search(self, f, labels):

@@ -85,15 +85,18 @@ class BiasTuning(nn.Module):
             x = block(x) + self.image_bias[i]  # (B, 1+N, W)
         return visual.head(x)
 
+    def text_features(self):
+        """(C, E) normalised; without gradients in eval mode computed once, until a parameter changes."""
+        if self.training or torch.is_grad_enabled():
+            return F.normalize(self.encode_text(), dim=-1)
+        key = version(self)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = key, F.normalize(self.encode_text(), dim=-1)
+        return self.cached[1]
+
     def forward(self, images):
         image = F.normalize(self.encode_image(images), dim=-1)  # (B, E)
-        if self.training or torch.is_grad_enabled():
-            text = F.normalize(self.encode_text(), dim=-1)  # (C, E)
-        else:  # evaluating: computed once, until a parameter changes
-            key = version(self)
-            if self.cached is None or self.cached[0] != key:
-                self.cached = key, F.normalize(self.encode_text(), dim=-1)
-            text = self.cached[1]
+        text = self.text_features()  # (C, E)
         return self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
 
     def loss(self, logits, labels, epoch):

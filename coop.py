@@ -135,7 +135,11 @@ class ZeroShotCLIP(nn.Module):
                 text = clip.encode_text(clip_model.tokenize([template.format(n) for n in names]))  # (C, E)
                 features.append(F.normalize(text, dim=-1))
         mean = torch.stack(features).mean(0)  # (C, E): the ensemble's average, one template = itself
-        self.register_buffer("text_features", F.normalize(mean, dim=-1), persistent=False)
+        self.register_buffer("template_features", F.normalize(mean, dim=-1), persistent=False)
+
+    def text_features(self):
+        """(C, E) normalised, encoded once at build."""
+        return self.template_features
 
     def frozen_features(self, images):
         """(B, E) normalised image features; the image tower is frozen, so train.py may cache them."""
@@ -143,7 +147,7 @@ class ZeroShotCLIP(nn.Module):
 
     def forward(self, images=None, features=None):
         image = self.frozen_features(images) if features is None else features  # (B, E)
-        return self.clip.logit_scale.exp() * image @ self.text_features.t()  # (B, C)
+        return self.clip.logit_scale.exp() * image @ self.text_features().t()  # (B, C)
 
     def train(self, mode=True):
         super().train(mode)

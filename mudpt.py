@@ -132,16 +132,20 @@ class MuDPT(nn.Module):
             x = block(x)  # (B, 1+N+n, W)
         return visual.head(x)
 
+    def text_features(self, prompts):
+        """Deep text prompts (depth, n, D) -> (C, E) normalised; without gradients in eval mode computed once, until a
+        parameter changes (they do not depend on the image)."""
+        if self.training or torch.is_grad_enabled():
+            return F.normalize(self.encode_text(prompts), dim=-1)
+        key = version(self)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = key, F.normalize(self.encode_text(prompts), dim=-1)
+        return self.cached[1]
+
     def forward(self, images):
         text_prompts, image_prompts = self.prompts()
         image = F.normalize(self.encode_image(images, image_prompts), dim=-1)  # (B, E)
-        if self.training or torch.is_grad_enabled():
-            text = F.normalize(self.encode_text(text_prompts), dim=-1)  # (C, E)
-        else:  # evaluating: computed once, until a parameter changes
-            key = version(self)
-            if self.cached is None or self.cached[0] != key:
-                self.cached = key, F.normalize(self.encode_text(text_prompts), dim=-1)
-            text = self.cached[1]
+        text = self.text_features(text_prompts)  # (C, E)
         return self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
 
     def loss(self, logits, labels, epoch):

@@ -131,6 +131,15 @@ class ProDA(nn.Module):
         index = torch.arange(K, device=self.prompt_learner.ctx.device)
         return torch.stack([self.encode_prompts(i[None])[0] for i in index]).mean(0)
 
+    def text_features(self):
+        """(C, E) mu_c of all K prompts; without gradients in eval mode computed once, until a parameter changes."""
+        if self.training or torch.is_grad_enabled():
+            return self.mean_text()
+        key = version(self)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = key, self.mean_text()
+        return self.cached[1]
+
     def frozen_features(self, images):  # the image tower is frozen: train.py may cache these (--cache-features)
         return F.normalize(self.clip.encode_image(images), dim=-1)  # (B, E) f
 
@@ -141,13 +150,8 @@ class ProDA(nn.Module):
             index = torch.randperm(K, device=image.device)[:self.cfg.prompt_batch]
             self.text, self.image = self.encode_prompts(index), image  # (P, C, E)
             mean = self.text.mean(0)
-        elif torch.is_grad_enabled():
-            mean = self.mean_text()
-        else:  # evaluating: computed once, until a parameter changes
-            key = version(self)
-            if self.cached is None or self.cached[0] != key:
-                self.cached = key, self.mean_text()
-            mean = self.cached[1]
+        else:
+            mean = self.text_features()  # (C, E)
         return self.clip.logit_scale.exp() * image @ mean.t()  # (B, C)
 
     def loss(self, logits, labels, epoch):

@@ -20,7 +20,7 @@ mean feature mu_c is each class's classifier.
   marks what none of them does:
   - 4 of the K prompts per training step (the re-implementations), drawn afresh each step (ours: they cycle
     through a permutation).
-  - Sigma diagonal over the feature dimensions and full over the classes, estimated with 1 / (B + 1), B the
+  - Sigma diagonal over the feature dimensions and full over the classes, estimated with 1 / (P + 1), P the
     prompts of the step; mu_c not re-normalised (the re-implementations).
   - Orthogonality: weight 0.1 on the mean |cos| between different contexts' features (the re-implementations).
   - Schedule: CoOp's on RN50 (SGD, lr 0.002, batch 32, 50/100/200 epochs by shots), the protocol DUAL-PT compares
@@ -145,7 +145,7 @@ class ProDA(nn.Module):
 
     def forward(self, images=None, features=None):  # features: frozen_features(images)
         image = self.frozen_features(images) if features is None else features
-        if self.training:  # a random B of the K prompts: mu_c and, for loss(), their spread
+        if self.training:  # a random P of the K prompts: mu_c and, for loss(), their spread
             K = len(self.prompt_learner.ctx)
             index = torch.randperm(K, device=image.device)[:self.cfg.prompt_batch]
             self.text, self.image = self.encode_prompts(index), image  # (P, C, E)

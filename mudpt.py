@@ -30,7 +30,7 @@ import clip_model
 @dataclass
 class Config:
     backbone: str = "ViT-B/16"     # the paper's backbone
-    n_tokens: int = 4              # prompt tokens per block, both towers
+    n_ctx: int = 4                 # prompt tokens per block, both towers (the official N_CTX)
     depth: int = 9                 # prompted blocks (official script; the paper's text: 12), at most all
     ctx_init: str = "a photo of a"  # ("_" = space) first text prompts start as its embeddings if its tokens = n
     injection: str = "shared"      # shared (official code) | per_layer (a pair of maps per block) | off (IVLP)
@@ -82,7 +82,7 @@ class MuDPT(nn.Module):
         super().__init__()
         blocks = min(len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks))
         self.clip = clip
-        n = cfg.n_tokens
+        n = cfg.n_ctx
         depth = min(cfg.depth, blocks)  # a small model has fewer blocks
         D, W = clip.ln_final.weight.shape[0], clip.visual.conv1.out_channels
         device = clip.token_embedding.weight.device
@@ -162,7 +162,7 @@ def check_config(cfg):
     """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
     if cfg.injection not in ("shared", "per_layer", "off"):
         raise ValueError(f"injection={cfg.injection!r}: use shared, per_layer or off")
-    for name, ok, rule in [("n_tokens", cfg.n_tokens >= 1, "1 or more"), ("depth", cfg.depth >= 1, "1 or more")]:
+    for name, ok, rule in [("n_ctx", cfg.n_ctx >= 1, "1 or more"), ("depth", cfg.depth >= 1, "1 or more")]:
         if not ok:
             raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
 

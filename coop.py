@@ -29,8 +29,8 @@ from torch import nn
 import clip_model
 
 # CoOp's zero-shot ensemble (ZeroshotCLIP2): seven ImageNet templates picked by the CLIP authors
-ENSEMBLE = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-            "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                      "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
 
 @dataclass
 class Config:
@@ -128,7 +128,7 @@ class ZeroShotCLIP(nn.Module):
         super().__init__()
         self.clip = clip
         names = [name.replace("_", " ") for name in classnames]
-        templates = [cfg.template] + (ENSEMBLE if cfg.ensemble else [])
+        templates = [cfg.template] + (IMAGENET_TEMPLATES if cfg.ensemble else [])
         features = []
         with torch.no_grad():
             for template in templates:

@@ -28,8 +28,8 @@ import clip_model
 class Config:
     backbone: str = "RN50"              # the official code's (its adapter width is RN50's 1024)
     template: str = "a photo of a {}."  # train.py sets the dataset's (CoOp's hand-crafted prompt, ImageNet too)
-    reduction: int = 4                  # the adapter's bottleneck: E -> E / reduction -> E
-    ratio: float = 0.2                  # residual ratio: ratio * adapter(f) + (1 - ratio) * f
+    reduction: int = 4                  # the adapter's bottleneck: E -> E / reduction -> E (the official code's 4)
+    ratio: float = 0.2                  # residual ratio: ratio * adapter(f) + (1 - ratio) * f (the official code's)
     epochs: int = 0                     # 0: CoOp's schedule by shots, 50 (1 shot), 100 (2-4), 200 (8+)
     batch_size: int = 32
     lr: float = 0.002

@@ -55,7 +55,9 @@ ABOUT = {  # --method name -> what it is, for python train.py --list
 POSITIONS = ("front", "middle", "end")  # where a prompt puts the class name
 
 def positions(K):
-    """The class-name position of each of K prompts: the first K/4 front, the next K/4 middle, the rest end."""
+    """The class-name position (an index into POSITIONS) of each of K prompts, split as the re-implementations
+    (CLIP_Calibration's PromptLearner: K//4 front, K//4 middle, K//2 end): the first K/4 front, the next K/4
+    middle, the rest end (K/2 when 4 divides K; ours otherwise)."""
     return [0] * (K // 4) + [1] * (K // 4) + [2] * (K - 2 * (K // 4))
 
 class PromptLearner(nn.Module):

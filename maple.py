@@ -18,6 +18,8 @@ zero-shot CLIP's text (the image prompts, couple[0] of them, are new tokens from
 - Loss: cross-entropy over the C classes (the paper's, and the official code's only term).
 - Deviations:
   - Learned parameters stay fp32 under autocast (the official fp16 run keeps ctx and couple[0] in fp16).
+  - Injected prompts keep the run's precision (the official code rounds every injected prompt to fp16, even in an
+    fp32 run, and cannot run its fp32 setting as written).
   - A ctx_init phrase with fewer tokens than n_ctx is refused (the official code starts the extra rows at the
     EOT and padding tokens' embeddings).
 """

@@ -12,6 +12,8 @@ training starts exactly at zero-shot CLIP and alpha sets how far the residual ca
 - Loss: cross-entropy over the C classes (the paper's, and the official code's only term).
 - Deviations:
   - Class names with "_" read as spaces (the official code tokenizes them as written).
+  - The base is encoded in fp32 (the official code encodes it in fp16, its default precision: up to 3.7e-3 from
+    ours).
   - The "enhanced base" (`enhanced_base=FILE`): the official text projections, fitted offline by code that is not
     released, are read from its files; this repository cannot make them.
   - The official per-dataset settings are not automatic: its scripts use lr 2e-4 on ImageNet and alpha 1.0 on

@@ -12,6 +12,7 @@ paper's Table 1: 79.5 vs IVLP's 77.8 at 16 shots, averaged over 11 datasets).
 - Learned: `text_bias` (text blocks, D) and `image_bias` (image blocks, W), one vector per block.
 - Injected where: after block i, x <- block_i(x) + b_i, broadcast over the batch and every token.
 - Frozen: all of CLIP; the text input is the dataset's hand-crafted template.
+- Loss: cross-entropy over the C classes (the paper trains it as its IVLP baseline, section 4.1).
 - Deviations (ours where the paper is silent): zero initialisation (the untrained model is zero-shot CLIP);
   `text=false` / `visual=false` ablations, the latter for ResNets, which have no image token blocks.
 """
@@ -84,16 +85,23 @@ class BiasTuning(nn.Module):
             x = block(x) + self.image_bias[i]  # (B, 1+N, W)
         return visual.head(x)
 
+    def text_features(self):
+        """(C, E) normalised; without gradients in eval mode computed once, until a parameter changes."""
+        if self.training or torch.is_grad_enabled():
+            return F.normalize(self.encode_text(), dim=-1)
+        key = version(self)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = key, F.normalize(self.encode_text(), dim=-1)
+        return self.cached[1]
+
     def forward(self, images):
         image = F.normalize(self.encode_image(images), dim=-1)  # (B, E)
-        if self.training or torch.is_grad_enabled():
-            text = F.normalize(self.encode_text(), dim=-1)  # (C, E)
-        else:  # evaluating: computed once, until a parameter changes
-            key = version(self)
-            if self.cached is None or self.cached[0] != key:
-                self.cached = key, F.normalize(self.encode_text(), dim=-1)
-            text = self.cached[1]
+        text = self.text_features()  # (C, E)
         return self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
+
+    def loss(self, logits, labels, epoch):
+        """Bias tuning's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     def train(self, mode=True):
         super().train(mode)

@@ -12,6 +12,7 @@ classifier. Earlier blocks get deep VPT prompts (vpt.py). DPT (VLP-CLIP-CAVPT) a
   `ClassAwarePrompts` generator per class-aware block (J of them); DPT adds CoOp's `ctx` (16, D).
 - Injected where: appended after the patches before each block, their outputs dropped after it.
 - Frozen: all of CLIP, and the zero-shot pass that picks the K classes.
+- Loss: Eq. 12, cross-entropy over the C classes + aux_weight x the class-aware prompts' aux cross-entropy.
 - Deviations (details on the lines they concern):
   - The generator, DPT's queries and the aux loss are the official code's, not Eqs. 9-10 (it made the numbers).
   - VPT-CLIP-CAVPT queries with the template's text features (ours; not in the official code).

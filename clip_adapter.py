@@ -11,6 +11,7 @@ keeps most of CLIP's zero-shot knowledge; the adapter learns what the few shots 
 - Learned: `adapter` (E -> E/4 -> E, no biases): 2 E^2 / 4 = 524,288 on RN50.
 - Injected where: on the image tower's output, before the normalisation.
 - Frozen: all of CLIP; the text features (encoded once, at build).
+- Loss: cross-entropy over the C classes (the paper's, and the official code's only term).
 - Deviations:
   - The adapter's width follows the backbone (the official code fixes 1024, RN50's).
   - The schedule: the official repository has no configs and says to run CoOp's; these are CoOp's RN50 settings.
@@ -27,8 +28,8 @@ import clip_model
 class Config:
     backbone: str = "RN50"              # the official code's (its adapter width is RN50's 1024)
     template: str = "a photo of a {}."  # train.py sets the dataset's (CoOp's hand-crafted prompt, ImageNet too)
-    reduction: int = 4                  # the adapter's bottleneck: E -> E / reduction -> E
-    ratio: float = 0.2                  # residual ratio: ratio * adapter(f) + (1 - ratio) * f
+    reduction: int = 4                  # the adapter's bottleneck: E -> E / reduction -> E (the official code's 4)
+    ratio: float = 0.2                  # residual ratio: ratio * adapter(f) + (1 - ratio) * f (the official code's)
     epochs: int = 0                     # 0: CoOp's schedule by shots, 50 (1 shot), 100 (2-4), 200 (8+)
     batch_size: int = 32
     lr: float = 0.002
@@ -60,6 +61,10 @@ class CLIPAdapter(nn.Module):
         f = self.frozen_features(images) if features is None else features
         x = self.cfg.ratio * self.adapter(f) + (1 - self.cfg.ratio) * f  # (B, E)
         return self.clip.logit_scale.exp() * F.normalize(x, dim=-1) @ self.text.t()
+
+    def loss(self, logits, labels, epoch):
+        """CLIP-Adapter's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     def train(self, mode=True):
         super().train(mode)

@@ -13,6 +13,7 @@ transfers better to classes unseen in training.
 - Learned: `ctx` (n_ctx, D), or (C, n_ctx, D) with csc; CoCoOp adds `meta_net` E -> E/16 -> D.
 - Injected where: the prompt's token embeddings, rows 1..n_ctx (next to the class name's rows).
 - Frozen: all of CLIP.
+- Loss: cross-entropy over the C classes (both papers); zero-shot CLIP learns nothing and is not trained.
 - Deviations from the official code (github.com/KaiyangZhou/CoOp):
   - CoCoOp encodes all images x classes in one batched pass (the official code loops over the images).
   - An init phrase sets n_ctx to its token count (the official code counts words: the same for "a photo of a").
@@ -28,8 +29,8 @@ from torch import nn
 import clip_model
 
 # CoOp's zero-shot ensemble (ZeroshotCLIP2): seven ImageNet templates picked by the CLIP authors
-ENSEMBLE = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-            "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                      "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
 
 @dataclass
 class Config:
@@ -127,14 +128,18 @@ class ZeroShotCLIP(nn.Module):
         super().__init__()
         self.clip = clip
         names = [name.replace("_", " ") for name in classnames]
-        templates = [cfg.template] + (ENSEMBLE if cfg.ensemble else [])
+        templates = [cfg.template] + (IMAGENET_TEMPLATES if cfg.ensemble else [])
         features = []
         with torch.no_grad():
             for template in templates:
                 text = clip.encode_text(clip_model.tokenize([template.format(n) for n in names]))  # (C, E)
                 features.append(F.normalize(text, dim=-1))
         mean = torch.stack(features).mean(0)  # (C, E): the ensemble's average, one template = itself
-        self.register_buffer("text_features", F.normalize(mean, dim=-1), persistent=False)
+        self.register_buffer("template_features", F.normalize(mean, dim=-1), persistent=False)
+
+    def text_features(self):
+        """(C, E) normalised, encoded once at build."""
+        return self.template_features
 
     def frozen_features(self, images):
         """(B, E) normalised image features; the image tower is frozen, so train.py may cache them."""
@@ -142,7 +147,7 @@ class ZeroShotCLIP(nn.Module):
 
     def forward(self, images=None, features=None):
         image = self.frozen_features(images) if features is None else features  # (B, E)
-        return self.clip.logit_scale.exp() * image @ self.text_features.t()  # (B, C)
+        return self.clip.logit_scale.exp() * image @ self.text_features().t()  # (B, C)
 
     def train(self, mode=True):
         super().train(mode)
@@ -199,6 +204,10 @@ class CoOp(nn.Module):
             text = self.encode_prompts(self.prompt_learner(shift))  # (b, C, E)
             logits.append(scale * torch.einsum("be,bce->bc", chunk, text))
         return torch.cat(logits)  # (B, C)
+
+    def loss(self, logits, labels, epoch):
+        """CoOp's and CoCoOp's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     def train(self, mode=True):
         super().train(mode)

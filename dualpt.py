@@ -16,6 +16,7 @@ on ImageNet a second logit, the global image feature against the mean of the M p
 - Learned: `ctx` (M, n_ctx, D), M = 4 unified contexts; CoDUAL-PT adds `meta_net` E -> E/16 -> D.
 - Injected where: rows 1..n_ctx of "[SOT] X ... X {class}. [EOT]", one prompt per class and context.
 - Frozen: all of CLIP; the plan (no gradient); the descriptions' text features (encoded once, at build).
+- Loss: Eq. 9, beta L_LLM + (1 - beta) cross-entropy over the C classes; PLOT (beta 0) the cross-entropy alone.
 - Deviations (ours where the paper is silent, PLOT's where it is about transport; details on their lines):
   - Marginals p = 1/N over regions, q = 1/M over prompts (the paper's text swaps them).
   - Sinkhorn stops on the plan's row sums (PLOT: on the change of a; `sinkhorn_stop=plot`, the plot variant's).
@@ -251,6 +252,16 @@ class DualPT(nn.Module):
         x = self.clip.encode_text_embeddings(flat, eot.flatten(), checkpoint)
         return x.view(*prompts.shape[:-2], -1)
 
+    def text_features(self):
+        """(C, M, E) as encoded (not normalised); without gradients in eval mode computed once, until a parameter
+        changes."""
+        if self.training or torch.is_grad_enabled():
+            return self.encode_prompts(self.prompt_learner())
+        key = version(self)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = key, self.encode_prompts(self.prompt_learner())
+        return self.cached[1]
+
     def frozen_features(self, images):  # the image tower is frozen: train.py may cache these (--cache-features)
         return F.normalize(self.clip.visual.dense(images), dim=-1)  # (B, 1+N, E): global, then N local
 
@@ -264,13 +275,8 @@ class DualPT(nn.Module):
                 shift = self.meta_net(image)  # (b, D)
                 text.append(self.encode_prompts(self.prompt_learner(shift)))  # (b, C, M, E)
             text = torch.cat(text)  # (B, C, M, E)
-        elif self.training or torch.is_grad_enabled():
-            text = self.encode_prompts(self.prompt_learner())  # (C, M, E)
-        else:  # evaluating: computed once, until a parameter changes
-            key = version(self)
-            if self.cached is None or self.cached[0] != key:
-                self.cached = key, self.encode_prompts(self.prompt_learner())
-            text = self.cached[1]
+        else:
+            text = self.text_features()  # (C, M, E)
         features, text = text, F.normalize(text, dim=-1)  # (..., C, M, E): as encoded, and normalised
         self.plan = graph_plan(local, text, self.cfg)  # (B, C, N, M), no gradient
         similarity = region_prompt(local, text)  # (B, C, N, M): region i against prompt j, Z P_c^T

@@ -4,13 +4,15 @@ Radford et al., "Learning Transferable Visual Models From Natural Language Super
 probes, Appendix A.3), as CoOp reports it for few-shot learning (Zhou et al., IJCV 2022, Fig. 3; official code:
 github.com/KaiyangZhou/CoOp, lpclip/). No prompt and no text: the image tower encodes the un-augmented training
 images once, and a multinomial logistic regression on those features (scikit-learn's LogisticRegression: the mean
-cross-entropy plus |W|^2 / (2 c n), the bias unpenalised) is solved by L-BFGS. Its strength c is searched on the
-few-shot validation split as the official script does: seven values 1e6 ... 1e-6, then eight steps that halve the
-interval (in log10) around the best, keeping the last step's winner.
+cross-entropy plus |weight|^2 / (2 c n_images), the bias unpenalised) is solved by L-BFGS. Its strength c is
+searched on the few-shot validation split as the official script does: seven values 1e6 ... 1e-6, then eight steps
+that halve the interval (in log10) around the best, keeping the last step's winner.
 
 - Learned: `weight` (C, E) and `bias` (C,), one row per class.
 - Injected where: on the image tower's output, not normalised (as the official features).
 - Frozen: all of CLIP; the text tower is unused.
+- Loss (minimised by L-BFGS in fit(); never trained by SGD, so no `loss()`): the mean cross-entropy over the C
+  classes plus the L2 penalty above.
 - Deviations:
   - Solved in torch (L-BFGS with a strong Wolfe line search, float64), not scikit-learn's scipy L-BFGS-B: the same
     objective, start (zeros), history (10) and limits (1,000 iterations, gradient 1e-4), so the same classifier up
@@ -41,36 +43,37 @@ ABOUT = {  # --method name -> what it is, for python train.py --list
 }
 
 def logistic_regression(x, y, n_classes, c, max_iter=1000, tol=1e-4):
-    """Multinomial logistic regression from zeros: minimise mean CE(x W^T + b, y) + |W|^2 / (2 c n) by L-BFGS ->
-    W (n_classes, E), b (n_classes,), in x's dtype."""
-    W = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol,
+    """Multinomial logistic regression from zeros: minimise mean CE(x weight^T + bias, y) + |weight|^2 /
+    (2 c n_images) by L-BFGS -> weight (n_classes, E), bias (n_classes,), in x's dtype."""
+    weight = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    # tolerance_change: scikit-learn's ftol for this solver, 64 machine epsilons
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=tol,
                                   tolerance_change=64 * torch.finfo(x.dtype).eps, history_size=10,
                                   line_search_fn="strong_wolfe")
 
     def objective():
         optimizer.zero_grad()
-        loss = F.cross_entropy(x @ W.T + b, y) + (W ** 2).sum() / (2 * c * len(x))
+        loss = F.cross_entropy(x @ weight.T + bias, y) + (weight ** 2).sum() / (2 * c * len(x))
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(objective)
-    return W.detach(), b.detach()
+    return weight.detach(), bias.detach()
 
 def search_c(train, val, n_classes, steps, max_iter=1000, tol=1e-4):
-    """The official script's search for c: train and val are (features, labels) -> (c, (W, b), [(c, val accuracy)
-    for every fit, in order]). The seven coarse values, then `steps` steps between peak / 10 and peak * 10: fit at
-    both ends, keep the better end (the left one on a tie) as the answer so far, and move the other end to the
+    """The official script's search for c: train and val are (features, labels) -> (c, (weight, bias), [(c, val
+    accuracy) for every fit, in order]). The seven coarse values, then `steps` steps between peak / 10 and peak * 10:
+    fit at both ends, keep the better end (the left one on a tie) as the answer so far, and move the other end to the
     interval's middle in log10."""
     tried = []
 
     def fit(c):
-        W, b = logistic_regression(*train, n_classes, c, max_iter, tol)
-        accuracy = ((val[0] @ W.T + b).argmax(-1) == val[1]).double().mean().item()
+        weight, bias = logistic_regression(*train, n_classes, c, max_iter, tol)
+        accuracy = ((val[0] @ weight.T + bias).argmax(-1) == val[1]).double().mean().item()
         tried.append((c, accuracy))
-        return accuracy, (W, b)
+        return accuracy, (weight, bias)
 
     coarse = [fit(c) for c in COARSE]
     best = max(range(len(COARSE)), key=lambda i: (coarse[i][0], -i))  # the first of the best (numpy's argmax)
@@ -115,18 +118,18 @@ class LinearProbe(nn.Module):
         n_classes = len(self.weight)
         if self.cfg.c_weight:
             c = self.cfg.c_weight
-            W, b = logistic_regression(*train, n_classes, c, self.cfg.max_iter, self.cfg.tol)
+            weight, bias = logistic_regression(*train, n_classes, c, self.cfg.max_iter, self.cfg.tol)
             tried = []
         else:
             val_x, val_y = encode("val")
             if not len(val_y):
                 raise ValueError("the search for c_weight needs validation images and this dataset has none: "
                                  "fix it with --set c_weight=VALUE")
-            c, (W, b), tried = search_c(train, (val_x.double(), val_y), n_classes, self.cfg.search_steps,
+            c, (weight, bias), tried = search_c(train, (val_x.double(), val_y), n_classes, self.cfg.search_steps,
                                         self.cfg.max_iter, self.cfg.tol)
-        self.weight.copy_(W)
-        self.bias.copy_(b)
-        accuracy = ((train[0] @ W.T + b).argmax(-1) == y).double().mean().item()
+        self.weight.copy_(weight)
+        self.bias.copy_(bias)
+        accuracy = ((train[0] @ weight.T + bias).argmax(-1) == y).double().mean().item()
         return {"c_weight": c, "train_accuracy": 100 * accuracy,
                 "searched": [{"c_weight": value, "val_accuracy": 100 * a} for value, a in tried]}
 

@@ -5,18 +5,21 @@ github.com/muzairkhattak/multimodal-prompt-learning (trainers/maple.py).
 
 Prompting one tower alone leaves the other unaware of it. MaPLe learns prompts in the text tower only, in the
 first `depth` blocks, and derives the image tower's prompts from them: block i's image prompts are a linear
-"coupling function" F_i of block i's text prompts, so the two towers are prompted by one set of parameters.
-The first text prompts start as "a photo" inside "a photo of a {class}.", so training starts at zero-shot CLIP's
-text (the image prompts, F_0 of them, are new tokens from the start).
+"coupling function" `couple[i]` (the paper's F_i) of block i's text prompts, so the two towers are prompted by one
+set of parameters. The first text prompts start as "a photo" inside "a photo of a {class}.", so training starts at
+zero-shot CLIP's text (the image prompts, couple[0] of them, are new tokens from the start).
 
 - Learned: text prompts (depth, n, D): block 0's `ctx` and the deeper `deep_text`; the coupling functions
-  `couple` (depth linear maps D -> W; F_1..F_{depth-1} identical at the start, as the official clones).
+  `couple` (depth linear maps D -> W; couple[1:] identical at the start, as the official clones).
 - Injected where: text rows 1..n (block 0: with positions; deeper: replacing the previous block's outputs);
   image prompts appended after the patches (block 0: through ln_pre, no positions), replaced before blocks
   1..depth-1.
 - Frozen: all of CLIP.
+- Loss: cross-entropy over the C classes (the paper's, and the official code's only term).
 - Deviations:
-  - Learned parameters stay fp32 under autocast (the official fp16 run keeps ctx and F_0 in fp16).
+  - Learned parameters stay fp32 under autocast (the official fp16 run keeps ctx and couple[0] in fp16).
+  - Injected prompts keep the run's precision (the official code rounds every injected prompt to fp16, even in an
+    fp32 run, and cannot run its fp32 setting as written).
   - A ctx_init phrase with fewer tokens than n_ctx is refused (the official code starts the extra rows at the
     EOT and padding tokens' embeddings).
 """
@@ -66,9 +69,9 @@ class MaPLe(nn.Module):
             ctx = torch.randn(n, D, device=device) * 0.02
             phrase = " ".join(["X"] * n)
         self.ctx = nn.Parameter(ctx)  # (n, D) block 0's text prompts
-        first = nn.Linear(D, W, device=device)  # F_0: block 0's image prompts from ctx
+        first = nn.Linear(D, W, device=device)  # couple[0]: block 0's image prompts from ctx
         self.deep_text = nn.Parameter(torch.randn(depth - 1, n, D, device=device) * 0.02)  # blocks 1..depth-1
-        deep = nn.Linear(D, W, device=device)  # F_1..F_{depth-1}: copies of one map (the official clones)
+        deep = nn.Linear(D, W, device=device)  # couple[1:]: copies of one map (the official clones)
         self.couple = nn.ModuleList([first] + [copy.deepcopy(deep) for _ in range(depth - 1)])
         tokens = clip_model.tokenize([f"{phrase} {c.replace('_', ' ')}." for c in classnames])  # (C, 77)
         self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (C,)
@@ -79,7 +82,7 @@ class MaPLe(nn.Module):
     def prompts(self):
         """-> text prompts (depth, n, D) and the image prompts coupled from them (depth, n, W)."""
         text = torch.cat([self.ctx[None], self.deep_text])
-        image = torch.stack([F_i(t) for F_i, t in zip(self.couple, text)])
+        image = torch.stack([coupling(t) for coupling, t in zip(self.couple, text)])  # (depth, n, W)
         return text, image
 
     def encode_text(self, prompts):
@@ -108,17 +111,25 @@ class MaPLe(nn.Module):
             x = block(x)  # (B, 1+N+n, W)
         return visual.head(x)
 
+    def text_features(self, prompts):
+        """Text prompts (depth, n, D) -> (C, E) normalised; without gradients in eval mode computed once, until a
+        parameter changes (they do not depend on the image)."""
+        if self.training or torch.is_grad_enabled():
+            return F.normalize(self.encode_text(prompts), dim=-1)
+        key = version(self)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = key, F.normalize(self.encode_text(prompts), dim=-1)
+        return self.cached[1]
+
     def forward(self, images):
         text_prompts, image_prompts = self.prompts()
         image = F.normalize(self.encode_image(images, image_prompts), dim=-1)  # (B, E)
-        if self.training or torch.is_grad_enabled():
-            text = F.normalize(self.encode_text(text_prompts), dim=-1)  # (C, E)
-        else:  # evaluating: computed once, until a parameter changes
-            key = version(self)
-            if self.cached is None or self.cached[0] != key:
-                self.cached = key, F.normalize(self.encode_text(text_prompts), dim=-1)
-            text = self.cached[1]
+        text = self.text_features(text_prompts)  # (C, E)
         return self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
+
+    def loss(self, logits, labels, epoch):
+        """MaPLe's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     def train(self, mode=True):
         super().train(mode)

@@ -13,6 +13,7 @@ two sets are learned as one system. With the Injection Model off this is IVLP, t
 - Injected where: text rows 1..n before blocks 0..depth-1; image prompts appended after the patches before
   block 0, replacing the previous block's prompt outputs before blocks 1..depth-1.
 - Frozen: all of CLIP.
+- Loss: cross-entropy over the C classes (the paper's, and the official code's only term).
 - Deviations (the paper leaves the Injection Model open; the official code, which made its numbers, decides):
   - `injection="shared"` is the official code's; `per_layer` is ours, another reading of the paper.
   - The image -> text maps end in the text width D (official: E; equal in every OpenAI ViT).
@@ -29,7 +30,7 @@ import clip_model
 @dataclass
 class Config:
     backbone: str = "ViT-B/16"     # the paper's backbone
-    n_tokens: int = 4              # prompt tokens per block, both towers
+    n_ctx: int = 4                 # prompt tokens per block, both towers (the official N_CTX)
     depth: int = 9                 # prompted blocks (official script; the paper's text: 12), at most all
     ctx_init: str = "a photo of a"  # ("_" = space) first text prompts start as its embeddings if its tokens = n
     injection: str = "shared"      # shared (official code) | per_layer (a pair of maps per block) | off (IVLP)
@@ -81,7 +82,7 @@ class MuDPT(nn.Module):
         super().__init__()
         blocks = min(len(clip.transformer.resblocks), len(clip.visual.transformer.resblocks))
         self.clip = clip
-        n = cfg.n_tokens
+        n = cfg.n_ctx
         depth = min(cfg.depth, blocks)  # a small model has fewer blocks
         D, W = clip.ln_final.weight.shape[0], clip.visual.conv1.out_channels
         device = clip.token_embedding.weight.device
@@ -131,17 +132,25 @@ class MuDPT(nn.Module):
             x = block(x)  # (B, 1+N+n, W)
         return visual.head(x)
 
+    def text_features(self, prompts):
+        """Deep text prompts (depth, n, D) -> (C, E) normalised; without gradients in eval mode computed once, until a
+        parameter changes (they do not depend on the image)."""
+        if self.training or torch.is_grad_enabled():
+            return F.normalize(self.encode_text(prompts), dim=-1)
+        key = version(self)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = key, F.normalize(self.encode_text(prompts), dim=-1)
+        return self.cached[1]
+
     def forward(self, images):
         text_prompts, image_prompts = self.prompts()
         image = F.normalize(self.encode_image(images, image_prompts), dim=-1)  # (B, E)
-        if self.training or torch.is_grad_enabled():
-            text = F.normalize(self.encode_text(text_prompts), dim=-1)  # (C, E)
-        else:  # evaluating: computed once, until a parameter changes
-            key = version(self)
-            if self.cached is None or self.cached[0] != key:
-                self.cached = key, F.normalize(self.encode_text(text_prompts), dim=-1)
-            text = self.cached[1]
+        text = self.text_features(text_prompts)  # (C, E)
         return self.clip.logit_scale.exp() * image @ text.t()  # (B, C)
+
+    def loss(self, logits, labels, epoch):
+        """MuDPT's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     def train(self, mode=True):
         super().train(mode)
@@ -153,7 +162,7 @@ def check_config(cfg):
     """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
     if cfg.injection not in ("shared", "per_layer", "off"):
         raise ValueError(f"injection={cfg.injection!r}: use shared, per_layer or off")
-    for name, ok, rule in [("n_tokens", cfg.n_tokens >= 1, "1 or more"), ("depth", cfg.depth >= 1, "1 or more")]:
+    for name, ok, rule in [("n_ctx", cfg.n_ctx >= 1, "1 or more"), ("depth", cfg.depth >= 1, "1 or more")]:
         if not ok:
             raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
 

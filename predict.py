@@ -22,7 +22,8 @@ def image_files(paths):
     files, missing = [], []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in data.IMAGE_SUFFIXES)
+            files += sorted(file for file in path.rglob("*")
+                            if file.is_file() and file.suffix.lower() in data.IMAGE_SUFFIXES)
         elif path.is_file():
             files.append(path)
         else:
@@ -50,23 +51,24 @@ def predict(model, preprocess, classnames, files, top, batch_size=32):
                                     "run); train it again with a lower --lr")
         probabilities = logits.softmax(-1)
         values, indices = probabilities.topk(min(top, len(classnames)), dim=-1)
-        for path, p, i in zip(readable, values.tolist(), indices.tolist()):
-            predictions.append({"image": str(path), "top": [{"class": classnames[c], "probability": q}
-                                                             for c, q in zip(i, p)]})
+        for path, top_probabilities, top_classes in zip(readable, values.tolist(), indices.tolist()):
+            best = [{"class": classnames[c], "probability": probability}
+                    for c, probability in zip(top_classes, top_probabilities)]
+            predictions.append({"image": str(path), "top": best})
     return predictions, skipped
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run", help="the folder of a run of train.py (its results.json and checkpoint.pt)")
-    p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
-    p.add_argument("--json", action="store_true", help="print one JSON list instead of a line per image")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="the folder of a run of train.py (its results.json and checkpoint.pt)")
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a line per image")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
     if args.top < 1:
-        p.error(f"--top {args.top}: must be 1 or more")
+        parser.error(f"--top {args.top}: must be 1 or more")
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch sees no CUDA GPU here; use --device cpu")
+        parser.error("--device cuda: torch sees no CUDA GPU here; use --device cpu")
     try:
         model, preprocess, classnames = runs.load_run(args.run, args.device)
         files, missing = image_files(args.images)

@@ -14,12 +14,13 @@ mean feature mu_c is each class's classifier.
 - Injected where: around the class name in "[SOT] ... [EOT]": K/4 prompts name first, K/4 name in the middle of
   the context, the rest name last.
 - Frozen: all of CLIP.
+- Loss: an upper bound of the expected cross-entropy over the classes' Gaussians + 0.1 x orthogonality (`loss`).
 - Deviations: the paper's text could not be read where this file was written; its abstract and the public
   re-implementations (e.g. ml-stat-Sustech/CLIP_Calibration, trainers/classification/proda.py) decide, and "ours"
   marks what none of them does:
   - 4 of the K prompts per training step (the re-implementations), drawn afresh each step (ours: they cycle
     through a permutation).
-  - Sigma diagonal over the feature dimensions and full over the classes, estimated with 1 / (B + 1), B the
+  - Sigma diagonal over the feature dimensions and full over the classes, estimated with 1 / (P + 1), P the
     prompts of the step; mu_c not re-normalised (the re-implementations).
   - Orthogonality: weight 0.1 on the mean |cos| between different contexts' features (the re-implementations).
   - Schedule: CoOp's on RN50 (SGD, lr 0.002, batch 32, 50/100/200 epochs by shots), the protocol DUAL-PT compares
@@ -54,7 +55,9 @@ ABOUT = {  # --method name -> what it is, for python train.py --list
 POSITIONS = ("front", "middle", "end")  # where a prompt puts the class name
 
 def positions(K):
-    """The class-name position of each of K prompts: the first K/4 front, the next K/4 middle, the rest end."""
+    """The class-name position (an index into POSITIONS) of each of K prompts, split as the re-implementations
+    (CLIP_Calibration's PromptLearner: K//4 front, K//4 middle, K//2 end): the first K/4 front, the next K/4
+    middle, the rest end (K/2 when 4 divides K; ours otherwise)."""
     return [0] * (K // 4) + [1] * (K // 4) + [2] * (K - 2 * (K // 4))
 
 class PromptLearner(nn.Module):
@@ -130,23 +133,27 @@ class ProDA(nn.Module):
         index = torch.arange(K, device=self.prompt_learner.ctx.device)
         return torch.stack([self.encode_prompts(i[None])[0] for i in index]).mean(0)
 
+    def text_features(self):
+        """(C, E) mu_c of all K prompts; without gradients in eval mode computed once, until a parameter changes."""
+        if self.training or torch.is_grad_enabled():
+            return self.mean_text()
+        key = version(self)
+        if self.cached is None or self.cached[0] != key:
+            self.cached = key, self.mean_text()
+        return self.cached[1]
+
     def frozen_features(self, images):  # the image tower is frozen: train.py may cache these (--cache-features)
         return F.normalize(self.clip.encode_image(images), dim=-1)  # (B, E) f
 
     def forward(self, images=None, features=None):  # features: frozen_features(images)
         image = self.frozen_features(images) if features is None else features
-        if self.training:  # a random B of the K prompts: mu_c and, for loss(), their spread
+        if self.training:  # a random P of the K prompts: mu_c and, for loss(), their spread
             K = len(self.prompt_learner.ctx)
             index = torch.randperm(K, device=image.device)[:self.cfg.prompt_batch]
             self.text, self.image = self.encode_prompts(index), image  # (P, C, E)
             mean = self.text.mean(0)
-        elif torch.is_grad_enabled():
-            mean = self.mean_text()
-        else:  # evaluating: computed once, until a parameter changes
-            key = version(self)
-            if self.cached is None or self.cached[0] != key:
-                self.cached = key, self.mean_text()
-            mean = self.cached[1]
+        else:
+            mean = self.text_features()  # (C, E)
         return self.clip.logit_scale.exp() * image @ mean.t()  # (B, C)
 
     def loss(self, logits, labels, epoch):

@@ -9,8 +9,11 @@ training starts exactly at zero-shot CLIP and alpha sets how far the residual ca
 - Learned: `residual` (C, E), one row per class, zeros at the start.
 - Injected where: on the text classifier, after both towers (no prompt, no token enters a tower).
 - Frozen: all of CLIP; the base t (encoded once, at build; not normalised, as the official base).
+- Loss: cross-entropy over the C classes (the paper's, and the official code's only term).
 - Deviations:
   - Class names with "_" read as spaces (the official code tokenizes them as written).
+  - The base is encoded in fp32 (the official code encodes it in fp16, its default precision: up to 3.7e-3 from
+    ours).
   - The "enhanced base" (`enhanced_base=FILE`): the official text projections, fitted offline by code that is not
     released, are read from its files; this repository cannot make them.
   - The official per-dataset settings are not automatic: its scripts use lr 2e-4 on ImageNet and alpha 1.0 on
@@ -102,6 +105,10 @@ class TaskRes(nn.Module):
         image = self.frozen_features(images) if features is None else features
         classifier = F.normalize(self.base + self.cfg.alpha * self.residual, dim=-1)  # (C, E) t + alpha x
         return self.clip.logit_scale.exp() * image @ classifier.t()
+
+    def loss(self, logits, labels, epoch):
+        """TaskRes's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     def train(self, mode=True):
         super().train(mode)

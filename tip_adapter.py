@@ -13,6 +13,8 @@ zero-shot CLIP's logits. alpha and beta are searched on the validation split. Ti
   keys, K C E parameters (32,768 for 4 shots x 8 classes on RN50).
 - Injected where: after both towers, beside the zero-shot logits.
 - Frozen: all of CLIP; the zero-shot classifier (encoded once, at build).
+- Loss: Tip-Adapter-F's cross-entropy over the C classes (the paper's, and the official code's only term);
+  Tip-Adapter has none (fitted, not trained).
 - Deviations:
   - The cache's augmented passes are this repository's training augmentation (CoOp's crop scale 0.08-1; the
     official: 0.5-1), view v drawn as epoch v's.
@@ -23,7 +25,9 @@ zero-shot CLIP's logits. alpha and beta are searched on the validation split. Ti
   - The per-dataset search ranges and initial alpha are read from the dataset's name (SETTINGS); the official 100
     epochs on EuroSAT are not (pass --epochs 100 there; README's commands do).
 """
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +38,26 @@ import clip_model
 IMAGENET_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
                       "a {} in a video game.", "art of the {}.", "a photo of the small {}."]  # ImageNet's classifier
 IMAGENET = ("ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")  # ImageNet and its test sets
-SETTINGS = {  # the official configs/<dataset>.yaml: dataset -> (init_alpha, the search's largest beta and alpha)
-    "ImageNet": (1.17, 7, 3), "OxfordPets": (1.17, 7, 3), "UCF101": (3, 7, 3), "Caltech101": (3, 12, 5),
-    "DescribableTextures": (2, 13, 13), "EuroSAT": (2, 12, 10), "SUN397": (1.17, 12, 10),
-    "FGVCAircraft": (5, 30, 30), "Food101": (1.17, 10, 10), "OxfordFlowers": (10, 50, 50),
-    "StanfordCars": (3, 20, 10),
-}  # another dataset gets ImageNet's
+
+class Setting(NamedTuple):
+    """One dataset's values in the official configs/<dataset>.yaml."""
+    init_alpha: float  # the vote's weight before the search (init_alpha)
+    beta_max: float    # the search's largest beta (search_scale[0])
+    alpha_max: float   # the search's largest alpha (search_scale[1])
+
+SETTINGS = {  # dataset -> its official setting; another dataset gets ImageNet's
+    "ImageNet": Setting(init_alpha=1.17, beta_max=7, alpha_max=3),
+    "OxfordPets": Setting(init_alpha=1.17, beta_max=7, alpha_max=3),
+    "UCF101": Setting(init_alpha=3, beta_max=7, alpha_max=3),
+    "Caltech101": Setting(init_alpha=3, beta_max=12, alpha_max=5),
+    "DescribableTextures": Setting(init_alpha=2, beta_max=13, alpha_max=13),
+    "EuroSAT": Setting(init_alpha=2, beta_max=12, alpha_max=10),
+    "SUN397": Setting(init_alpha=1.17, beta_max=12, alpha_max=10),
+    "FGVCAircraft": Setting(init_alpha=5, beta_max=30, alpha_max=30),
+    "Food101": Setting(init_alpha=1.17, beta_max=10, alpha_max=10),
+    "OxfordFlowers": Setting(init_alpha=10, beta_max=50, alpha_max=50),
+    "StanfordCars": Setting(init_alpha=3, beta_max=20, alpha_max=10),
+}
 
 @dataclass
 class Config:
@@ -50,7 +68,7 @@ class Config:
     shots: int = 16                     # train.py sets --shots: the cache holds shots x classes images
     train_keys: bool = False            # Tip-Adapter-F: the keys are learned
     augment_views: int = 10             # augmented passes averaged into the keys (the official augment_epoch)
-    alpha: float = -1.0                 # the vote's weight before the search; below 0 = the dataset's (SETTINGS)
+    alpha: float | None = None          # the vote's weight before the search; None = the dataset's (SETTINGS)
     beta: float = 1.0                   # the affinity's sharpness before the search (the official init_beta)
     search: bool = True                 # search alpha and beta on the validation split (the official)
     beta_steps: int = 200               # search grid: beta in 0.1 + i (beta_max - 0.1) / beta_steps, i < beta_steps
@@ -95,8 +113,10 @@ class TipAdapter(nn.Module):
         else:
             self.register_buffer("keys", keys)
         self.register_buffer("values", torch.zeros(cfg.shots * C, C, device=device))  # one-hot labels
-        init_alpha, self.beta_max, self.alpha_max = SETTINGS.get(cfg.dataset, SETTINGS["ImageNet"])
-        alpha = float(init_alpha) if cfg.alpha < 0 else cfg.alpha  # 0: zero-shot CLIP
+        setting = SETTINGS.get(cfg.dataset, SETTINGS["ImageNet"])
+        self.beta_max, self.alpha_max = setting.beta_max, setting.alpha_max
+        # float(): a number, also from the text train.py's --set passes for a field whose default is None
+        alpha = float(setting.init_alpha if cfg.alpha is None else cfg.alpha)  # 0: zero-shot CLIP
         self.register_buffer("alpha", torch.tensor(alpha, device=device))
         self.register_buffer("beta", torch.tensor(cfg.beta, device=device))
 
@@ -113,6 +133,10 @@ class TipAdapter(nn.Module):
     def forward(self, images=None, features=None):  # features: frozen_features(images)
         f = self.frozen_features(images) if features is None else features
         return self.logits(F.normalize(f, dim=-1), self.alpha, self.beta)
+
+    def loss(self, logits, labels, epoch):
+        """Tip-Adapter-F's loss: the cross-entropy of the softmax over the C classes' logits."""
+        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
 
     @torch.no_grad()
     def search(self, f, labels):
@@ -163,6 +187,8 @@ class TipAdapter(nn.Module):
 
 def check_config(cfg):
     """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
+    if cfg.alpha is not None and not math.isfinite(float(cfg.alpha)):
+        raise ValueError(f"alpha={cfg.alpha}: must be a finite number, or None (the dataset's)")
     for name, ok, rule in [("shots", cfg.shots >= 1, "1 or more: the cache holds shots x classes images"),
                            ("augment_views", cfg.augment_views >= 1, "1 or more"),
                            ("beta", cfg.beta > 0, "above 0"),

@@ -14,6 +14,7 @@ context of 16 learned word vectors, trained at CoOp's own learning rate.
 - Injected where: after the patch tokens (as the official code; see `VisualPrompts.forward`); VLP's context at
   the rows of "X X ... X" in "X X ... X {class}.".
 - Frozen: all of CLIP.
+- Loss: cross-entropy over the C classes; with guidance_epochs, the official VLP code's guidance first (`loss`).
 - Deviations (details in `Config`): 200 epochs, as the paper (official VPT configs: 100); a 10-epoch visual
   warm-up everywhere (official VLP: 1 on ImageNet); the official VLP code's guidance loss is off.
 """

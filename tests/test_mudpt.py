@@ -78,7 +78,7 @@ def test_prompts_replace_rows_as_described(clip):
     x = clip.transformer.resblocks[0](x, mask)
     x = clip.transformer.resblocks[1](torch.cat([x[:, :1], text[1].expand(4, -1, -1), x[:, 5:]], 1), mask)
     torch.testing.assert_close(model.encode_text(text), clip.text_head(x, model.eot), rtol=0, atol=1e-5)
-    depth1 = mudpt.build(clip, NAMES, config("ivlp", depth=1, n_tokens=4))
+    depth1 = mudpt.build(clip, NAMES, config("ivlp", depth=1, n_ctx=4))
     depth1.text_prompts.copy_(text[:1])  # prompts at the input only = CoOp with 4 tokens
     tokens = clip_model.tokenize([f"X X X X {n.replace('_', ' ')}." for n in NAMES])
     x = clip.embed_text(tokens)

@@ -303,8 +303,8 @@ def test_eval_mode_never_returns_stale_logits(method):
         torch.testing.assert_close(model(x), model.train().eval()(x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method,field", [("coop", "n_ctx"), ("cocoop", "n_ctx"), ("mudpt", "n_tokens"),
-                                          ("ivlp", "n_tokens"), ("dualpt", "n_ctx"), ("codualpt", "n_ctx")])
+@pytest.mark.parametrize("method,field", [("coop", "n_ctx"), ("cocoop", "n_ctx"), ("mudpt", "n_ctx"),
+                                          ("ivlp", "n_ctx"), ("dualpt", "n_ctx"), ("codualpt", "n_ctx")])
 def test_ctx_init_underscores_are_spaces(method, field):
     """The official code turns "_" into spaces (CoCoOp's configs write a_photo_of_a): the same 4 tokens and
     learned parameters as "a photo of a" (issue 17: 7 tokens, or MuDPT's random start)."""
@@ -329,7 +329,7 @@ def test_ctx_init_underscores_are_spaces(method, field):
     ("cavpt", "top_k=0", "top_k=0: must be 1 or more"),
     ("cavpt", "aux_weight=-1", "aux_weight=-1.0: must be 0 (no aux loss) or more"),
     ("mudpt", "depth=0", "depth=0: must be 1 or more"),
-    ("mudpt", "n_tokens=0", "n_tokens=0: must be 1 or more"),
+    ("mudpt", "n_ctx=0", "n_ctx=0: must be 1 or more"),
     ("dualpt", "n_prompts=0", "n_prompts=0: must be 1 or more"),
     ("dualpt", "sinkhorn_iters=0", "sinkhorn_iters=0: must be 1 or more"),
     ("dualpt", "alpha=nan", "alpha=nan: must be a finite number"),

@@ -34,6 +34,7 @@ import clip_model
 import coop
 import data
 import methods
+import mudpt
 import runs
 
 class Recorder:
@@ -138,6 +139,8 @@ def prompt_text(cfg, classname, template_only=False):
     context is written "X X ... X {class}." (the Config's context count), a hand-crafted template as its words."""
     name = classname.replace("_", " ")
     n = 0 if template_only else next((getattr(cfg, f) for f in ("n_tokens", "text_ctx") if getattr(cfg, f, 0)), 0)
+    if not template_only and isinstance(cfg, mudpt.Config):  # n_ctx prompts, whether a phrase starts them or not
+        n = cfg.n_ctx
     if not n and not template_only and getattr(cfg, "n_ctx", 0):  # CoOp: an init phrase sets the count
         n = int(clip_model.tokenize(cfg.ctx_init.replace("_", " ")).argmax()) - 1 if cfg.ctx_init else cfg.n_ctx
     if n:

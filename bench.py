@@ -170,8 +170,10 @@ def training_step(model, images, labels, device):
     def step():
         model.train()
         with train.autocast(precision, device):
-            loss = train.objective(model, model(images), labels, 0)
-        if optimizer:
+            logits = model(images)
+        if optimizer:  # zero-shot CLIP learns nothing: its forward alone
+            with train.autocast(precision, device):
+                loss = model.loss(logits, labels, 0)
             optimizer.zero_grad()
             scaler.scale(loss).backward()
             scaler.step(optimizer)

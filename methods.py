@@ -34,6 +34,7 @@ Optional
 import argparse
 import dataclasses
 import math
+import typing
 
 import torch
 
@@ -154,7 +155,7 @@ def make_config(args):
         if not sep or key not in {f.name for f in dataclasses.fields(cfg)}:
             raise UserError(f"--set {item}: {args.method} has no field {key!r}; its fields are "
                             f"{', '.join(f.name for f in dataclasses.fields(cfg))} (see --help-config)")
-        cfg = dataclasses.replace(cfg, **{key: parse_value(getattr(cfg, key), value, key)})
+        cfg = dataclasses.replace(cfg, **{key: parse_value(cfg, key, value)})
     check_config(args, module, cfg)  # before the flags: check_flags has checked those
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "backbone": args.backbone,
              "shots": args.shots if hasattr(cfg, "shots") else None}
@@ -164,15 +165,23 @@ def make_config(args):
                             "in SGD epochs; drop the flag (--help-config shows what it has)")
     return module, dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
 
-def parse_value(default, text, key):
-    if isinstance(default, bool):
+def parse_value(cfg, key, text):
+    """--set key=text as the type the Config's field is annotated with; a field that may be None (`float | None`)
+    also takes "none"."""
+    kind = typing.get_type_hints(type(cfg))[key]
+    optional = type(None) in typing.get_args(kind)
+    if optional and text.lower() == "none":
+        return None
+    if optional:
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise UserError(f"--set {key}={text}: expected true or false")
         return text.lower() in ("true", "1", "yes")
     try:
-        return type(default)(text) if default is not None else text
+        return kind(text)
     except ValueError:
-        raise UserError(f"--set {key}={text}: expected a {type(default).__name__}") from None
+        raise UserError(f"--set {key}={text}: expected a {kind.__name__}{' or none' if optional else ''}") from None
 
 def fitted_only(cfg):
     """A method without SGD epochs: no `epochs` in its Config, or None there (see fit above)."""

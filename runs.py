@@ -22,6 +22,7 @@ import data
 from methods import METHODS, UserError, for_data
 
 RUN_FILES = ("results.json", "checkpoint.pt")  # a folder holding either holds a run
+RENAMED = {"mudpt": {"n_tokens": "n_ctx"}}  # method file -> {a Config field's name in older runs: its name now}
 
 def all_sum(values, device):
     """Numbers or device tensors summed over the processes of a torchrun job (in a single process, the values
@@ -62,7 +63,15 @@ def load_checkpoint(path, method=None):
                         "delete it and train again") from None
     if method and ckpt["method"] != method:
         raise UserError(f"{path} holds a {ckpt['method']} run, not {method}: pass --method {ckpt['method']}")
+    ckpt["config"] = current_names(ckpt["method"], ckpt["config"])
+    if "run" in ckpt:
+        ckpt["run"]["config"] = current_names(ckpt["method"], ckpt["run"]["config"])
     return ckpt
+
+def current_names(method, config):
+    """A saved config with today's field names (RENAMED), so that an older run loads, resumes and compares."""
+    renamed = RENAMED.get(METHODS[method][0].__name__, {}) if method in METHODS else {}
+    return {renamed.get(k, k): v for k, v in config.items()}
 
 def learned_tensors(model):
     """What a run learned, by name: the parameters it trains, and the persistent buffers of the method a fit() set
@@ -100,7 +109,8 @@ def read_run(run_dir):
         method = results["method"]
         module = METHODS[method][0]
         known = {f.name for f in dataclasses.fields(module.Config)}  # the saved config also holds run options
-        cfg = module.Config(**{k: v for k, v in results["config"].items() if k in known})
+        saved = current_names(method, results["config"])
+        cfg = module.Config(**{k: v for k, v in saved.items() if k in known})
         if missing := [key for key in ("dataset", "seed", "init") if key not in results]:  # load_run reads them
             raise KeyError(missing[0])
         classnames, template = results.get("classnames"), results.get("template")

@@ -17,8 +17,8 @@ training starts exactly at zero-shot CLIP and alpha sets how far the residual ca
   - The "enhanced base" (`enhanced_base=FILE`): the official text projections, fitted offline by code that is not
     released, are read from its files; this repository cannot make them.
   - The official per-dataset settings are not automatic: its scripts use lr 2e-4 on ImageNet and alpha 1.0 on
-    Flowers102 (pass --lr / --set alpha there; README's commands do), everything else is the default below. Its
-    configs for other backbones (RN101, RN50x16, ViT-B/32, ViT-B/16; ImageNet only) use lr 2e-4, 200 epochs.
+    Flowers102 (pass --lr / --set alpha there; docs/reproducing.md's commands do), everything else is the default
+    below. Its configs for other backbones (RN101, RN50x16, ViT-B/32, ViT-B/16; ImageNet only) use lr 2e-4, 200 epochs.
 """
 from dataclasses import dataclass
 

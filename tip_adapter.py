@@ -23,7 +23,7 @@ zero-shot CLIP's logits. alpha and beta are searched on the validation split. Ti
   - Tip-Adapter-F's cosine schedule steps once per epoch, as every method here (the official: per iteration).
   - Logits scaled by CLIP's logit scale (the official: 100, the same for OpenAI's weights).
   - The per-dataset search ranges and initial alpha are read from the dataset's name (SETTINGS); the official 100
-    epochs on EuroSAT are not (pass --epochs 100 there; README's commands do).
+    epochs on EuroSAT are not (pass --epochs 100 there; docs/reproducing.md's commands do).
 """
 import math
 from dataclasses import dataclass
@@ -115,8 +115,7 @@ class TipAdapter(nn.Module):
         self.register_buffer("values", torch.zeros(cfg.shots * C, C, device=device))  # one-hot labels
         setting = SETTINGS.get(cfg.dataset, SETTINGS["ImageNet"])
         self.beta_max, self.alpha_max = setting.beta_max, setting.alpha_max
-        # float(): a number, also from the text train.py's --set passes for a field whose default is None
-        alpha = float(setting.init_alpha if cfg.alpha is None else cfg.alpha)  # 0: zero-shot CLIP
+        alpha = float(setting.init_alpha if cfg.alpha is None else cfg.alpha)  # 0: zero-shot CLIP; a float buffer
         self.register_buffer("alpha", torch.tensor(alpha, device=device))
         self.register_buffer("beta", torch.tensor(cfg.beta, device=device))
 
@@ -187,7 +186,7 @@ class TipAdapter(nn.Module):
 
 def check_config(cfg):
     """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
-    if cfg.alpha is not None and not math.isfinite(float(cfg.alpha)):
+    if cfg.alpha is not None and not math.isfinite(cfg.alpha):
         raise ValueError(f"alpha={cfg.alpha}: must be a finite number, or None (the dataset's)")
     for name, ok, rule in [("shots", cfg.shots >= 1, "1 or more: the cache holds shots x classes images"),
                            ("augment_views", cfg.augment_views >= 1, "1 or more"),

@@ -62,13 +62,6 @@ def autocast(precision, device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 
-def objective(model, logits, labels, epoch):
-    """The loss a step minimises: the method's own `loss` (auxiliary terms, guidance), else cross-entropy on fp32
-    logits (an exact softmax under any autocast)."""
-    if hasattr(model, "loss"):
-        return model.loss(logits, labels, epoch)
-    return torch.nn.functional.cross_entropy(logits.float(), labels)
-
 class Runner:
     """One run's model: CLIP and the method built for the task's classes, where they run, and in what precision."""
 
@@ -114,7 +107,7 @@ class Runner:
         for step, (inputs, labels) in enumerate(inputs_and_labels):
             with self.autocast():
                 logits = trainer(**inputs)
-                loss = objective(model, logits, labels, epoch)
+                loss = model.loss(logits, labels, epoch)  # the method's objective (methods.py)
             optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()  # fp32 and bf16: the scaler is off and passes the loss through
             self.scaler.step(optimizer)

@@ -197,3 +197,16 @@ def test_training_free_tip_adapter_refuses_training_flags(tmp_path, capsys, flag
     argv = ["--method", "tip-adapter", "--data", "demo", "--backbone", "tiny", *flags, "--output", str(tmp_path / "o")]
     assert train.main(argv) == 2
     assert "tip-adapter is fitted on the frozen features, not trained in SGD epochs" in capsys.readouterr().err
+
+
+def test_set_parses_a_field_that_may_be_none():
+    """Tip-Adapter's alpha is `float | None` (None: the dataset's): --set reads a number or none by the annotation
+    (before, the text passed through as a string and skipped the finiteness check)."""
+    def alpha(text):
+        args = methods.parse_args(["--method", "tip-adapter", "--data", "demo", "--set", f"alpha={text}"])
+        return methods.make_config(args)[1].alpha
+    assert alpha("1.5") == 1.5 and type(alpha("3")) is float and alpha("none") is None and alpha("None") is None
+    with pytest.raises(methods.UserError, match=r"--set alpha=abc: expected a float or none"):
+        alpha("abc")
+    with pytest.raises(methods.UserError, match=r"tip-adapter: alpha=nan: must be a finite number"):
+        alpha("nan")

@@ -78,7 +78,7 @@ def test_one_paper_sized_step(backbones, capsys, method, precision):
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     with train.autocast(precision, "cuda"):
-        loss = train.objective(model, model(images), labels, 0)
+        loss = model.loss(model(images), labels, 0)
     optimizer.zero_grad()
     scaler.scale(loss).backward()
     scaler.step(optimizer)

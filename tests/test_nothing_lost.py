@@ -228,3 +228,28 @@ def test_a_file_system_without_folder_locks_still_trains(tmp_path, monkeypatch):
         raise OSError(9, "Bad file descriptor")  # flock on a folder of some NFS mounts
     monkeypatch.setattr(runs.fcntl, "flock", no_locks)
     assert run(tmp_path)[0] == 0
+
+
+def test_a_run_saved_under_an_old_field_name_loads_and_resumes(tmp_path):
+    """MuDPT's Config.n_tokens is n_ctx now: a run that saved n_tokens=2 is rebuilt with 2 prompt tokens (not the
+    default 4: its checkpoint would not fit), resumes as the same task, and is evaluated by --eval-only."""
+    args = ["--method", "mudpt", "--data", "demo", "--backbone", "tiny", "--shots", "1", "--batch-size", "8",
+            "--set", "n_ctx=2", "--output", str(tmp_path)]
+    assert train.main([*args, "--epochs", "1"]) == 0
+    model, _, _ = runs.load_run(tmp_path)
+    images = torch.randn(2, 3, 32, 32)
+    logits = model(images)
+    results = json.loads((tmp_path / "results.json").read_text())
+    results["config"]["n_tokens"] = results["config"].pop("n_ctx")
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for config in (ckpt["config"], ckpt["run"]["config"]):
+        config["n_tokens"] = config.pop("n_ctx", 2)  # one dict, saved twice
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    old, _, _ = runs.load_run(tmp_path)
+    assert old.text_prompts.shape[1] == 2 and torch.equal(old(images), logits)  # (depth, n, D)
+    assert train.main([*args, "--epochs", "1", "--resume"]) == 0  # the same task: check_resume finds no difference
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["n_ctx"] == 2
+    torch.save(ckpt, tmp_path / "checkpoint.pt")  # epoch 1's, as an older run left it
+    assert train.main(["--method", "mudpt", "--data", "demo", "--backbone", "tiny", "--eval-only", "--checkpoint",
+                       str(tmp_path / "checkpoint.pt")]) == 0

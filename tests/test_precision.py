@@ -121,7 +121,7 @@ def test_text_checkpointing_changes_no_number(monkeypatch, build, cfg):
     def loss_and_grads(cfg):
         torch.manual_seed(0)
         model = build(clip, names, cfg).train()
-        loss = train.objective(model, model(images), labels, 0)
+        loss = model.loss(model(images), labels, 0)
         return loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
     plain_loss, plain_grads = loss_and_grads(dataclasses.replace(cfg, checkpoint_prompts=0))
     calls = []

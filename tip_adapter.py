@@ -186,8 +186,8 @@ class TipAdapter(nn.Module):
 
 def check_config(cfg):
     """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
-    if cfg.alpha is not None and not math.isfinite(cfg.alpha):
-        raise ValueError(f"alpha={cfg.alpha}: must be a finite number, or None (the dataset's)")
+    if cfg.alpha is not None and not (math.isfinite(cfg.alpha) and cfg.alpha >= 0):  # below 0 once meant None
+        raise ValueError(f"alpha={cfg.alpha}: must be a finite number, 0 or more, or none (the dataset's)")
     for name, ok, rule in [("shots", cfg.shots >= 1, "1 or more: the cache holds shots x classes images"),
                            ("augment_views", cfg.augment_views >= 1, "1 or more"),
                            ("beta", cfg.beta > 0, "above 0"),

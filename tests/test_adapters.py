@@ -210,3 +210,5 @@ def test_set_parses_a_field_that_may_be_none():
         alpha("abc")
     with pytest.raises(methods.UserError, match=r"tip-adapter: alpha=nan: must be a finite number"):
         alpha("nan")
+    with pytest.raises(methods.UserError, match=r"alpha=-1.0: must be a finite number, 0 or more, or none"):
+        alpha("-1")  # the old spelling of "the dataset's": refused, not taken as a weight of -1

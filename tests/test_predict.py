@@ -2,6 +2,9 @@
 images skipped, clear errors for folders that are not runs."""
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ import methods
 import predict
 import runs
 import train
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +106,11 @@ def test_a_run_whose_weights_are_not_here_says_how_to_get_them(run, tmp_path, mo
                         clip_model.MODELS["RN50"].replace("https://", "file:///nonexistent/"))
     assert predict.main([str(rn50), "x.png"]) == 2
     assert f"without internet, copy RN50.pt into {tmp_path / '.cache' / 'clip'}" in capsys.readouterr().err
+
+
+def test_the_tools_read_a_run_without_the_training_loop():
+    """predict.py and analyze.py rebuild a run through runs.py and import neither train.py nor the feature cache
+    (checked in a fresh interpreter: this session has imported train)."""
+    code = "import sys, predict, analyze; print(sorted(m for m in ('train', 'features') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+import methods
 from conftest import NAMES
 
 # variants whose loss is the plain cross-entropy at their defaults (the others add terms from the last forward:
@@ -19,16 +19,16 @@ NOTHING_LEARNED = ["zeroshot"]
 
 
 def build(clip, method):
-    module, changes = train.METHODS[method]
+    module, changes = methods.METHODS[method]
     return module.build(clip, NAMES, dataclasses.replace(module.Config(), **changes))
 
 
 def test_the_lists_cover_every_trained_variant():
-    assert set(CROSS_ENTROPY) | set(NOTHING_LEARNED) <= set(train.TRAINED)
-    assert "linear-probe" not in train.TRAINED and "tip-adapter" not in train.TRAINED  # fitted only
+    assert set(CROSS_ENTROPY) | set(NOTHING_LEARNED) <= set(methods.TRAINED)
+    assert "linear-probe" not in methods.TRAINED and "tip-adapter" not in methods.TRAINED  # fitted only
 
 
-@pytest.mark.parametrize("method", train.TRAINED)
+@pytest.mark.parametrize("method", methods.TRAINED)
 def test_every_trained_model_states_its_loss(clip, method):
     model = build(clip, method)
     learned = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -41,8 +41,8 @@ def test_every_trained_model_states_its_loss(clip, method):
 
 @pytest.mark.parametrize("method", CROSS_ENTROPY)
 def test_a_cross_entropy_loss_is_train_py_s_former_default(clip, method):
-    """Exactly F.cross_entropy on fp32 logits, what train.objective did for a model without loss(): numbers do
-    not move."""
+    """Exactly F.cross_entropy on fp32 logits, what train.py took for a model without loss() before every method
+    stated its own: numbers do not move."""
     model = build(clip, method).train()
     labels = torch.tensor([0, 3, 1, 1, 2])
     uniform = torch.zeros(5, len(NAMES))

@@ -178,11 +178,14 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, L, W)), probs
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, activation="quick_gelu"):
         super().__init__()
         self.attn = Attention(width, heads)
         self.ln_1 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(),
+        # OpenAI's models use QuickGELU, most OpenCLIP and some Hugging Face ones exact GELU: the weights cannot
+        # tell which, and the wrong one costs accuracy without an error. "gelu" keeps the key name (no parameters).
+        gelu = {"quick_gelu": QuickGELU, "gelu": nn.GELU}[activation]()
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=gelu,
                                              c_proj=nn.Linear(4 * width, width)))
         self.ln_2 = nn.LayerNorm(width)
 
@@ -193,10 +196,10 @@ class ResidualAttentionBlock(nn.Module):
         return (x, probs) if return_attn else x
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, activation="quick_gelu"):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, activation) for _ in range(layers)])
 
     def forward(self, x, mask=None, checkpoint=False):
         """checkpoint: keep only each block's input for backward and recompute the rest there (activation
@@ -210,7 +213,7 @@ class Transformer(nn.Module):
         return x
 
 class VisionTransformer(nn.Module):
-    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim, activation="quick_gelu"):
         super().__init__()
         self.input_resolution, self.output_dim = input_resolution, output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
@@ -218,7 +221,7 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(
             torch.randn((input_resolution // patch_size) ** 2 + 1, width) * width ** -0.5)
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, activation)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, output_dim) * width ** -0.5)
 
@@ -315,17 +318,20 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(self.features(images), all_tokens=True)
 
 class CLIP(nn.Module):
+    """OpenAI's 10 arguments (CONFIGS), and two that OpenAI's models leave at their defaults: `vision_heads` (a ViT's;
+    OpenAI's have 64-wide heads, ViT-H-14's are 80) and `activation` of both towers' MLPs, "quick_gelu" or "gelu"."""
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
+                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers,
+                 vision_heads=None, activation="quick_gelu"):
         super().__init__()
-        self.context_length = context_length
+        self.context_length, self.activation = context_length, activation
         if isinstance(vision_layers, (tuple, list)):
             self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64,
                                          image_resolution, vision_width)
         else:
             self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                            vision_width // 64, embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+                                            vision_heads or vision_width // 64, embed_dim, activation)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, activation)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.randn(context_length, transformer_width) * 0.01)
         self.ln_final = nn.LayerNorm(transformer_width)
@@ -379,14 +385,16 @@ def config_from_state_dict(sd):
     return (sd["text_projection"].shape[1], resolution, layers, width, patch, sd["positional_embedding"].shape[0],
             sd["token_embedding.weight"].shape[0], text_width, text_width // 64, text_layers)
 
-def build_model(state_dict):
-    """A CLIP in eval mode holding `state_dict` (fp32); LoadError if the dict is not a CLIP's."""
+def build_model(state_dict, config=None, **options):
+    """A CLIP in eval mode holding `state_dict` (fp32); LoadError if the dict is not a CLIP's. `config`: the 10
+    constructor arguments (default: read off the shapes); `options`: CLIP's keyword arguments, which shapes
+    cannot tell (other formats' converters read them from their configuration)."""
     sd = {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v for k, v in state_dict.items()}
     resolution, _, _ = [sd.pop(k, None) for k in ("input_resolution", "context_length", "vocab_size")]  # metadata
     try:
-        config = config_from_state_dict(sd)
+        config = config or config_from_state_dict(sd)
         with torch.device("meta"):  # no random init: every tensor comes from the file
-            model = CLIP(*config)
+            model = CLIP(*config, **options)
     except (KeyError, AssertionError, IndexError, TypeError) as e:
         problems = [f"cannot read the architecture: no key {e}" if isinstance(e, KeyError) else repr(e)]
     else:

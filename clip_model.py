@@ -16,6 +16,7 @@ output), H attention heads, R image resolution, n learned prompt tokens per bloc
 import gzip
 import hashlib
 import html
+import json
 import math
 import os
 import re
@@ -467,6 +468,151 @@ def download(url, root):
         if os.path.exists(tmp.name):
             os.remove(tmp.name)
 
+# Hugging Face (transformers' CLIPModel folders: config.json + weights). The defaults of transformers' CLIPTextConfig
+# and CLIPVisionConfig, for config.json files that leave a field out.
+HF_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8, vocab_size=49408,
+               max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=49407)
+HF_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+                 patch_size=32, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+HF_BLOCK = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+            "mlp.fc2": "mlp.c_proj"}  # one encoder layer's modules, theirs -> ours (q/k/v are concatenated)
+HF_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+          "text_model.embeddings.position_embedding.weight": "positional_embedding",
+          "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias",
+          "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+          "vision_model.embeddings.class_embedding": "visual.class_embedding",
+          "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+          "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",  # sic: transformers' spelling
+          "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+          "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+          "vision_model.post_layernorm.bias": "visual.ln_post.bias", "logit_scale": "logit_scale"}
+
+def hf_cache():
+    """The Hugging Face hub cache, found as huggingface_hub finds it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+def hf_snapshot(repo):
+    """The folder of hub model `repo` ("org/name"): its cached snapshot (refs/main's, else the only one), else
+    downloaded into the cache by huggingface_hub (an optional dependency, imported only here)."""
+    models = hf_cache() / f"models--{repo.replace('/', '--')}"
+    ref, snapshots = models / "refs" / "main", sorted((models / "snapshots").glob("*"))
+    folder = snapshots[0] if len(snapshots) == 1 else None
+    if ref.is_file():
+        folder = models / "snapshots" / ref.read_text().strip()
+    if folder and (folder / "config.json").is_file() and any((folder / name).is_file() for name in HF_WEIGHTS):
+        return folder
+    offline = (f"or put the model's config.json, preprocessor_config.json and model.safetensors into "
+               f"{models}/snapshots/<revision>/ (or any folder, and pass its path)")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise LoadError(f"hf:{repo} is not in the Hugging Face cache: pip install huggingface_hub to download it, "
+                        + offline) from None
+    try:
+        files = huggingface_hub.list_repo_files(repo)
+        weights = ["model*.safetensors", "model.safetensors.index.json"] if "model.safetensors" in files or \
+            "model.safetensors.index.json" in files else ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+        return Path(huggingface_hub.snapshot_download(repo, cache_dir=hf_cache(), allow_patterns=[
+            "config.json", "preprocessor_config.json", *weights]))
+    except Exception as e:  # huggingface_hub's errors (no network, no such repo, offline mode) share no base class
+        reason = str(e).strip().split("\n")[0]
+        raise LoadError(f"could not download hf:{repo} ({type(e).__name__}: {reason}): check the name, or without "
+                        "internet " + offline) from None
+
+def read_hf_weights(folder):
+    """A transformers model folder's weights (safetensors or PyTorch, whole or sharded) -> {key: tensor}."""
+    name = next((name for name in HF_WEIGHTS if (folder / name).is_file()), None)
+    if name is None:
+        raise LoadError(f"{folder} has a config.json but no weights: put model.safetensors (or pytorch_model.bin) "
+                        "next to it")
+    files = [folder / name]
+    if name.endswith(".index.json"):  # shards, listed by their index
+        files = [folder / shard for shard in sorted(set(json.loads(files[0].read_text())["weight_map"].values()))]
+    sd = {}
+    for path in files:
+        if path.suffix != ".safetensors":
+            sd.update(read_state_dict(path))
+            continue
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise LoadError(f"{path} is a safetensors file: pip install safetensors to read it") from None
+        sd.update(load_file(path))
+    return sd
+
+def convert_hf(config, hf, preprocessor=None):
+    """A transformers CLIPModel's config.json, weights and preprocessor_config.json -> (the 10 CLIP arguments, CLIP's
+    keyword arguments, OpenAI's state dict); LoadError naming what this CLIP cannot represent."""
+    text, vision = {**HF_TEXT, **config.get("text_config", {})}, {**HF_VISION, **config.get("vision_config", {})}
+    size, preprocessor = vision["image_size"], preprocessor or {}
+    crop = preprocessor.get("crop_size", size)
+    crop = crop.get("height") if isinstance(crop, dict) and crop.get("height") == crop.get("width") else crop
+    mean, std = preprocessor.get("image_mean", MEAN), preprocessor.get("image_std", STD)
+    checks = [  # (what, its value, whether this CLIP builds it, what it builds)
+        ("model_type", config.get("model_type"), config.get("model_type") == "clip", "clip (a CLIP ViT)"),
+        ("hidden_act (text, vision)", (text["hidden_act"], vision["hidden_act"]),
+         text["hidden_act"] == vision["hidden_act"] in ("quick_gelu", "gelu"), "quick_gelu or gelu in both"),
+        ("layer_norm_eps", (text["layer_norm_eps"], vision["layer_norm_eps"]),
+         text["layer_norm_eps"] == vision["layer_norm_eps"] == 1e-5, "1e-5"),
+        ("intermediate_size", (text["intermediate_size"], vision["intermediate_size"]),
+         all(tower["intermediate_size"] == 4 * tower["hidden_size"] for tower in (text, vision)),
+         "4 x hidden_size"),
+        ("vocab_size", text["vocab_size"], text["vocab_size"] == 49408, "49408 (OpenAI's BPE tokenizer)"),
+        ("max_position_embeddings", text["max_position_embeddings"], text["max_position_embeddings"] == 77, "77"),
+        ("eos_token_id", text["eos_token_id"], text["eos_token_id"] in (2, 49407), "49407 (or the legacy 2): "
+         "text pooled at OpenAI's end-of-text token"),
+        ("image_size", size, isinstance(size, int), "one int (square images)"),
+        ("num_channels", vision["num_channels"], vision["num_channels"] == 3, "3"),
+        ("preprocessor crop_size", crop, crop == size, f"image_size {size}"),
+        ("preprocessor image_mean", mean, len(mean) == 3 and all(abs(a - b) < 1e-6 for a, b in zip(mean, MEAN)),
+         f"OpenAI's {MEAN}, which data.py normalises with"),
+        ("preprocessor image_std", std, len(std) == 3 and all(abs(a - b) < 1e-6 for a, b in zip(std, STD)),
+         f"OpenAI's {STD}, which data.py normalises with"),
+    ]
+    bad = [f"{what} is {value}, not {builds}" for what, value, ok, builds in checks if not ok]
+    if bad:
+        raise LoadError(f"this CLIP cannot represent the model: {'; '.join(bad)}")
+    hf, sd = dict(hf), {}
+    try:
+        for theirs, ours in [("text_model.encoder.layers.", "transformer.resblocks."),
+                             ("vision_model.encoder.layers.", "visual.transformer.resblocks.")]:
+            for i in sorted({int(k[len(theirs):].split(".")[0]) for k in hf if k.startswith(theirs)}):
+                for kind in ("weight", "bias"):  # q, k, v stacked in rows, as nn.MultiheadAttention's in_proj
+                    sd[f"{ours}{i}.attn.in_proj_{kind}"] = torch.cat(
+                        [hf.pop(f"{theirs}{i}.self_attn.{p}_proj.{kind}") for p in "qkv"])
+                    for their_module, our_module in HF_BLOCK.items():
+                        sd[f"{ours}{i}.{our_module}.{kind}"] = hf.pop(f"{theirs}{i}.{their_module}.{kind}")
+        for theirs, ours in HF_TOP.items():
+            sd[ours] = hf.pop(theirs)
+        sd["visual.proj"] = hf.pop("visual_projection.weight").t()  # nn.Linear's (out, in) -> OpenAI's x @ (in, out)
+        sd["text_projection"] = hf.pop("text_projection.weight").t()
+    except KeyError as e:
+        raise LoadError(f"not a transformers CLIPModel's weights (no {e}): pass a CLIPModel folder") from None
+    for key in ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"):
+        hf.pop(key, None)  # aranges, saved by older transformers
+    if hf:
+        raise LoadError(f"weights this CLIP has no place for: {', '.join(sorted(hf)[:3])}: pass a CLIPModel folder")
+    args = (config.get("projection_dim", 512), size, vision["num_hidden_layers"], vision["hidden_size"],
+            vision["patch_size"], 77, 49408, text["hidden_size"], text["num_attention_heads"],
+            text["num_hidden_layers"])
+    return args, dict(vision_heads=vision["num_attention_heads"], activation=text["hidden_act"]), sd
+
+def load_hf(folder):
+    """A CLIP from a transformers CLIPModel folder (config.json, weights, optional preprocessor_config.json)."""
+    folder = Path(folder)
+    preprocessor = folder / "preprocessor_config.json"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        preprocessor = json.loads(preprocessor.read_text()) if preprocessor.is_file() else None
+    except ValueError as e:
+        raise LoadError(f"{folder}: a JSON file is unreadable ({e}): download the model again") from None
+    args, options, sd = convert_hf(config, read_hf_weights(folder), preprocessor)
+    return build_model(sd, args, **options)
+
 def transform(n_px):
     """CLIP's test-time preprocess: PIL image -> normalised (3, n_px, n_px) tensor."""
     return T.Compose([T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n_px),
@@ -501,8 +647,10 @@ def noise_images(n, resolution):
     return x / x.std()
 
 def load(name_or_path, device="cpu", download_root=None, pretrained=True, seed=0):
-    """(model, preprocess) for a name or checkpoint path; pretrained=False or `tiny`: seeded random weights
-    (a random ResNet's BatchNorm statistics measured on noise images, see calibrate_batchnorm)."""
+    """(model, preprocess) for a name, a checkpoint path, a transformers CLIPModel folder or `hf:<org>/<name>` (the
+    Hugging Face cache's copy, else downloaded); pretrained=False (names only) or `tiny`: seeded random weights
+    (a random ResNet's BatchNorm statistics measured on noise images, see calibrate_batchnorm). The same string
+    gives the same model again: what the weights cannot tell (the activation) is read from the name or config."""
     if name_or_path in CONFIGS and (not pretrained or name_or_path not in MODELS):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -512,11 +660,17 @@ def load(name_or_path, device="cpu", download_root=None, pretrained=True, seed=0
     elif name_or_path in MODELS:
         path = download(MODELS[name_or_path], download_root or os.path.expanduser("~/.cache/clip"))
         model = build_model(read_state_dict(path))
+    elif name_or_path.startswith("hf:"):
+        model = load_hf(hf_snapshot(name_or_path[len("hf:"):]))
     elif os.path.isfile(name_or_path):
         model = build_model(read_state_dict(name_or_path))
+    elif os.path.isfile(os.path.join(name_or_path, "config.json")):
+        model = load_hf(name_or_path)
     elif os.path.exists(name_or_path):
-        raise LoadError(f"{name_or_path} is not a file: pass the path of a CLIP checkpoint file")
+        raise LoadError(f"{name_or_path} is not a file, nor a Hugging Face model folder (no config.json): pass the "
+                        "path of a CLIP checkpoint file or of a transformers CLIPModel folder")
     else:
         raise LoadError(f"Unknown CLIP model {name_or_path!r} and no file at that path. Available: "
-                        f"{', '.join(CONFIGS)} - or pass the path of a checkpoint file")
+                        f"{', '.join(CONFIGS)} - or pass the path of a checkpoint file, a Hugging Face CLIPModel "
+                        "folder, or hf:<org>/<name>")
     return model.to(device), transform(model.visual.input_resolution)

@@ -6,7 +6,8 @@ with `F.scaled_dot_product_attention`; text cut after the batch's last EOT (exac
 weights (train.py picks precision once, by autocast). What methods build on (no method code lives here):
 images `visual.embed -> visual.transformer.resblocks -> visual.head`, or `visual.dense` (global + local
 features); text `embed_text -> encode_text_embeddings`, or its parts `positional_embedding`, `causal_mask`,
-`transformer.resblocks`, `text_head`; attention maps from `block(x, mask, return_attn=True)`.
+`transformer.resblocks`, `text_head`; attention maps from `block(x, mask, return_attn=True)`. `load` also converts
+Hugging Face (transformers CLIPModel) and OpenCLIP weights of OpenAI's architecture (tests/test_other_weights.py).
 
 Shape letters, one meaning in every file of the repository (a method file adds its paper's own symbols and
 says so): B images in a batch, C classes, L tokens of a text prompt, N image tokens after the class token
@@ -412,7 +413,15 @@ def build_model(state_dict, config=None, **options):
     return model.eval()
 
 def read_state_dict(path):
-    """An OpenAI TorchScript archive or a plain torch.save'd state dict -> {key: tensor} on the CPU."""
+    """An OpenAI TorchScript archive, a torch.save'd state dict or training checkpoint (OpenCLIP's: its "state_dict",
+    keys "module."-prefixed when saved from DistributedDataParallel) or a .safetensors file -> {key: tensor} on the
+    CPU."""
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise LoadError(f"{path} is a safetensors file: pip install safetensors to read it") from None
+        return load_file(path)
     try:  # OpenAI's files are TorchScript archives: zips with a constants.pkl (torch.save zips have none)
         if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
             with warnings.catch_warnings():
@@ -422,6 +431,8 @@ def read_state_dict(path):
     except Exception as e:
         raise LoadError(f"{path} is unreadable or corrupt ({type(e).__name__}): it is not a complete checkpoint; "
                         "delete it and download it again") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = {k.removeprefix("module."): v for k, v in sd["state_dict"].items()}
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise LoadError(f"{path} holds no state dict of tensors: pass an OpenAI CLIP checkpoint")
     return sd
@@ -495,18 +506,20 @@ def hf_cache():
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
     return Path(home).expanduser() / "hub"
 
-def hf_snapshot(repo):
-    """The folder of hub model `repo` ("org/name"): its cached snapshot (refs/main's, else the only one), else
-    downloaded into the cache by huggingface_hub (an optional dependency, imported only here)."""
+def hf_snapshot(repo, weights=HF_WEIGHTS, required=("config.json",), optional=("preprocessor_config.json",)):
+    """The folder of hub model `repo` ("org/name") with the first of `weights` that it has: its cached snapshot
+    (refs/main's, else the only one), else downloaded into the cache by huggingface_hub (an optional dependency,
+    imported only here)."""
     models = hf_cache() / f"models--{repo.replace('/', '--')}"
     ref, snapshots = models / "refs" / "main", sorted((models / "snapshots").glob("*"))
     folder = snapshots[0] if len(snapshots) == 1 else None
     if ref.is_file():
         folder = models / "snapshots" / ref.read_text().strip()
-    if folder and (folder / "config.json").is_file() and any((folder / name).is_file() for name in HF_WEIGHTS):
+    if folder and all((folder / name).is_file() for name in required) and any(
+            (folder / name).is_file() for name in weights):
         return folder
-    offline = (f"or put the model's config.json, preprocessor_config.json and model.safetensors into "
-               f"{models}/snapshots/<revision>/ (or any folder, and pass its path)")
+    offline = (f"or put the model's {', '.join([*required, *optional, weights[0]])} into "
+               f"{models}/snapshots/<revision>/ (or pass the file's or folder's path)")
     try:
         import huggingface_hub
     except ImportError:
@@ -514,10 +527,11 @@ def hf_snapshot(repo):
                         + offline) from None
     try:
         files = huggingface_hub.list_repo_files(repo)
-        weights = ["model*.safetensors", "model.safetensors.index.json"] if "model.safetensors" in files or \
-            "model.safetensors.index.json" in files else ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+        name = next((name for name in weights if name in files), weights[0])  # safetensors first
+        stem, _, suffix = name.removesuffix(".index.json").rpartition(".")
+        shards = [f"{stem}-*.{suffix}"] if name.endswith(".index.json") else []  # model-00001-of-00002.safetensors
         return Path(huggingface_hub.snapshot_download(repo, cache_dir=hf_cache(), allow_patterns=[
-            "config.json", "preprocessor_config.json", *weights]))
+            *required, *optional, name, *shards]))
     except Exception as e:  # huggingface_hub's errors (no network, no such repo, offline mode) share no base class
         reason = str(e).strip().split("\n")[0]
         raise LoadError(f"could not download hf:{repo} ({type(e).__name__}: {reason}): check the name, or without "
@@ -534,14 +548,7 @@ def read_hf_weights(folder):
         files = [folder / shard for shard in sorted(set(json.loads(files[0].read_text())["weight_map"].values()))]
     sd = {}
     for path in files:
-        if path.suffix != ".safetensors":
-            sd.update(read_state_dict(path))
-            continue
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise LoadError(f"{path} is a safetensors file: pip install safetensors to read it") from None
-        sd.update(load_file(path))
+        sd.update(read_state_dict(path))
     return sd
 
 def convert_hf(config, hf, preprocessor=None):
@@ -551,6 +558,8 @@ def convert_hf(config, hf, preprocessor=None):
     size, preprocessor = vision["image_size"], preprocessor or {}
     crop = preprocessor.get("crop_size", size)
     crop = crop.get("height") if isinstance(crop, dict) and crop.get("height") == crop.get("width") else crop
+    resize = preprocessor.get("size", {"shortest_edge": size})
+    resize = resize.get("shortest_edge") if isinstance(resize, dict) else resize  # transform() resizes to the crop
     mean, std = preprocessor.get("image_mean", MEAN), preprocessor.get("image_std", STD)
     checks = [  # (what, its value, whether this CLIP builds it, what it builds)
         ("model_type", config.get("model_type"), config.get("model_type") == "clip", "clip (a CLIP ViT)"),
@@ -568,6 +577,7 @@ def convert_hf(config, hf, preprocessor=None):
         ("image_size", size, isinstance(size, int), "one int (square images)"),
         ("num_channels", vision["num_channels"], vision["num_channels"] == 3, "3"),
         ("preprocessor crop_size", crop, crop == size, f"image_size {size}"),
+        ("preprocessor size", resize, resize == size, f"image_size {size} (resized to the crop)"),
         ("preprocessor image_mean", mean, len(mean) == 3 and all(abs(a - b) < 1e-6 for a, b in zip(mean, MEAN)),
          f"OpenAI's {MEAN}, which data.py normalises with"),
         ("preprocessor image_std", std, len(std) == 3 and all(abs(a - b) < 1e-6 for a, b in zip(std, STD)),
@@ -612,6 +622,104 @@ def load_hf(folder):
         raise LoadError(f"{folder}: a JSON file is unreadable ({e}): download the model again") from None
     args, options, sd = convert_hf(config, read_hf_weights(folder), preprocessor)
     return build_model(sd, args, **options)
+
+# OpenCLIP's ViTs whose architecture is OpenAI's (class-token pooling after ln_pre, text pooled at the end-of-text
+# token, OpenAI's tokenizer and normalisation, 4x MLPs). Others (SigLIP, CLIPA, EVA, CoCa, timm towers, ViT-g/bigG's
+# wider MLPs) are refused. The activation is a property of the model name, as in open_clip: "-quickgelu" names use
+# QuickGELU, the others nn.GELU; the weights cannot tell, and the wrong one loses accuracy without an error.
+OPENCLIP_MODELS = {  # name (without -quickgelu) -> CLIP's 10 arguments, vision heads (open_clip's model_configs)
+    "ViT-B-32": ((512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), 12),
+    "ViT-B-32-256": ((512, 256, 12, 768, 32, 77, 49408, 512, 8, 12), 12),
+    "ViT-B-16": ((512, 224, 12, 768, 16, 77, 49408, 512, 8, 12), 12),
+    "ViT-B-16-plus-240": ((640, 240, 12, 896, 16, 77, 49408, 640, 10, 12), 14),
+    "ViT-L-14": ((768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12), 16),
+    "ViT-L-14-336": ((768, 336, 24, 1024, 14, 77, 49408, 768, 12, 12), 16),
+    "ViT-H-14": ((1024, 224, 32, 1280, 14, 77, 49408, 1024, 16, 24), 16),  # 80-wide heads
+    "ViT-H-14-378": ((1024, 378, 32, 1280, 14, 77, 49408, 1024, 16, 24), 16),
+}
+OPENCLIP_PRETRAINED = {  # MODEL:TAG -> Hugging Face hub repo of its weights (open_clip's pretrained.py, hf_hub)
+    "ViT-B-32:laion2b_e16": "timm/vit_base_patch32_clip_224.laion2b_e16",
+    "ViT-B-32:laion2b_s34b_b79k": "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+    "ViT-B-32:datacomp_xl_s13b_b90k": "laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K",
+    "ViT-B-32:datacomp_m_s128m_b4k": "laion/CLIP-ViT-B-32-DataComp.M-s128M-b4K",
+    "ViT-B-32:commonpool_m_clip_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M.clip-s128M-b4K",
+    "ViT-B-32:commonpool_m_laion_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M.laion-s128M-b4K",
+    "ViT-B-32:commonpool_m_image_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M.image-s128M-b4K",
+    "ViT-B-32:commonpool_m_text_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M.text-s128M-b4K",
+    "ViT-B-32:commonpool_m_basic_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M.basic-s128M-b4K",
+    "ViT-B-32:commonpool_m_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M-s128M-b4K",
+    "ViT-B-32:datacomp_s_s13m_b4k": "laion/CLIP-ViT-B-32-DataComp.S-s13M-b4K",
+    "ViT-B-32:commonpool_s_clip_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S.clip-s13M-b4K",
+    "ViT-B-32:commonpool_s_laion_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S.laion-s13M-b4K",
+    "ViT-B-32:commonpool_s_image_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S.image-s13M-b4K",
+    "ViT-B-32:commonpool_s_text_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S.text-s13M-b4K",
+    "ViT-B-32:commonpool_s_basic_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S.basic-s13M-b4K",
+    "ViT-B-32:commonpool_s_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S-s13M-b4K",
+    "ViT-B-32-256:datacomp_s34b_b86k": "laion/CLIP-ViT-B-32-256x256-DataComp-s34B-b86K",
+    "ViT-B-16:laion400m_e31": "timm/vit_base_patch16_clip_224.laion400m_e31",
+    "ViT-B-16:laion400m_e32": "timm/vit_base_patch16_clip_224.laion400m_e32",
+    "ViT-B-16:laion2b_s34b_b88k": "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
+    "ViT-B-16:datacomp_xl_s13b_b90k": "laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K",
+    "ViT-B-16:datacomp_l_s1b_b8k": "laion/CLIP-ViT-B-16-DataComp.L-s1B-b8K",
+    "ViT-B-16:commonpool_l_clip_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L.clip-s1B-b8K",
+    "ViT-B-16:commonpool_l_laion_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L.laion-s1B-b8K",
+    "ViT-B-16:commonpool_l_image_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L.image-s1B-b8K",
+    "ViT-B-16:commonpool_l_text_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L.text-s1B-b8K",
+    "ViT-B-16:commonpool_l_basic_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L.basic-s1B-b8K",
+    "ViT-B-16:commonpool_l_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L-s1B-b8K",
+    "ViT-B-16-plus-240:laion400m_e31": "timm/vit_base_patch16_plus_clip_240.laion400m_e31",
+    "ViT-L-14:laion400m_e31": "timm/vit_large_patch14_clip_224.laion400m_e31",
+    "ViT-L-14:laion400m_e32": "timm/vit_large_patch14_clip_224.laion400m_e32",
+    "ViT-L-14:datacomp_xl_s13b_b90k": "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K",
+    "ViT-L-14:commonpool_xl_clip_s13b_b90k": "laion/CLIP-ViT-L-14-CommonPool.XL.clip-s13B-b90K",
+    "ViT-L-14:commonpool_xl_laion_s13b_b90k": "laion/CLIP-ViT-L-14-CommonPool.XL.laion-s13B-b90K",
+    "ViT-L-14:commonpool_xl_s13b_b90k": "laion/CLIP-ViT-L-14-CommonPool.XL-s13B-b90K",
+    "ViT-L-14:dfn2b_s39b": "apple/DFN2B-CLIP-ViT-L-14-39B",
+    "ViT-H-14:laion2b_s32b_b79k": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    "ViT-H-14:metaclip_altogether": "timm/vit_huge_patch14_clip_224.metaclip_altogether",
+    "ViT-B-32-quickgelu:openai": "timm/vit_base_patch32_clip_224.openai",
+    "ViT-B-32-quickgelu:laion400m_e31": "timm/vit_base_patch32_clip_224.laion400m_e31",
+    "ViT-B-32-quickgelu:laion400m_e32": "timm/vit_base_patch32_clip_224.laion400m_e32",
+    "ViT-B-32-quickgelu:metaclip_400m": "timm/vit_base_patch32_clip_224.metaclip_400m",
+    "ViT-B-32-quickgelu:metaclip_fullcc": "timm/vit_base_patch32_clip_224.metaclip_2pt5b",
+    "ViT-B-16-quickgelu:openai": "timm/vit_base_patch16_clip_224.openai",
+    "ViT-B-16-quickgelu:dfn2b": "apple/DFN2B-CLIP-ViT-B-16",
+    "ViT-B-16-quickgelu:metaclip_400m": "timm/vit_base_patch16_clip_224.metaclip_400m",
+    "ViT-B-16-quickgelu:metaclip_fullcc": "timm/vit_base_patch16_clip_224.metaclip_2pt5b",
+    "ViT-L-14-quickgelu:openai": "timm/vit_large_patch14_clip_224.openai",
+    "ViT-L-14-quickgelu:metaclip_400m": "timm/vit_large_patch14_clip_224.metaclip_400m",
+    "ViT-L-14-quickgelu:metaclip_fullcc": "timm/vit_large_patch14_clip_224.metaclip_2pt5b",
+    "ViT-L-14-quickgelu:dfn2b": "apple/DFN2B-CLIP-ViT-L-14",
+    "ViT-L-14-336-quickgelu:openai": "timm/vit_large_patch14_clip_336.openai",
+    "ViT-H-14-quickgelu:metaclip_fullcc": "timm/vit_huge_patch14_clip_224.metaclip_2pt5b",
+    "ViT-H-14-quickgelu:dfn5b": "apple/DFN5B-CLIP-ViT-H-14",
+    "ViT-H-14-378-quickgelu:dfn5b": "apple/DFN5B-CLIP-ViT-H-14-378",
+}
+OPENCLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # in those hub repos
+
+def load_openclip(name, weights):
+    """A CLIP from OpenCLIP model `name` ("ViT-B-16", "ViT-B-16-quickgelu", ...) with `weights`: a pretrained tag
+    (OPENCLIP_PRETRAINED, from the Hugging Face cache or hub) or the path of an OpenCLIP checkpoint file."""
+    quick = name.endswith("-quickgelu")
+    base, other = name.removesuffix("-quickgelu"), name.removesuffix("-quickgelu") + ("" if quick else "-quickgelu")
+    if base not in OPENCLIP_MODELS:
+        raise LoadError(f"OpenCLIP model {name!r} is not one this CLIP can build (another pooling, tokenizer, MLP "
+                        f"width or image tower); these are: {', '.join(OPENCLIP_MODELS)} (each also -quickgelu)")
+    if os.path.isfile(weights):
+        path = weights
+    elif f"{name}:{weights}" in OPENCLIP_PRETRAINED:
+        folder = hf_snapshot(OPENCLIP_PRETRAINED[f"{name}:{weights}"], OPENCLIP_FILES, required=(), optional=())
+        path = next(folder / file for file in OPENCLIP_FILES if (folder / file).is_file())
+    elif f"{other}:{weights}" in OPENCLIP_PRETRAINED:  # open_clip would load it, with a warning, and lose accuracy
+        raise LoadError(f"{name}:{weights} was trained with {'GELU' if quick else 'QuickGELU'}: pass {other}:{weights}")
+    else:
+        tags = [pair.split(":")[1] for pair in OPENCLIP_PRETRAINED if pair.startswith(name + ":")]
+        raise LoadError(f"no OpenCLIP weights {name}:{weights} here, nor a file at {weights!r}: pretrained tags for "
+                        f"{name}: {', '.join(tags) or 'none (see its -quickgelu twin)'}; or pass {name}:<file path>")
+    config, vision_heads = OPENCLIP_MODELS[base]
+    sd = read_state_dict(path)
+    sd.pop("attn_mask", None)  # the causal mask, a buffer in some open_clip versions; ours is built when used
+    return build_model(sd, config, vision_heads=vision_heads, activation="quick_gelu" if quick else "gelu")
 
 def transform(n_px):
     """CLIP's test-time preprocess: PIL image -> normalised (3, n_px, n_px) tensor."""
@@ -666,11 +774,13 @@ def load(name_or_path, device="cpu", download_root=None, pretrained=True, seed=0
         model = build_model(read_state_dict(name_or_path))
     elif os.path.isfile(os.path.join(name_or_path, "config.json")):
         model = load_hf(name_or_path)
+    elif ":" in name_or_path and not os.path.exists(name_or_path):  # OpenCLIP's MODEL:TAG or MODEL:<file>
+        model = load_openclip(*name_or_path.split(":", 1))
     elif os.path.exists(name_or_path):
         raise LoadError(f"{name_or_path} is not a file, nor a Hugging Face model folder (no config.json): pass the "
                         "path of a CLIP checkpoint file or of a transformers CLIPModel folder")
     else:
         raise LoadError(f"Unknown CLIP model {name_or_path!r} and no file at that path. Available: "
                         f"{', '.join(CONFIGS)} - or pass the path of a checkpoint file, a Hugging Face CLIPModel "
-                        "folder, or hf:<org>/<name>")
+                        "folder, hf:<org>/<name>, or OpenCLIP's MODEL:TAG (ViT-B-16:laion2b_s34b_b88k)")
     return model.to(device), transform(model.visual.input_resolution)

@@ -1,6 +1,7 @@
 """Weights in other formats, loaded into clip_model.CLIP: Hugging Face (transformers' CLIPModel folders, hf:<org>/<name>
-from the Hugging Face cache). Parity with the library's own forward on the same random weights, the activation the
-weights cannot tell, the errors a user can cause, and a run of train.py on such a backbone. Nothing is downloaded."""
+from the Hugging Face cache) and OpenCLIP (MODEL:TAG from the cache, MODEL:<file>). Parity with each library's own
+forward on the same random weights, the activation the weights cannot tell, the errors a user can cause, and a run of
+train.py on such a backbone. Nothing is downloaded."""
 import json
 import sys
 
@@ -157,6 +158,7 @@ def edited(tmp_path, folder, config=None, preprocess=None):
     (None, {"image_mean": [0.5, 0.5, 0.5]}, r"image_mean is \[0.5, 0.5, 0.5\], not OpenAI's \(0.481"),
     (None, {"image_std": [0.5, 0.5, 0.5]}, r"image_std is \[0.5, 0.5, 0.5\], not OpenAI's"),
     (None, {"crop_size": {"height": 40, "width": 40}}, "crop_size is 40, not image_size 32"),
+    (None, {"size": {"shortest_edge": 36}}, "size is 36, not image_size 32"),
     ({"model_type": "siglip"}, None, "model_type is siglip, not clip"),
     ({"vision_config.hidden_act": "quick_gelu"}, None, r"hidden_act \(text, vision\) is \('gelu', 'quick_gelu'\)"),
     ({"text_config.hidden_act": "gelu_new", "vision_config.hidden_act": "gelu_new"}, None, "hidden_act"),
@@ -191,7 +193,8 @@ def test_folder_errors(tmp_path, tiny_hf):
 
 
 def test_pytorch_bin_with_position_ids_loads(tmp_path, tiny_hf):
-    """Older transformers saved pytorch_model.bin with the position-id aranges: they are dropped."""
+    """Older transformers saved pytorch_model.bin with the position-id aranges (dropped), and sizes as plain ints in
+    preprocessor_config.json (as openai/clip-vit-base-patch16's still are)."""
     from safetensors.torch import load_file
     sd = load_file(tiny_hf / "model.safetensors")
     sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
@@ -200,6 +203,8 @@ def test_pytorch_bin_with_position_ids_loads(tmp_path, tiny_hf):
     folder.mkdir()
     torch.save(sd, folder / "pytorch_model.bin")
     (folder / "config.json").write_text((tiny_hf / "config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": 32, "size": 32, "image_mean": clip_model.MEAN, "image_std": clip_model.STD, "resample": 3}))
     images, tokens = inputs()
     expected = features(clip_model.load(str(tiny_hf))[0], images, tokens)
     for want, got in zip(expected, features(clip_model.load(str(folder))[0], images, tokens)):
@@ -223,3 +228,125 @@ def test_coop_trains_on_a_hugging_face_folder_and_reloads(tmp_path, monkeypatch,
     assert any(isinstance(m, torch.nn.GELU) for m in model.modules())  # the activation came back with the string
     learned = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["learned"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in learned.items())
+
+
+# OpenCLIP: MODEL:TAG from the Hugging Face cache and MODEL:<file>, against open_clip's own forward.
+
+def openclip_clip(quick_gelu, seed=0):
+    """A tiny random open_clip CLIP with 96-wide vision heads (not OpenAI's 64, as ViT-H-14's 80) and its
+    architecture as an OPENCLIP_MODELS entry."""
+    open_clip = pytest.importorskip("open_clip")
+    from conftest import randomize as randomize_openai_keys  # open_clip's keys are OpenAI's
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(64, open_clip.model.CLIPVisionCfg(layers=2, width=192, head_width=96, image_size=32,
+                                                                   patch_size=8),
+                                 open_clip.model.CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2,
+                                                             layers=2), quick_gelu=quick_gelu)
+    model.load_state_dict(randomize_openai_keys(model.state_dict(), seed))
+    return model.eval(), ((64, 32, 2, 192, 8, 77, 49408, 128, 2, 2), 2)
+
+
+def openclip_features(model, images, tokens):
+    with torch.no_grad():
+        image, text = model.encode_image(images), model.encode_text(tokens)
+        image_n, text_n, scale = model(images, tokens)[:3]
+        return image, text, scale * image_n @ text_n.t()
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_openclip_parity(tmp_path, monkeypatch, quick_gelu):
+    """MODEL:TAG from the cache and MODEL:<file> equal open_clip's forward within 1e-5; the activation follows the
+    model name, and the other name on the same file is off by far more."""
+    reference, architecture = openclip_clip(quick_gelu)
+    monkeypatch.setitem(clip_model.OPENCLIP_MODELS, "Tiny-ViT", architecture)
+    name = "Tiny-ViT-quickgelu" if quick_gelu else "Tiny-ViT"
+    monkeypatch.setitem(clip_model.OPENCLIP_PRETRAINED, f"{name}:random", "someone/tiny-open-clip")
+    snapshot = tmp_path / "hub" / "models--someone--tiny-open-clip" / "snapshots" / ("89ab" * 10)
+    snapshot.mkdir(parents=True)
+    torch.save(reference.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # one snapshot and no refs/main: that one
+    images, tokens = inputs()
+    expected = openclip_features(reference, images, tokens)
+    by_tag, preprocess = clip_model.load(f"{name}:random")
+    by_file, _ = clip_model.load(f"{name}:{snapshot / 'open_clip_pytorch_model.bin'}")
+    assert by_tag.activation == ("quick_gelu" if quick_gelu else "gelu")
+    for model in (by_tag, by_file):
+        for what, want, got in zip(["image", "text", "logits"], expected, features(model, images, tokens)):
+            diff = (want - got).abs().max().item()
+            print(f"open_clip quick_gelu={quick_gelu} {what}: max abs diff {diff:.2e}")
+            assert diff < 1e-5, (what, diff)
+    assert expected[2].std() > 0.1
+    other = "Tiny-ViT" if quick_gelu else "Tiny-ViT-quickgelu"
+    wrong, _ = clip_model.load(f"{other}:{snapshot / 'open_clip_pytorch_model.bin'}")
+    for what, want, got in zip(["image", "text", "logits"], expected, features(wrong, images, tokens)):
+        diff = (want - got).abs().max().item()
+        print(f"open_clip quick_gelu={quick_gelu} loaded as {other}, {what}: max abs diff {diff:.2e}")
+        assert diff > 1e-3, (what, diff)
+    with pytest.raises(clip_model.LoadError, match=f"{other}:random was trained with .*: pass {name}:random"):
+        clip_model.load(f"{other}:random")
+
+
+def test_openclip_training_checkpoint_and_safetensors(tmp_path, monkeypatch):
+    """A checkpoint saved by open_clip's training script ({"state_dict": {"module.<key>": ...}}, with its epoch) and
+    a safetensors file load as the plain state dict does."""
+    from safetensors.torch import save_file
+    reference, architecture = openclip_clip(False)
+    monkeypatch.setitem(clip_model.OPENCLIP_MODELS, "Tiny-ViT", architecture)
+    sd = reference.state_dict()
+    torch.save({"epoch": 32, "name": "run", "state_dict": {"module." + k: v for k, v in sd.items()}},
+               tmp_path / "epoch_32.pt")
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "open_clip_model.safetensors")
+    images, tokens = inputs()
+    expected = features(clip_model.load(f"Tiny-ViT:{tmp_path / 'epoch_32.pt'}")[0], images, tokens)
+    got = features(clip_model.load(f"Tiny-ViT:{tmp_path / 'open_clip_model.safetensors'}")[0], images, tokens)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_openclip_tokenizer_matches():
+    open_clip = pytest.importorskip("open_clip")
+    texts = TEXTS + ["Hello, World! It's 3.14 o'clock... naïve café", "sea_lion  tabs\tand  CAPS"]
+    assert torch.equal(clip_model.tokenize(texts, truncate=True), open_clip.tokenize(texts))
+
+
+def test_openclip_table_matches_open_clip():
+    """Every architecture is open_clip's config, every pair open_clip's hub repo with the tag's activation."""
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.factory import get_model_config
+    for name, (args, vision_heads) in clip_model.OPENCLIP_MODELS.items():
+        for variant in (name, name + "-quickgelu"):
+            cfg = get_model_config(variant)
+            if cfg is None:
+                continue
+            vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+            assert args == (cfg["embed_dim"], vision["image_size"], vision["layers"], vision["width"],
+                            vision["patch_size"], text["context_length"], text["vocab_size"], text["width"],
+                            text["heads"], text["layers"]), variant
+            assert vision_heads == vision["width"] // vision.get("head_width", 64), variant
+            assert set(vision) <= {"image_size", "layers", "width", "patch_size", "head_width"}, variant
+            assert set(text) <= {"context_length", "vocab_size", "width", "heads", "layers"}, variant
+            assert cfg.get("quick_gelu", False) == variant.endswith("-quickgelu"), variant
+    for pair, repo in clip_model.OPENCLIP_PRETRAINED.items():
+        name, tag = pair.split(":")
+        pretrained = open_clip.get_pretrained_cfg(name, tag)
+        assert pretrained["hf_hub"].rstrip("/") == repo, pair
+        assert pretrained.get("quick_gelu", False) == name.endswith("-quickgelu"), pair
+        assert (tuple(pretrained["mean"]), tuple(pretrained["std"])) == (clip_model.MEAN, clip_model.STD), pair
+
+
+@pytest.mark.parametrize("backbone,message", [
+    ("ViT-B-32:laion400m_e31", "was trained with QuickGELU: pass ViT-B-32-quickgelu:laion400m_e31"),
+    ("ViT-H-14-quickgelu:laion2b_s32b_b79k", "was trained with GELU: pass ViT-H-14:laion2b_s32b_b79k"),
+    ("ViT-B-16-SigLIP:webli", "OpenCLIP model 'ViT-B-16-SigLIP' is not one this CLIP can build"),
+    ("ViT-bigG-14:laion2b_s39b_b160k", "'ViT-bigG-14' is not one this CLIP can build"),
+    ("ViT-B-16:no_such_tag", "no OpenCLIP weights ViT-B-16:no_such_tag.*laion2b_s34b_b88k"),
+])
+def test_openclip_refusals(backbone, message):
+    with pytest.raises(clip_model.LoadError, match=message):
+        clip_model.load(backbone)
+
+
+def test_openclip_not_cached_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(clip_model.LoadError, match="could not download hf:laion/CLIP-ViT-B-16-laion2B-s34B-b88K "
+                       ".*open_clip_model.safetensors into"):
+        clip_model.load("ViT-B-16:laion2b_s34b_b88k")

@@ -165,8 +165,12 @@ def default_output(args, cfg):
     protocol = "" if args.protocol == "fewshot" else f"-{args.protocol}"
     folder = f"shots{args.shots}{protocol}" + "".join(f",{c}" for c in changes)
     # a file or folder by its name (a whole path made one odd name); a model name or hf:<org>/<name> as it reads
-    backbone = Path(cfg.backbone).name if os.path.exists(cfg.backbone) else cfg.backbone.replace("/", "-")
-    return Path("runs", Path(args.data).name, args.method, backbone, folder, f"seed{args.seed}")
+    backbone, (model, colon, path) = cfg.backbone, cfg.backbone.partition(":")
+    if os.path.exists(backbone):
+        backbone = Path(backbone).name
+    elif colon and os.path.exists(path):  # OpenCLIP's MODEL:<checkpoint file>
+        backbone = f"{model}:{Path(path).name}"
+    return Path("runs", Path(args.data).name, args.method, backbone.replace("/", "-"), folder, f"seed{args.seed}")
 
 def output_folder(args, cfg):
     """Where a run writes: --output, else default_output; an evaluation (--eval-only) writes its own file beside its

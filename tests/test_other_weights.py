@@ -211,19 +211,26 @@ def test_pytorch_bin_with_position_ids_loads(tmp_path, tiny_hf):
         assert torch.equal(want, got)
 
 
-def test_coop_trains_on_a_hugging_face_folder_and_reloads(tmp_path, monkeypatch, tiny_hf):
-    """train.py on a converted backbone: results.json names it as passed, the default run folder by its name,
-    load_run rebuilds the same model from that string alone."""
+def test_coop_trains_and_resumes_on_a_hugging_face_folder(tmp_path, monkeypatch, tiny_hf):
+    """train.py on a converted backbone: results.json names it as passed, the default run folder by its name; a
+    run stopped after epoch 1 resumes to the uninterrupted run; load_run rebuilds it from that string alone."""
     monkeypatch.chdir(tmp_path)
-    argv = ["--method", "coop", "--data", "demo", "--backbone", str(tiny_hf), "--epochs", "2", "--init", "pretrained",
+    argv = ["--method", "coop", "--data", "demo", "--backbone", str(tiny_hf), "--init", "pretrained",
             "--batch-size", "8"]
     args = methods.parse_args(argv)
     assert runs.default_output(args, methods.make_config(args)[1]).parts[3] == "tiny-clip"
     hub = methods.parse_args(argv[:5] + ["hf:someone/tiny-clip"] + argv[6:])
     assert runs.default_output(hub, methods.make_config(hub)[1]).parts[3] == "hf:someone-tiny-clip"
-    assert train.main(argv + ["--output", str(tmp_path / "run")]) == 0
+    assert train.main(argv + ["--epochs", "2", "--output", str(tmp_path / "run")]) == 0
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["backbone"] == str(tiny_hf) and len(result["history"]) == 2
+    train.run(methods.parse_args(argv + ["--epochs", "1", "--output", str(tmp_path / "part")]))  # stopped after 1...
+    ckpt = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["epochs"] = 2  # ...of 2 epochs, as a killed run's checkpoint says
+    torch.save(ckpt, tmp_path / "part" / "checkpoint.pt")
+    resumed = train.run(methods.parse_args(argv + ["--epochs", "2", "--output", str(tmp_path / "part"), "--resume"]))
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in result["history"]]
+    assert resumed["accuracy"] == result["accuracy"]
     model, preprocess, classnames = runs.load_run(tmp_path / "run")
     assert any(isinstance(m, torch.nn.GELU) for m in model.modules())  # the activation came back with the string
     learned = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["learned"]
@@ -350,3 +357,20 @@ def test_openclip_not_cached_offline(tmp_path, monkeypatch):
     with pytest.raises(clip_model.LoadError, match="could not download hf:laion/CLIP-ViT-B-16-laion2B-s34B-b88K "
                        ".*open_clip_model.safetensors into"):
         clip_model.load("ViT-B-16:laion2b_s34b_b88k")
+
+
+def test_coop_runs_on_an_openclip_file_and_reloads(tmp_path, monkeypatch):
+    """MODEL:<file> as --backbone: results.json keeps the string, load_run rebuilds the model (GELU) from it."""
+    reference, architecture = openclip_clip(False)
+    monkeypatch.setitem(clip_model.OPENCLIP_MODELS, "Tiny-ViT", architecture)
+    torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    backbone = f"Tiny-ViT:{tmp_path / 'open_clip_pytorch_model.bin'}"
+    args = methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", backbone])
+    assert runs.default_output(args, methods.make_config(args)[1]).parts[3] == "Tiny-ViT:open_clip_pytorch_model.bin"
+    args = methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", "ViT-B-16:laion2b_s34b_b88k"])
+    assert runs.default_output(args, methods.make_config(args)[1]).parts[3] == "ViT-B-16:laion2b_s34b_b88k"
+    assert train.main(["--method", "coop", "--data", "demo", "--backbone", backbone, "--epochs", "1", "--batch-size",
+                       "8", "--output", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["backbone"] == backbone
+    model, _, _ = runs.load_run(tmp_path / "run")
+    assert any(isinstance(m, torch.nn.GELU) for m in model.modules())

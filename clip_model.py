@@ -697,16 +697,21 @@ OPENCLIP_PRETRAINED = {  # MODEL:TAG -> Hugging Face hub repo of its weights (op
 }
 OPENCLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # in those hub repos
 
-def load_openclip(name, weights):
+def load_openclip(name, weights, pretrained=True, seed=0):
     """A CLIP from OpenCLIP model `name` ("ViT-B-16", "ViT-B-16-quickgelu", ...) with `weights`: a pretrained tag
-    (OPENCLIP_PRETRAINED, from the Hugging Face cache or hub) or the path of an OpenCLIP checkpoint file."""
+    (OPENCLIP_PRETRAINED, from the Hugging Face cache or hub; pretrained=False: seeded random weights of its
+    architecture) or the path of an OpenCLIP checkpoint file."""
     quick = name.endswith("-quickgelu")
     base, other = name.removesuffix("-quickgelu"), name.removesuffix("-quickgelu") + ("" if quick else "-quickgelu")
     if base not in OPENCLIP_MODELS:
         raise LoadError(f"OpenCLIP model {name!r} is not one this CLIP can build (another pooling, tokenizer, MLP "
                         f"width or image tower); these are: {', '.join(OPENCLIP_MODELS)} (each also -quickgelu)")
+    config, vision_heads = OPENCLIP_MODELS[base]
+    options = dict(vision_heads=vision_heads, activation="quick_gelu" if quick else "gelu")
     if os.path.isfile(weights):
         path = weights
+    elif f"{name}:{weights}" in OPENCLIP_PRETRAINED and not pretrained:
+        return random_model(config, seed, **options)
     elif f"{name}:{weights}" in OPENCLIP_PRETRAINED:
         folder = hf_snapshot(OPENCLIP_PRETRAINED[f"{name}:{weights}"], OPENCLIP_FILES, required=(), optional=())
         path = next(folder / file for file in OPENCLIP_FILES if (folder / file).is_file())
@@ -716,10 +721,9 @@ def load_openclip(name, weights):
         tags = [pair.split(":")[1] for pair in OPENCLIP_PRETRAINED if pair.startswith(name + ":")]
         raise LoadError(f"no OpenCLIP weights {name}:{weights} here, nor a file at {weights!r}: pretrained tags for "
                         f"{name}: {', '.join(tags) or 'none (see its -quickgelu twin)'}; or pass {name}:<file path>")
-    config, vision_heads = OPENCLIP_MODELS[base]
     sd = read_state_dict(path)
     sd.pop("attn_mask", None)  # the causal mask, a buffer in some open_clip versions; ours is built when used
-    return build_model(sd, config, vision_heads=vision_heads, activation="quick_gelu" if quick else "gelu")
+    return build_model(sd, config, **options)
 
 def transform(n_px):
     """CLIP's test-time preprocess: PIL image -> normalised (3, n_px, n_px) tensor."""
@@ -754,17 +758,22 @@ def noise_images(n, resolution):
     x = sum(F.interpolate(torch.randn(n, 3, s, s), size=resolution, mode="bilinear") for s in sizes)
     return x / x.std()
 
+def random_model(config, seed, **options):
+    """A CLIP with seeded random weights (a ResNet's BatchNorm statistics measured on noise images)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(*config, **options).eval()
+        if isinstance(model.visual, ModifiedResNet):  # see calibrate_batchnorm: else every image looks alike
+            calibrate_batchnorm(model.visual, noise_images(16, model.visual.input_resolution))
+    return model
+
 def load(name_or_path, device="cpu", download_root=None, pretrained=True, seed=0):
-    """(model, preprocess) for a name, a checkpoint path, a transformers CLIPModel folder or `hf:<org>/<name>` (the
-    Hugging Face cache's copy, else downloaded); pretrained=False (names only) or `tiny`: seeded random weights
-    (a random ResNet's BatchNorm statistics measured on noise images, see calibrate_batchnorm). The same string
-    gives the same model again: what the weights cannot tell (the activation) is read from the name or config."""
+    """(model, preprocess) for a name, a checkpoint path, a transformers CLIPModel folder, `hf:<org>/<name>` (the
+    Hugging Face cache's copy, else downloaded) or OpenCLIP's MODEL:TAG or MODEL:<file>; pretrained=False (names
+    and tags only, no download) or `tiny`: seeded random weights (random_model). The same string gives the same
+    model again: what the weights cannot tell (the activation) is read from the name or config."""
     if name_or_path in CONFIGS and (not pretrained or name_or_path not in MODELS):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = CLIP(*CONFIGS[name_or_path]).eval()
-            if isinstance(model.visual, ModifiedResNet):  # see calibrate_batchnorm: else every image looks alike
-                calibrate_batchnorm(model.visual, noise_images(16, model.visual.input_resolution))
+        model = random_model(CONFIGS[name_or_path], seed)
     elif name_or_path in MODELS:
         path = download(MODELS[name_or_path], download_root or os.path.expanduser("~/.cache/clip"))
         model = build_model(read_state_dict(path))
@@ -775,7 +784,7 @@ def load(name_or_path, device="cpu", download_root=None, pretrained=True, seed=0
     elif os.path.isfile(os.path.join(name_or_path, "config.json")):
         model = load_hf(name_or_path)
     elif ":" in name_or_path and not os.path.exists(name_or_path):  # OpenCLIP's MODEL:TAG or MODEL:<file>
-        model = load_openclip(*name_or_path.split(":", 1))
+        model = load_openclip(*name_or_path.split(":", 1), pretrained, seed)
     elif os.path.exists(name_or_path):
         raise LoadError(f"{name_or_path} is not a file, nor a Hugging Face model folder (no config.json): pass the "
                         "path of a CLIP checkpoint file or of a transformers CLIPModel folder")

@@ -353,7 +353,14 @@ def test_openclip_refusals(backbone, message):
 
 
 def test_openclip_not_cached_offline(tmp_path, monkeypatch):
+    """Offline with nothing cached: one line says where to put the file; --init random needs no weights."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setitem(clip_model.OPENCLIP_MODELS, "Tiny-ViT", ((64, 32, 2, 192, 8, 77, 49408, 128, 2, 2), 2))
+    monkeypatch.setitem(clip_model.OPENCLIP_PRETRAINED, "Tiny-ViT:random", "someone/tiny-open-clip")
+    model, _ = clip_model.load("Tiny-ViT:random", pretrained=False, seed=3)
+    again, _ = clip_model.load("Tiny-ViT:random", pretrained=False, seed=3)
+    assert model.activation == "gelu" and model.visual.transformer.resblocks[0].attn.heads == 2
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     with pytest.raises(clip_model.LoadError, match="could not download hf:laion/CLIP-ViT-B-16-laion2B-s34B-b88K "
                        ".*open_clip_model.safetensors into"):
         clip_model.load("ViT-B-16:laion2b_s34b_b88k")

@@ -723,7 +723,11 @@ def load_openclip(name, weights, pretrained=True, seed=0):
                         f"{name}: {', '.join(tags) or 'none (see its -quickgelu twin)'}; or pass {name}:<file path>")
     sd = read_state_dict(path)
     sd.pop("attn_mask", None)  # the causal mask, a buffer in some open_clip versions; ours is built when used
-    return build_model(sd, config, **options)
+    try:
+        return build_model(sd, config, **options)
+    except LoadError as e:  # shapes or keys differ: most likely another model's file
+        raise LoadError(f"{path} is not OpenCLIP's {name}: {str(e).split(': pass')[0]}; pass the model name it was "
+                        "trained as (MODEL:<file>)") from None
 
 def transform(n_px):
     """CLIP's test-time preprocess: PIL image -> normalised (3, n_px, n_px) tensor."""

@@ -307,6 +307,9 @@ def test_openclip_training_checkpoint_and_safetensors(tmp_path, monkeypatch):
     expected = features(clip_model.load(f"Tiny-ViT:{tmp_path / 'epoch_32.pt'}")[0], images, tokens)
     got = features(clip_model.load(f"Tiny-ViT:{tmp_path / 'open_clip_model.safetensors'}")[0], images, tokens)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    with pytest.raises(clip_model.LoadError, match="epoch_32.pt is not OpenCLIP's ViT-B-16: not a CLIP state dict "
+                       r"\(missing visual.transformer.resblocks.2.*pass the model name it was trained as"):
+        clip_model.load(f"ViT-B-16:{tmp_path / 'epoch_32.pt'}")
 
 
 def test_openclip_tokenizer_matches():

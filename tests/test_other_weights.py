@@ -384,3 +384,44 @@ def test_coop_runs_on_an_openclip_file_and_reloads(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["backbone"] == backbone
     model, _, _ = runs.load_run(tmp_path / "run")
     assert any(isinstance(m, torch.nn.GELU) for m in model.modules())
+
+
+def test_sharded_safetensors_load(tmp_path, tiny_hf):
+    """Large models come in shards listed by model.safetensors.index.json."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(tiny_hf / "model.safetensors")
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[:len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    for file, names in shards.items():
+        save_file({k: sd[k] for k in names}, folder / file)
+    weight_map = {k: file for file, names in shards.items() for k in names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text((tiny_hf / "config.json").read_text())
+    images, tokens = inputs()
+    expected = features(clip_model.load(str(tiny_hf))[0], images, tokens)
+    assert all(torch.equal(a, b) for a, b in zip(expected, features(clip_model.load(str(folder))[0], images, tokens)))
+
+
+def test_download_asks_the_hub_for_what_it_reads(tmp_path, monkeypatch, tiny_hf):
+    """Online and not cached: huggingface_hub fetches config, preprocessor and the safetensors weights only (not the
+    .bin the repo also holds), into the cache that load then reads. The hub is faked: nothing leaves the machine."""
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    asked = {}
+
+    def snapshot_download(repo, cache_dir, allow_patterns):
+        asked.update(repo=repo, cache_dir=cache_dir, patterns=allow_patterns)
+        folder = tmp_path / "downloaded"
+        folder.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (folder / name).write_bytes((tiny_hf / name).read_bytes())
+        return str(folder)
+    monkeypatch.setattr(hub, "list_repo_files", lambda repo: ["config.json", "model.safetensors", "pytorch_model.bin"])
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    model, _ = clip_model.load("hf:someone/online")
+    assert asked == dict(repo="someone/online", cache_dir=tmp_path / "hub",
+                         patterns=["config.json", "preprocessor_config.json", "model.safetensors"])
+    assert model.activation == "gelu"

@@ -152,7 +152,8 @@ def load_run(run_dir, device="cpu"):
 def default_output(args, cfg):
     """runs/<data>/<method>/<backbone>/shots<K>[-<protocol>][,<changes>]/seed<S>, the changes being what sets this
     run apart from the method's defaults: its Config fields that differ (--epochs, --lr, --batch-size, --set; a file
-    by its name), --init random and an explicit --precision. Runs with other settings get other folders."""
+    by its name), --init random and an explicit --precision. Runs with other settings get other folders. A backbone
+    file or folder appears by its name."""
     module, variant = METHODS[args.method]
     defaults = dataclasses.replace(module.Config(), **variant)
     changes = []
@@ -163,7 +164,13 @@ def default_output(args, cfg):
     changes += ["init=random"] * (args.init == "random") + [f"precision={args.precision}"] * (args.precision != "auto")
     protocol = "" if args.protocol == "fewshot" else f"-{args.protocol}"
     folder = f"shots{args.shots}{protocol}" + "".join(f",{c}" for c in changes)
-    return Path("runs", Path(args.data).name, args.method, cfg.backbone.replace("/", "-"), folder, f"seed{args.seed}")
+    # a file or folder by its name (a whole path made one odd name); a model name or hf:<org>/<name> as it reads
+    backbone, (model, colon, path) = cfg.backbone, cfg.backbone.partition(":")
+    if os.path.exists(backbone):
+        backbone = Path(backbone).name
+    elif colon and os.path.exists(path):  # OpenCLIP's MODEL:<checkpoint file>
+        backbone = f"{model}:{Path(path).name}"
+    return Path("runs", Path(args.data).name, args.method, backbone.replace("/", "-"), folder, f"seed{args.seed}")
 
 def output_folder(args, cfg):
     """Where a run writes: --output, else default_output; an evaluation (--eval-only) writes its own file beside its

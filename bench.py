@@ -108,6 +108,65 @@ def encoder_rows(name, args, batch, repeats, device):
     return rows
 
 
+def other_format_rows(smoke, batch, repeats, device):
+    """Our CLIP against transformers' CLIPModel and open_clip's CLIP (GELU, as LAION's ViT-B/16) holding the same
+    random weights, converted as --backbone converts them (other_weights.py): ViT-B/16's shape, tiny's in smoke
+    mode."""
+    try:
+        import open_clip  # test-only dependencies: the references
+        import transformers
+    except ImportError:
+        print("(skipped: our CLIP against transformers' and open_clip's needs both, from requirements-dev.txt)")
+        return []
+    import other_weights
+    text = dict(width=128, heads=2, layers=2) if smoke else dict(width=512, heads=8, layers=12)
+    vision = dict(width=128, heads=2, layers=2, size=32, patch=8) if smoke else \
+        dict(width=768, heads=12, layers=12, size=224, patch=16)
+    embed = 64 if smoke else 512
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(hidden_size=text["width"], intermediate_size=4 * text["width"],
+                         num_hidden_layers=text["layers"], num_attention_heads=text["heads"], hidden_act="gelu"),
+        vision_config=dict(hidden_size=vision["width"], intermediate_size=4 * vision["width"],
+                           num_hidden_layers=vision["layers"], num_attention_heads=vision["heads"],
+                           image_size=vision["size"], patch_size=vision["patch"], hidden_act="gelu"),
+        projection_dim=embed)).eval()
+    args, options, sd = other_weights.convert_hf(hf.config.to_dict(), hf.state_dict())
+    from_hf = clip_model.build_model(sd, args, **options)
+    reference = open_clip.model.CLIP(
+        embed, open_clip.model.CLIPVisionCfg(layers=vision["layers"], width=vision["width"], head_width=64,
+                                             image_size=vision["size"], patch_size=vision["patch"]),
+        open_clip.model.CLIPTextCfg(context_length=77, vocab_size=49408, width=text["width"], heads=text["heads"],
+                                    layers=text["layers"])).eval()  # quick_gelu=False: GELU
+    sd = {k: v for k, v in reference.state_dict().items() if k != "attn_mask"}
+    from_openclip = clip_model.build_model(sd, args, vision_heads=vision["heads"], activation="gelu")
+    for model in (hf, from_hf, reference, from_openclip):
+        model.to(device)
+    images = torch.randn(batch, 3, vision["size"], vision["size"], device=device)
+    tokens = clip_model.tokenize([f"a photo of a {c}." for c in DTD]).to(device)
+    name = "tiny" if smoke else "ViT-B/16"
+
+    def hf_image():
+        out = hf.get_image_features(pixel_values=images)
+        return getattr(out, "pooler_output", out)  # a tensor, or in transformers 5 an output with it
+
+    def hf_text():
+        out = hf.get_text_features(input_ids=tokens)
+        return getattr(out, "pooler_output", out)
+    pairs = [("transformers' CLIPModel", from_hf, hf_image, hf_text),
+             ("open_clip's CLIP", from_openclip, functools.partial(reference.encode_image, images),
+              functools.partial(reference.encode_text, tokens))]
+    rows = []
+    with torch.no_grad():
+        for library, ours, image, text in pairs:
+            for what, theirs, mine in [("encode_image", image, functools.partial(ours.encode_image, images)),
+                                       ("encode_text", text, functools.partial(ours.encode_text, tokens))]:
+                (t_ref, a), (t_ours, b) = timed(theirs, repeats, device), timed(mine, repeats, device)
+                rows.append((f"{name} {what} vs {library} (GELU, same weights)", t_ours, t_ref, t_ref / t_ours,
+                             (a - b).abs().max().item()))
+    return rows
+
+
 def full_length(clip, tokens):
     """The reference's way: all 77 positions through every block."""
     x = clip.embed_text(tokens) + clip.positional_embedding
@@ -420,6 +479,7 @@ def main(argv=None):
     batch = 2 if args.smoke else (32 if args.full else 4)
     rows = encoder_rows("ViT-B/16" if not args.smoke else "tiny", vit, batch, repeats, device)
     rows += encoder_rows("RN50" if not args.smoke else "tiny-rn", rn, batch, repeats, device)
+    rows += other_format_rows(args.smoke, batch, repeats, device)
     clip = clip_model.load("tiny" if args.smoke else "ViT-B/16", device=device, pretrained=False)[0]
     rows += text_rows(clip, repeats, device) + cocoop_row(clip, 2 if args.smoke else 8, repeats, device)
     rows += method_rows("tiny" if args.smoke else "ViT-B/16" if args.full else "ViT-B/32",

@@ -10,6 +10,7 @@ def test_smoke_prints_every_row(capsys):
     assert sum(n.startswith("text, EOT cut") for n in names) == 3
     assert any(n.startswith("CoCoOp: batched") for n in names) and any(n.startswith("eval, 4 batches") for n in names)
     assert sum("vs OpenAI's code" in n for n in names) == 4
+    assert sum("(GELU, same weights)" in n for n in names) == 4  # transformers' and open_clip's, both towers
     assert any(n.startswith("CoOp epoch: 10 cached views") for n in names)
     assert any(n.startswith("DDP, 2 processes vs 1") for n in names)
     measured = {n.split(": ")[1].split(" (")[0] for n in names if n.startswith("train step")}

@@ -5,15 +5,17 @@ train.py on such a backbone. Nothing is downloaded."""
 import json
 import sys
 
+import huggingface_hub
+import open_clip
 import pytest
 import torch
+import transformers
 
 import clip_model
 import methods
+import other_weights
 import runs
 import train
-
-transformers = pytest.importorskip("transformers")
 
 TEXTS = ["a photo of a dog.", "", "X X X X banded texture.",
          "a very long description of an unusual bird with a red crest, white belly and grey wings, sitting"]
@@ -24,12 +26,11 @@ OPENAI_PREPROCESS = {"crop_size": {"height": 32, "width": 32}, "size": {"shortes
 @pytest.fixture(autouse=True)
 def no_downloads(monkeypatch):
     """Every test here is offline: huggingface_hub's network calls fail as they do without internet."""
-    hub = pytest.importorskip("huggingface_hub")
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
-    monkeypatch.setattr(hub, "list_repo_files", offline)
-    monkeypatch.setattr(hub, "snapshot_download", offline)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
 
 
 def randomize(model, seed=0):
@@ -109,7 +110,7 @@ def test_hugging_face_parity(tmp_path, monkeypatch, activation):
     assert expected[2].std() > 0.1  # the logits vary: the comparison means something
 
     config = json.loads((folder / "config.json").read_text())
-    args, options, sd = clip_model.convert_hf(config, clip_model.read_hf_weights(folder), OPENAI_PREPROCESS)
+    args, options, sd = other_weights.convert_hf(config, other_weights.read_hf_weights(folder), OPENAI_PREPROCESS)
     other = "gelu" if activation == "quick_gelu" else "quick_gelu"
     wrong = clip_model.build_model(sd, args, **{**options, "activation": other})
     for what, want, got in zip(["image", "text", "logits"], expected, features(wrong, images, tokens)):
@@ -242,7 +243,6 @@ def test_coop_trains_and_resumes_on_a_hugging_face_folder(tmp_path, monkeypatch,
 def openclip_clip(quick_gelu, seed=0):
     """A tiny random open_clip CLIP with 96-wide vision heads (not OpenAI's 64, as ViT-H-14's 80) and its
     architecture as an OPENCLIP_MODELS entry."""
-    open_clip = pytest.importorskip("open_clip")
     from conftest import randomize as randomize_openai_keys  # open_clip's keys are OpenAI's
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(64, open_clip.model.CLIPVisionCfg(layers=2, width=192, head_width=96, image_size=32,
@@ -265,9 +265,9 @@ def test_openclip_parity(tmp_path, monkeypatch, quick_gelu):
     """MODEL:TAG from the cache and MODEL:<file> equal open_clip's forward within 1e-5; the activation follows the
     model name, and the other name on the same file is off by far more."""
     reference, architecture = openclip_clip(quick_gelu)
-    monkeypatch.setitem(clip_model.OPENCLIP_MODELS, "Tiny-ViT", architecture)
+    monkeypatch.setitem(other_weights.OPENCLIP_MODELS, "Tiny-ViT", architecture)
     name = "Tiny-ViT-quickgelu" if quick_gelu else "Tiny-ViT"
-    monkeypatch.setitem(clip_model.OPENCLIP_PRETRAINED, f"{name}:random", "someone/tiny-open-clip")
+    monkeypatch.setitem(other_weights.OPENCLIP_PRETRAINED, f"{name}:random", "someone/tiny-open-clip")
     snapshot = tmp_path / "hub" / "models--someone--tiny-open-clip" / "snapshots" / ("89ab" * 10)
     snapshot.mkdir(parents=True)
     torch.save(reference.state_dict(), snapshot / "open_clip_pytorch_model.bin")
@@ -298,7 +298,7 @@ def test_openclip_training_checkpoint_and_safetensors(tmp_path, monkeypatch):
     a safetensors file load as the plain state dict does."""
     from safetensors.torch import save_file
     reference, architecture = openclip_clip(False)
-    monkeypatch.setitem(clip_model.OPENCLIP_MODELS, "Tiny-ViT", architecture)
+    monkeypatch.setitem(other_weights.OPENCLIP_MODELS, "Tiny-ViT", architecture)
     sd = reference.state_dict()
     torch.save({"epoch": 32, "name": "run", "state_dict": {"module." + k: v for k, v in sd.items()}},
                tmp_path / "epoch_32.pt")
@@ -313,16 +313,14 @@ def test_openclip_training_checkpoint_and_safetensors(tmp_path, monkeypatch):
 
 
 def test_openclip_tokenizer_matches():
-    open_clip = pytest.importorskip("open_clip")
     texts = TEXTS + ["Hello, World! It's 3.14 o'clock... naïve café", "sea_lion  tabs\tand  CAPS"]
     assert torch.equal(clip_model.tokenize(texts, truncate=True), open_clip.tokenize(texts))
 
 
 def test_openclip_table_matches_open_clip():
     """Every architecture is open_clip's config, every pair open_clip's hub repo with the tag's activation."""
-    open_clip = pytest.importorskip("open_clip")
     from open_clip.factory import get_model_config
-    for name, (args, vision_heads) in clip_model.OPENCLIP_MODELS.items():
+    for name, (args, vision_heads) in other_weights.OPENCLIP_MODELS.items():
         for variant in (name, name + "-quickgelu"):
             cfg = get_model_config(variant)
             if cfg is None:
@@ -335,7 +333,7 @@ def test_openclip_table_matches_open_clip():
             assert set(vision) <= {"image_size", "layers", "width", "patch_size", "head_width"}, variant
             assert set(text) <= {"context_length", "vocab_size", "width", "heads", "layers"}, variant
             assert cfg.get("quick_gelu", False) == variant.endswith("-quickgelu"), variant
-    for pair, repo in clip_model.OPENCLIP_PRETRAINED.items():
+    for pair, repo in other_weights.OPENCLIP_PRETRAINED.items():
         name, tag = pair.split(":")
         pretrained = open_clip.get_pretrained_cfg(name, tag)
         assert pretrained["hf_hub"].rstrip("/") == repo, pair
@@ -358,8 +356,8 @@ def test_openclip_refusals(backbone, message):
 def test_openclip_not_cached_offline(tmp_path, monkeypatch):
     """Offline with nothing cached: one line says where to put the file; --init random needs no weights."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setitem(clip_model.OPENCLIP_MODELS, "Tiny-ViT", ((64, 32, 2, 192, 8, 77, 49408, 128, 2, 2), 2))
-    monkeypatch.setitem(clip_model.OPENCLIP_PRETRAINED, "Tiny-ViT:random", "someone/tiny-open-clip")
+    monkeypatch.setitem(other_weights.OPENCLIP_MODELS, "Tiny-ViT", ((64, 32, 2, 192, 8, 77, 49408, 128, 2, 2), 2))
+    monkeypatch.setitem(other_weights.OPENCLIP_PRETRAINED, "Tiny-ViT:random", "someone/tiny-open-clip")
     model, _ = clip_model.load("Tiny-ViT:random", pretrained=False, seed=3)
     again, _ = clip_model.load("Tiny-ViT:random", pretrained=False, seed=3)
     assert model.activation == "gelu" and model.visual.transformer.resblocks[0].attn.heads == 2
@@ -372,7 +370,7 @@ def test_openclip_not_cached_offline(tmp_path, monkeypatch):
 def test_coop_runs_on_an_openclip_file_and_reloads(tmp_path, monkeypatch):
     """MODEL:<file> as --backbone: results.json keeps the string, load_run rebuilds the model (GELU) from it."""
     reference, architecture = openclip_clip(False)
-    monkeypatch.setitem(clip_model.OPENCLIP_MODELS, "Tiny-ViT", architecture)
+    monkeypatch.setitem(other_weights.OPENCLIP_MODELS, "Tiny-ViT", architecture)
     torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
     backbone = f"Tiny-ViT:{tmp_path / 'open_clip_pytorch_model.bin'}"
     args = methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", backbone])
@@ -408,7 +406,6 @@ def test_sharded_safetensors_load(tmp_path, tiny_hf):
 def test_download_asks_the_hub_for_what_it_reads(tmp_path, monkeypatch, tiny_hf):
     """Online and not cached: huggingface_hub fetches config, preprocessor and the safetensors weights only (not the
     .bin the repo also holds), into the cache that load then reads. The hub is faked: nothing leaves the machine."""
-    hub = pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     asked = {}
 
@@ -419,8 +416,9 @@ def test_download_asks_the_hub_for_what_it_reads(tmp_path, monkeypatch, tiny_hf)
         for name in ("config.json", "model.safetensors"):
             (folder / name).write_bytes((tiny_hf / name).read_bytes())
         return str(folder)
-    monkeypatch.setattr(hub, "list_repo_files", lambda repo: ["config.json", "model.safetensors", "pytorch_model.bin"])
-    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda repo: ["config.json", "model.safetensors", "pytorch_model.bin"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     model, _ = clip_model.load("hf:someone/online")
     assert asked == dict(repo="someone/online", cache_dir=tmp_path / "hub",
                          patterns=["config.json", "preprocessor_config.json", "model.safetensors"])

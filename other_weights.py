@@ -1,0 +1,266 @@
+"""Hugging Face and OpenCLIP weights in clip_model.CLIP: their formats converted to OpenAI's layout.
+
+clip_model.load calls this file for `hf:<org>/<name>` (a transformers CLIPModel from the Hugging Face cache, else
+downloaded with huggingface_hub, an optional dependency), a transformers CLIPModel folder, and OpenCLIP's
+MODEL:TAG or MODEL:<file>. Only models of OpenAI's architecture are taken; what it cannot represent (another
+pooling, tokenizer, MLP width, normalisation or image tower) is refused in one line naming the difference. The
+activation, which weights cannot tell, comes from the Hugging Face config or the OpenCLIP model name. Parity with
+transformers' and open_clip's own forward: tests/test_other_weights.py.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from clip_model import MEAN, STD, LoadError, build_model, random_model, read_state_dict
+
+# Hugging Face (transformers' CLIPModel folders: config.json + weights). The defaults of transformers' CLIPTextConfig
+# and CLIPVisionConfig, for config.json files that leave a field out.
+HF_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8, vocab_size=49408,
+               max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=49407)
+HF_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+                 patch_size=32, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+HF_BLOCK = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+            "mlp.fc2": "mlp.c_proj"}  # one encoder layer's modules, theirs -> ours (q/k/v are concatenated)
+HF_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+          "text_model.embeddings.position_embedding.weight": "positional_embedding",
+          "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias",
+          "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+          "vision_model.embeddings.class_embedding": "visual.class_embedding",
+          "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+          "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",  # sic: transformers' spelling
+          "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+          "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+          "vision_model.post_layernorm.bias": "visual.ln_post.bias", "logit_scale": "logit_scale"}
+
+def hf_cache():
+    """The Hugging Face hub cache, found as huggingface_hub finds it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+def hf_snapshot(repo, weights=HF_WEIGHTS, required=("config.json",), optional=("preprocessor_config.json",)):
+    """The folder of hub model `repo` ("org/name") with the first of `weights` that it has: its cached snapshot
+    (refs/main's, else the only one), else downloaded into the cache by huggingface_hub (an optional dependency,
+    imported only here)."""
+    models = hf_cache() / f"models--{repo.replace('/', '--')}"
+    ref, snapshots = models / "refs" / "main", sorted((models / "snapshots").glob("*"))
+    folder = snapshots[0] if len(snapshots) == 1 else None
+    if ref.is_file():
+        folder = models / "snapshots" / ref.read_text().strip()
+    if folder and all((folder / name).is_file() for name in required) and any(
+            (folder / name).is_file() for name in weights):
+        return folder
+    offline = (f"or put the model's {', '.join([*required, *optional, weights[0]])} into "
+               f"{models}/snapshots/<revision>/ (or pass the file's or folder's path)")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise LoadError(f"hf:{repo} is not in the Hugging Face cache: pip install huggingface_hub to download it, "
+                        + offline) from None
+    try:
+        files = huggingface_hub.list_repo_files(repo)
+        name = next((name for name in weights if name in files), weights[0])  # safetensors first
+        stem, _, suffix = name.removesuffix(".index.json").rpartition(".")
+        shards = [f"{stem}-*.{suffix}"] if name.endswith(".index.json") else []  # model-00001-of-00002.safetensors
+        return Path(huggingface_hub.snapshot_download(repo, cache_dir=hf_cache(), allow_patterns=[
+            *required, *optional, name, *shards]))
+    except Exception as e:  # huggingface_hub's errors (no network, no such repo, offline mode) share no base class
+        reason = str(e).strip().split("\n")[0]
+        raise LoadError(f"could not download hf:{repo} ({type(e).__name__}: {reason}): check the name, or without "
+                        "internet " + offline) from None
+
+def read_hf_weights(folder):
+    """A transformers model folder's weights (safetensors or PyTorch, whole or sharded) -> {key: tensor}."""
+    name = next((name for name in HF_WEIGHTS if (folder / name).is_file()), None)
+    if name is None:
+        raise LoadError(f"{folder} has a config.json but no weights: put model.safetensors (or pytorch_model.bin) "
+                        "next to it")
+    files = [folder / name]
+    if name.endswith(".index.json"):  # shards, listed by their index
+        files = [folder / shard for shard in sorted(set(json.loads(files[0].read_text())["weight_map"].values()))]
+    sd = {}
+    for path in files:
+        sd.update(read_state_dict(path))
+    return sd
+
+def convert_hf(config, hf, preprocessor=None):
+    """A transformers CLIPModel's config.json, weights and preprocessor_config.json -> (the 10 CLIP arguments, CLIP's
+    keyword arguments, OpenAI's state dict); LoadError naming what this CLIP cannot represent."""
+    text, vision = {**HF_TEXT, **config.get("text_config", {})}, {**HF_VISION, **config.get("vision_config", {})}
+    size, preprocessor = vision["image_size"], preprocessor or {}
+    crop = preprocessor.get("crop_size", size)
+    crop = crop.get("height") if isinstance(crop, dict) and crop.get("height") == crop.get("width") else crop
+    resize = preprocessor.get("size", {"shortest_edge": size})
+    resize = resize.get("shortest_edge") if isinstance(resize, dict) else resize  # transform() resizes to the crop
+    mean, std = preprocessor.get("image_mean", MEAN), preprocessor.get("image_std", STD)
+    checks = [  # (what, its value, whether this CLIP builds it, what it builds)
+        ("model_type", config.get("model_type"), config.get("model_type") == "clip", "clip (a CLIP ViT)"),
+        ("hidden_act (text, vision)", (text["hidden_act"], vision["hidden_act"]),
+         text["hidden_act"] == vision["hidden_act"] in ("quick_gelu", "gelu"), "quick_gelu or gelu in both"),
+        ("layer_norm_eps", (text["layer_norm_eps"], vision["layer_norm_eps"]),
+         text["layer_norm_eps"] == vision["layer_norm_eps"] == 1e-5, "1e-5"),
+        ("intermediate_size", (text["intermediate_size"], vision["intermediate_size"]),
+         all(tower["intermediate_size"] == 4 * tower["hidden_size"] for tower in (text, vision)),
+         "4 x hidden_size"),
+        ("vocab_size", text["vocab_size"], text["vocab_size"] == 49408, "49408 (OpenAI's BPE tokenizer)"),
+        ("max_position_embeddings", text["max_position_embeddings"], text["max_position_embeddings"] == 77, "77"),
+        ("eos_token_id", text["eos_token_id"], text["eos_token_id"] in (2, 49407), "49407 (or the legacy 2): "
+         "text pooled at OpenAI's end-of-text token"),
+        ("image_size", size, isinstance(size, int), "one int (square images)"),
+        ("num_channels", vision["num_channels"], vision["num_channels"] == 3, "3"),
+        ("preprocessor crop_size", crop, crop == size, f"image_size {size}"),
+        ("preprocessor size", resize, resize == size, f"image_size {size} (resized to the crop)"),
+        ("preprocessor image_mean", mean, len(mean) == 3 and all(abs(a - b) < 1e-6 for a, b in zip(mean, MEAN)),
+         f"OpenAI's {MEAN}, which data.py normalises with"),
+        ("preprocessor image_std", std, len(std) == 3 and all(abs(a - b) < 1e-6 for a, b in zip(std, STD)),
+         f"OpenAI's {STD}, which data.py normalises with"),
+    ]
+    bad = [f"{what} is {value}, not {builds}" for what, value, ok, builds in checks if not ok]
+    if bad:
+        raise LoadError(f"this CLIP cannot represent the model: {'; '.join(bad)}")
+    hf, sd = dict(hf), {}
+    try:
+        for theirs, ours in [("text_model.encoder.layers.", "transformer.resblocks."),
+                             ("vision_model.encoder.layers.", "visual.transformer.resblocks.")]:
+            for i in sorted({int(k[len(theirs):].split(".")[0]) for k in hf if k.startswith(theirs)}):
+                for kind in ("weight", "bias"):  # q, k, v stacked in rows, as nn.MultiheadAttention's in_proj
+                    sd[f"{ours}{i}.attn.in_proj_{kind}"] = torch.cat(
+                        [hf.pop(f"{theirs}{i}.self_attn.{p}_proj.{kind}") for p in "qkv"])
+                    for their_module, our_module in HF_BLOCK.items():
+                        sd[f"{ours}{i}.{our_module}.{kind}"] = hf.pop(f"{theirs}{i}.{their_module}.{kind}")
+        for theirs, ours in HF_TOP.items():
+            sd[ours] = hf.pop(theirs)
+        sd["visual.proj"] = hf.pop("visual_projection.weight").t()  # nn.Linear's (out, in) -> OpenAI's x @ (in, out)
+        sd["text_projection"] = hf.pop("text_projection.weight").t()
+    except KeyError as e:
+        raise LoadError(f"not a transformers CLIPModel's weights (no {e}): pass a CLIPModel folder") from None
+    for key in ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"):
+        hf.pop(key, None)  # aranges, saved by older transformers
+    if hf:
+        raise LoadError(f"weights this CLIP has no place for: {', '.join(sorted(hf)[:3])}: pass a CLIPModel folder")
+    args = (config.get("projection_dim", 512), size, vision["num_hidden_layers"], vision["hidden_size"],
+            vision["patch_size"], 77, 49408, text["hidden_size"], text["num_attention_heads"],
+            text["num_hidden_layers"])
+    return args, dict(vision_heads=vision["num_attention_heads"], activation=text["hidden_act"]), sd
+
+def load_hf(folder):
+    """A CLIP from a transformers CLIPModel folder (config.json, weights, optional preprocessor_config.json)."""
+    folder = Path(folder)
+    preprocessor = folder / "preprocessor_config.json"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        preprocessor = json.loads(preprocessor.read_text()) if preprocessor.is_file() else None
+    except ValueError as e:
+        raise LoadError(f"{folder}: a JSON file is unreadable ({e}): download the model again") from None
+    args, options, sd = convert_hf(config, read_hf_weights(folder), preprocessor)
+    return build_model(sd, args, **options)
+
+# OpenCLIP's ViTs whose architecture is OpenAI's (class-token pooling after ln_pre, text pooled at the end-of-text
+# token, OpenAI's tokenizer and normalisation, 4x MLPs). Others (SigLIP, CLIPA, EVA, CoCa, timm towers, ViT-g/bigG's
+# wider MLPs) are refused. The activation is a property of the model name, as in open_clip: "-quickgelu" names use
+# QuickGELU, the others nn.GELU; the weights cannot tell, and the wrong one loses accuracy without an error.
+OPENCLIP_MODELS = {  # name (without -quickgelu) -> CLIP's 10 arguments, vision heads (open_clip's model_configs)
+    "ViT-B-32": ((512, 224, 12, 768, 32, 77, 49408, 512, 8, 12), 12),
+    "ViT-B-32-256": ((512, 256, 12, 768, 32, 77, 49408, 512, 8, 12), 12),
+    "ViT-B-16": ((512, 224, 12, 768, 16, 77, 49408, 512, 8, 12), 12),
+    "ViT-B-16-plus-240": ((640, 240, 12, 896, 16, 77, 49408, 640, 10, 12), 14),
+    "ViT-L-14": ((768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12), 16),
+    "ViT-L-14-336": ((768, 336, 24, 1024, 14, 77, 49408, 768, 12, 12), 16),
+    "ViT-H-14": ((1024, 224, 32, 1280, 14, 77, 49408, 1024, 16, 24), 16),  # 80-wide heads
+    "ViT-H-14-378": ((1024, 378, 32, 1280, 14, 77, 49408, 1024, 16, 24), 16),
+}
+OPENCLIP_PRETRAINED = {  # MODEL:TAG -> Hugging Face hub repo of its weights (open_clip's pretrained.py, hf_hub)
+    "ViT-B-32:laion2b_e16": "timm/vit_base_patch32_clip_224.laion2b_e16",
+    "ViT-B-32:laion2b_s34b_b79k": "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+    "ViT-B-32:datacomp_xl_s13b_b90k": "laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K",
+    "ViT-B-32:datacomp_m_s128m_b4k": "laion/CLIP-ViT-B-32-DataComp.M-s128M-b4K",
+    "ViT-B-32:commonpool_m_clip_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M.clip-s128M-b4K",
+    "ViT-B-32:commonpool_m_laion_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M.laion-s128M-b4K",
+    "ViT-B-32:commonpool_m_image_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M.image-s128M-b4K",
+    "ViT-B-32:commonpool_m_text_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M.text-s128M-b4K",
+    "ViT-B-32:commonpool_m_basic_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M.basic-s128M-b4K",
+    "ViT-B-32:commonpool_m_s128m_b4k": "laion/CLIP-ViT-B-32-CommonPool.M-s128M-b4K",
+    "ViT-B-32:datacomp_s_s13m_b4k": "laion/CLIP-ViT-B-32-DataComp.S-s13M-b4K",
+    "ViT-B-32:commonpool_s_clip_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S.clip-s13M-b4K",
+    "ViT-B-32:commonpool_s_laion_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S.laion-s13M-b4K",
+    "ViT-B-32:commonpool_s_image_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S.image-s13M-b4K",
+    "ViT-B-32:commonpool_s_text_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S.text-s13M-b4K",
+    "ViT-B-32:commonpool_s_basic_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S.basic-s13M-b4K",
+    "ViT-B-32:commonpool_s_s13m_b4k": "laion/CLIP-ViT-B-32-CommonPool.S-s13M-b4K",
+    "ViT-B-32-256:datacomp_s34b_b86k": "laion/CLIP-ViT-B-32-256x256-DataComp-s34B-b86K",
+    "ViT-B-16:laion400m_e31": "timm/vit_base_patch16_clip_224.laion400m_e31",
+    "ViT-B-16:laion400m_e32": "timm/vit_base_patch16_clip_224.laion400m_e32",
+    "ViT-B-16:laion2b_s34b_b88k": "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
+    "ViT-B-16:datacomp_xl_s13b_b90k": "laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K",
+    "ViT-B-16:datacomp_l_s1b_b8k": "laion/CLIP-ViT-B-16-DataComp.L-s1B-b8K",
+    "ViT-B-16:commonpool_l_clip_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L.clip-s1B-b8K",
+    "ViT-B-16:commonpool_l_laion_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L.laion-s1B-b8K",
+    "ViT-B-16:commonpool_l_image_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L.image-s1B-b8K",
+    "ViT-B-16:commonpool_l_text_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L.text-s1B-b8K",
+    "ViT-B-16:commonpool_l_basic_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L.basic-s1B-b8K",
+    "ViT-B-16:commonpool_l_s1b_b8k": "laion/CLIP-ViT-B-16-CommonPool.L-s1B-b8K",
+    "ViT-B-16-plus-240:laion400m_e31": "timm/vit_base_patch16_plus_clip_240.laion400m_e31",
+    "ViT-L-14:laion400m_e31": "timm/vit_large_patch14_clip_224.laion400m_e31",
+    "ViT-L-14:laion400m_e32": "timm/vit_large_patch14_clip_224.laion400m_e32",
+    "ViT-L-14:datacomp_xl_s13b_b90k": "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K",
+    "ViT-L-14:commonpool_xl_clip_s13b_b90k": "laion/CLIP-ViT-L-14-CommonPool.XL.clip-s13B-b90K",
+    "ViT-L-14:commonpool_xl_laion_s13b_b90k": "laion/CLIP-ViT-L-14-CommonPool.XL.laion-s13B-b90K",
+    "ViT-L-14:commonpool_xl_s13b_b90k": "laion/CLIP-ViT-L-14-CommonPool.XL-s13B-b90K",
+    "ViT-L-14:dfn2b_s39b": "apple/DFN2B-CLIP-ViT-L-14-39B",
+    "ViT-H-14:laion2b_s32b_b79k": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    "ViT-H-14:metaclip_altogether": "timm/vit_huge_patch14_clip_224.metaclip_altogether",
+    "ViT-B-32-quickgelu:openai": "timm/vit_base_patch32_clip_224.openai",
+    "ViT-B-32-quickgelu:laion400m_e31": "timm/vit_base_patch32_clip_224.laion400m_e31",
+    "ViT-B-32-quickgelu:laion400m_e32": "timm/vit_base_patch32_clip_224.laion400m_e32",
+    "ViT-B-32-quickgelu:metaclip_400m": "timm/vit_base_patch32_clip_224.metaclip_400m",
+    "ViT-B-32-quickgelu:metaclip_fullcc": "timm/vit_base_patch32_clip_224.metaclip_2pt5b",
+    "ViT-B-16-quickgelu:openai": "timm/vit_base_patch16_clip_224.openai",
+    "ViT-B-16-quickgelu:dfn2b": "apple/DFN2B-CLIP-ViT-B-16",
+    "ViT-B-16-quickgelu:metaclip_400m": "timm/vit_base_patch16_clip_224.metaclip_400m",
+    "ViT-B-16-quickgelu:metaclip_fullcc": "timm/vit_base_patch16_clip_224.metaclip_2pt5b",
+    "ViT-L-14-quickgelu:openai": "timm/vit_large_patch14_clip_224.openai",
+    "ViT-L-14-quickgelu:metaclip_400m": "timm/vit_large_patch14_clip_224.metaclip_400m",
+    "ViT-L-14-quickgelu:metaclip_fullcc": "timm/vit_large_patch14_clip_224.metaclip_2pt5b",
+    "ViT-L-14-quickgelu:dfn2b": "apple/DFN2B-CLIP-ViT-L-14",
+    "ViT-L-14-336-quickgelu:openai": "timm/vit_large_patch14_clip_336.openai",
+    "ViT-H-14-quickgelu:metaclip_fullcc": "timm/vit_huge_patch14_clip_224.metaclip_2pt5b",
+    "ViT-H-14-quickgelu:dfn5b": "apple/DFN5B-CLIP-ViT-H-14",
+    "ViT-H-14-378-quickgelu:dfn5b": "apple/DFN5B-CLIP-ViT-H-14-378",
+}
+OPENCLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # in those hub repos
+
+def load_openclip(name, weights, pretrained=True, seed=0):
+    """A CLIP from OpenCLIP model `name` ("ViT-B-16", "ViT-B-16-quickgelu", ...) with `weights`: a pretrained tag
+    (OPENCLIP_PRETRAINED, from the Hugging Face cache or hub; pretrained=False: seeded random weights of its
+    architecture) or the path of an OpenCLIP checkpoint file."""
+    quick = name.endswith("-quickgelu")
+    base, other = name.removesuffix("-quickgelu"), name.removesuffix("-quickgelu") + ("" if quick else "-quickgelu")
+    if base not in OPENCLIP_MODELS:
+        raise LoadError(f"OpenCLIP model {name!r} is not one this CLIP can build (another pooling, tokenizer, MLP "
+                        f"width or image tower); these are: {', '.join(OPENCLIP_MODELS)} (each also -quickgelu)")
+    config, vision_heads = OPENCLIP_MODELS[base]
+    options = dict(vision_heads=vision_heads, activation="quick_gelu" if quick else "gelu")
+    if os.path.isfile(weights):
+        path = weights
+    elif f"{name}:{weights}" in OPENCLIP_PRETRAINED and not pretrained:
+        return random_model(config, seed, **options)
+    elif f"{name}:{weights}" in OPENCLIP_PRETRAINED:
+        folder = hf_snapshot(OPENCLIP_PRETRAINED[f"{name}:{weights}"], OPENCLIP_FILES, required=(), optional=())
+        path = next(folder / file for file in OPENCLIP_FILES if (folder / file).is_file())
+    elif f"{other}:{weights}" in OPENCLIP_PRETRAINED:  # open_clip would load it, with a warning, and lose accuracy
+        raise LoadError(f"{name}:{weights} was trained with {'GELU' if quick else 'QuickGELU'}: pass {other}:{weights}")
+    else:
+        tags = [pair.split(":")[1] for pair in OPENCLIP_PRETRAINED if pair.startswith(name + ":")]
+        raise LoadError(f"no OpenCLIP weights {name}:{weights} here, nor a file at {weights!r}: pretrained tags for "
+                        f"{name}: {', '.join(tags) or 'none (see its -quickgelu twin)'}; or pass {name}:<file path>")
+    sd = read_state_dict(path)
+    sd.pop("attn_mask", None)  # the causal mask, a buffer in some open_clip versions; ours is built when used
+    try:
+        return build_model(sd, config, **options)
+    except LoadError as e:  # shapes or keys differ: most likely another model's file
+        raise LoadError(f"{path} is not OpenCLIP's {name}: {str(e).split(': pass')[0]}; pass the model name it was "
+                        "trained as (MODEL:<file>)") from None

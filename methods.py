@@ -232,4 +232,5 @@ def method_list(classes=1000):
         lines.append(f"{name:14s} {module.__name__ + '.py':16s} {cfg.backbone:9s} {learned:>10,}  "
                      f"{module.ABOUT[name]}")
     return "\n".join(lines + [f"* learned parameters (results.json's learned_params) at the paper backbone with "
-                                f"{classes:,} classes, as on ImageNet"])
+                                f"{classes:,} classes, as on ImageNet; --backbone also takes Hugging Face's and "
+                                "OpenCLIP's weights (docs/weights.md)"])

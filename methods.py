@@ -71,7 +71,8 @@ def parse_args(argv):
     p.add_argument("--data", help="dataset folder (CoOp layout, or class-per-subfolder), or 'demo'")
     p.add_argument("--shots", type=int, default=16, help="images per class for training; 0 = all")
     p.add_argument("--backbone", help=f"default: the method's paper backbone; one of {' '.join(BACKBONES)}, a .pt, a "
-                   "Hugging Face CLIPModel folder or hf:<org>/<name>")
+                   "Hugging Face CLIPModel folder, hf:<org>/<name>, or OpenCLIP's MODEL:TAG or MODEL:<file> "
+                   "(docs/weights.md)")
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
                    help="random: build the backbone with random weights, no download (tests, dry runs)")
     p.add_argument("--seed", type=int, nargs="+", default=[1], dest="seeds", help="one run per seed: --seed 1 2 3")

@@ -54,13 +54,13 @@ def hf_snapshot(repo, weights=HF_WEIGHTS, required=("config.json",), optional=("
     if folder and all((folder / name).is_file() for name in required) and any(
             (folder / name).is_file() for name in weights):
         return folder
-    offline = (f"or put the model's {', '.join([*required, *optional, weights[0]])} into "
+    offline = (f"put the model's {', '.join([*required, *optional, weights[0]])} into "
                f"{models}/snapshots/<revision>/ (or pass the file's or folder's path)")
     try:
         import huggingface_hub
     except ImportError:
         raise LoadError(f"hf:{repo} is not in the Hugging Face cache: pip install huggingface_hub to download it, "
-                        + offline) from None
+                        "or " + offline) from None
     try:
         files = huggingface_hub.list_repo_files(repo)
         name = next((name for name in weights if name in files), weights[0])  # safetensors first
@@ -70,8 +70,8 @@ def hf_snapshot(repo, weights=HF_WEIGHTS, required=("config.json",), optional=("
             *required, *optional, name, *shards]))
     except Exception as e:  # huggingface_hub's errors (no network, no such repo, offline mode) share no base class
         reason = str(e).strip().split("\n")[0]
-        raise LoadError(f"could not download hf:{repo} ({type(e).__name__}: {reason}): check the name, or without "
-                        "internet " + offline) from None
+        raise LoadError(f"could not download hf:{repo} ({type(e).__name__}: {reason}): check the name; without "
+                        "internet, " + offline) from None
 
 def read_hf_weights(folder):
     """A transformers model folder's weights (safetensors or PyTorch, whole or sharded) -> {key: tensor}."""

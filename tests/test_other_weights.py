@@ -175,7 +175,7 @@ def test_not_cached_says_what_to_install_or_where_to_put_files(tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     where = str(tmp_path / "hub" / "models--someone--absent" / "snapshots")
     with pytest.raises(clip_model.LoadError, match="could not download hf:someone/absent .*network is unreachable"
-                       ".*without internet or put the model's config.json") as error:
+                       ".*without internet, put the model's config.json") as error:
         clip_model.load("hf:someone/absent")  # offline (see no_downloads)
     assert where in str(error.value) and "\n" not in str(error.value)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed

@@ -138,7 +138,7 @@ def prompt_text(cfg, classname, template_only=False):
     """(text, n, learned): the text prompt a model ran for one class and its n context tokens after SOT. Learned
     context is written "X X ... X {class}." (the Config's context count), a hand-crafted template as its words."""
     name = classname.replace("_", " ")
-    n = 0 if template_only else next((getattr(cfg, f) for f in ("n_tokens", "text_ctx") if getattr(cfg, f, 0)), 0)
+    n = 0 if template_only else getattr(cfg, "text_ctx", 0)  # VLP's (its n_tokens are visual)
     if not template_only and isinstance(cfg, mudpt.Config):  # n_ctx prompts, whether a phrase starts them or not
         n = cfg.n_ctx
     if not n and not template_only and getattr(cfg, "n_ctx", 0):  # CoOp: an init phrase sets the count

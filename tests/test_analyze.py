@@ -14,6 +14,7 @@ import maple
 import methods
 import mudpt
 import train
+import vpt
 
 
 def test_distance_of_self_attention_is_zero_and_uniform_is_the_grid_mean():
@@ -172,3 +173,11 @@ def test_nearest_words_of_an_init_phrase_are_its_words():
         ["a", "photo", "of", "a"]
     model = maple.build(clip, ["cat", "dog"], maple.Config())
     assert list(analyze.word_context(model)) == ["ctx"]  # "a photo", not the deep prompts
+
+
+def test_text_context_counts_are_each_methods_own():
+    """VLP's text context is its text_ctx (16), not its 10 visual tokens; MuDPT's is n_ctx with or without a
+    phrase; CoOp's init phrase sets its count."""
+    assert analyze.prompt_text(vpt.Config(text_ctx=16), "red circle")[1] == 16
+    assert analyze.prompt_text(mudpt.Config(n_ctx=2), "red circle")[1] == 2
+    assert analyze.prompt_text(coop.Config(n_ctx=16, ctx_init="a photo of a"), "red circle")[1] == 4

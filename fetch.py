@@ -1,0 +1,450 @@
+"""Fetch the CoOp benchmarks: `python fetch.py dtd eurosat --root ./data`, or `all`, or `--dry-run all`.
+
+Each dataset ends as one folder in CoOp's layout (KaiyangZhou/CoOp's DATASETS.md), with CoOp's split file, so
+`python train.py --data ./data/dtd` trains on the same images as the papers. How it goes, per dataset:
+
+1. A folder that is already there and reads as its dataset is skipped; one that does not read is left alone.
+2. Each file is downloaded into <root>/.fetch/downloads/<folder>/ under a `.part` name, resumed from where it
+   stopped, checked against its size and the checksum its source publishes, and only then given its name.
+3. The archives are unpacked and their folders moved into <root>/.fetch/<folder>/, which is read exactly as
+   `--data` reads it (every image its split file names must be there) and then renamed to <root>/<folder>.
+   So a dataset folder appears whole or not at all; a failure leaves only the downloads, for the next run.
+4. Once the folder is in place its archives are deleted (`--keep-archives` keeps them).
+
+ImageNet needs a login, and no source serves Stanford Cars any more without one: for those the split files are
+fetched and the steps to take by hand are printed. Sizes below are the sources' own; docs/datasets.md lists them.
+"""
+import argparse
+import contextlib
+import errno
+import fcntl
+import hashlib
+import html.parser
+import http.client
+import os
+import shutil
+import sys
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+import data
+
+DRIVE = "https://drive.google.com/uc?export=download&id="  # a file on Google Drive, by its id
+HF = "https://huggingface.co/datasets/"
+
+class File(NamedTuple):
+    """One download. `unpack` maps a path inside the archive to where it goes in the dataset folder ("" is the folder
+    itself; an archive inside the archive is unpacked in turn); a file without `unpack` is copied into the dataset
+    folder under its name."""
+    name: str
+    url: str
+    size: int = None      # bytes, as a record of the source gives it (None: unknown, a small file)
+    checksum: str = None  # "md5:<hex>" or "sha256:<hex>" where one is published; None where none is
+    unpack: dict = None
+
+class Recipe(NamedTuple):
+    folder: str           # the folder data.py recognises
+    files: tuple
+    manual: str = None    # what to do by hand, for a dataset that no source serves to everyone
+
+def split_file(name, drive_id):
+    return File(f"split_zhou_{name}.json", DRIVE + drive_id)
+
+CLASSNAMES = File("classnames.txt", DRIVE + "1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF")  # ImageNet's, from CLIP's notebook
+TORCHVISION, TFDS = "torchvision.datasets", "tensorflow/datasets url_checksums"
+
+# Where each URL, size and checksum comes from. Split files and classnames.txt: the Google Drive links of CoOp's
+# DATASETS.md (no checksums are published for them). Archives: the URL and MD5 that torchvision's dataset class
+# downloads and checks (torchvision/datasets/<name>.py), or the dataset's own page where torchvision has none;
+# sizes and SHA256s from TensorFlow Datasets' url_checksums records of the same files, or Hugging Face's file page.
+RECIPES = {
+    "eurosat": Recipe("eurosat", (  # torchvision's EuroSAT: the original DFKI zip, mirrored unchanged on the Hub
+        File("EuroSAT.zip", HF + "torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip",
+             94_280_567, "md5:c8fa014336c82ac7804f0398fcb19387", {"2750": "2750"}),
+        split_file("EuroSAT", "1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o"),
+    )),
+    "caltech-101": Recipe("caltech-101", (  # torchvision's Caltech101: CaltechDATA's zip holds CoOp's tar.gz
+        File("caltech-101.zip", "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
+             137_000_000, "md5:3138e1922a9193bfa496528edbbc45d0",  # size: about, as CaltechDATA's page rounds it
+             {"caltech-101/101_ObjectCategories.tar.gz": ""}),
+        split_file("Caltech101", "1hyarUivQE36mY6jSomru6Fjd-JzwcCzN"),
+    )),
+    "oxford_flowers": Recipe("oxford_flowers", (  # torchvision's Flowers102
+        File("102flowers.tgz", "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz",
+             344_862_509, "md5:52808999861908f626f3c1f4e79d11fa", {"jpg": "jpg"}),
+        split_file("OxfordFlowers", "1Pp0sRXzZFZq15zVOzKjKBu4A9i01nozT"),
+    )),
+    "dtd": Recipe("dtd", (  # torchvision's DTD
+        File("dtd-r1.0.1.tar.gz", "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
+             625_239_812, "md5:fff73e5086ae6bdbea199a49dfb8a4c1", {"dtd": ""}),
+        split_file("DescribableTextures", "1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x"),
+    )),
+    "oxford_pets": Recipe("oxford_pets", (  # torchvision's OxfordIIITPet
+        File("images.tar.gz", "https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz",
+             791_918_971, "md5:5c4f3ee8e5d25df40f4fd59a7f44e54c", {"images": "images"}),
+        split_file("OxfordPets", "1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs"),
+    )),
+    "ucf101": Recipe("ucf101", (  # CoOp's middle frames of UCF101's videos: only on CoOp's Drive, size unpublished
+        File("UCF-101-midframes.zip", DRIVE + "10Jqome3vtUA2keJkNanAiFpgbyC9Hc2O", None, None,
+             {"UCF-101-midframes": "UCF-101-midframes"}),
+        split_file("UCF101", "1I0S0q91hJfsV9Gf4xDIjgDq4AqBNJb1y"),
+    )),
+    "fgvc_aircraft": Recipe("fgvc_aircraft", (  # torchvision's FGVCAircraft checks nothing: TFDS's SHA256
+        File("fgvc-aircraft-2013b.tar.gz",
+             "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
+             2_770_575_360, "sha256:d5f68b1b81d6d7831eb9d5c5517074176b5dfbce6bcb43dc14ed1c66a87b8d75",
+             {"fgvc-aircraft-2013b/data": ""}),  # CoOp keeps only data/, and needs no split file
+    )),
+    "food-101": Recipe("food-101", (  # torchvision's Food101
+        File("food-101.tar.gz", "http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
+             4_996_278_331, "md5:85eeb15f3717b99a5da872d97d918f87", {"food-101": ""}),
+        split_file("Food101", "1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl"),
+    )),
+    "sun397": Recipe("sun397", (  # torchvision's SUN397
+        File("SUN397.tar.gz", "http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz",
+             39_077_296_924, "md5:8ca2778205c41d23104230ba66911c7a", {"SUN397": "SUN397"}),
+        split_file("SUN397", "1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq"),
+    )),
+    "stanford_cars": Recipe("stanford_cars", (split_file("StanfordCars", "1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT"),),
+        manual="Stanford's server no longer serves the images, and torchvision's StanfordCars no longer downloads "
+               "them. Get cars_train/, cars_test/, devkit/ and cars_test_annos_withlabels.mat from a copy (Kaggle's "
+               "jessicali9530/stanford-cars-dataset, with a Kaggle login) and put them into {target}, next to the "
+               "split file; cars_train.tgz is 979,269,282 bytes and cars_test.tgz 977,350,468 (TFDS's record)"),
+    "imagenet": Recipe("imagenet", (CLASSNAMES,),
+        manual="ImageNet needs a login: at https://image-net.org/download-images.php get ILSVRC2012_img_train.tar "
+               "(138 GiB) and ILSVRC2012_img_val.tar (6.3 GiB), then unpack the train archive's 1000 <wnid>.tar "
+               "into {target}/images/train/<wnid>/ and sort the validation images into "
+               "{target}/images/val/<wnid>/ (CoOp's DATASETS.md, or torchvision.datasets.ImageNet, which does both)"),
+    "imagenetv2": Recipe("imagenetv2", (  # ImageNetV2's README points at the Hub now; SHA256 from its file page
+        File("imagenetv2-matched-frequency.tar.gz",
+             HF + "vaishaal/ImageNetV2/resolve/main/imagenetv2-matched-frequency.tar.gz", 1_264_079_360,
+             "sha256:f0c37fdf925916b19ea1323cd9a2208cdb6959ba2c32eef2a7fc393835c9ca7c",
+             {"imagenetv2-matched-frequency-format-val": "imagenetv2-matched-frequency-format-val"}),
+        CLASSNAMES,
+    )),
+    "imagenet-sketch": Recipe("imagenet-sketch", (  # ImageNet-Sketch's README: 7.8 GB; no checksum is published
+        File("ImageNet-Sketch.zip", HF + "songweig/imagenet_sketch/resolve/main/data/ImageNet-Sketch.zip",
+             7_800_000_000, None, {"sketch": "images"}),
+        CLASSNAMES,
+    )),
+    "imagenet-adversarial": Recipe("imagenet-adversarial", (  # Hendrycks' page; TFDS's size and SHA256
+        File("imagenet-a.tar", "https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar", 687_552_512,
+             "sha256:3bb3632277e6ba6392ea64c02ddbf4dd2266c9caffd6bc09c9656d28f012589e", {"imagenet-a": "imagenet-a"}),
+        CLASSNAMES,
+    )),
+    "imagenet-rendition": Recipe("imagenet-rendition", (  # Hendrycks' page; TFDS's size and SHA256
+        File("imagenet-r.tar", "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar", 2_191_079_936,
+             "sha256:18c6bf493b39a0d975d48e587437f562caab9c52ae6327dcfa9dd8eb54aa1b52", {"imagenet-r": "imagenet-r"}),
+        CLASSNAMES,
+    )),
+}
+
+class FetchError(Exception):
+    """A download or unpacking that failed; the message names the dataset, the URL and what to do."""
+
+def human(n):
+    if n is None:
+        return "size unknown"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+# --- downloading -----------------------------------------------------------------------------------------------------
+
+class _Form(html.parser.HTMLParser):
+    """The download form of Google Drive's page for a file too large to scan for viruses: its action and fields."""
+    def __init__(self):
+        super().__init__()
+        self.action, self.fields, self.text, self.inside = None, {}, [], False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "form" and self.action is None and "download" in (attrs.get("action") or ""):
+            self.action, self.inside = attrs["action"], True
+        elif tag == "input" and self.inside and attrs.get("name"):
+            self.fields[attrs["name"]] = attrs.get("value") or ""
+
+    def handle_endtag(self, tag):
+        if tag == "form":
+            self.inside = False
+
+    def handle_data(self, text):
+        self.text.append(text)
+
+def _open(url, start):
+    request = urllib.request.Request(url, headers={"User-Agent": "clip-prompt-tuning-fetch"})
+    if start:
+        request.add_header("Range", f"bytes={start}-")
+    return urllib.request.urlopen(request, timeout=60)
+
+def _open_file(url, start):
+    """The response that carries the file's bytes from `start` on, through Google Drive's confirmation page."""
+    response = _open(url, start)
+    if "text/html" not in response.headers.get("Content-Type", ""):
+        return response
+    page = _Form()
+    page.feed(response.read(1_000_000).decode("utf-8", "replace"))
+    response.close()
+    if page.action is None:
+        text = " ".join(" ".join(page.text).split())
+        if "quota" in text.lower() or "too many users" in text.lower():
+            raise FetchError("Google Drive refuses it for now (its download quota is exceeded): try again in a day")
+        raise FetchError("the server answered with a web page, not the file: open the URL in a browser")
+    action = urllib.parse.urljoin(response.url, page.action)
+    return _open(action + "?" + urllib.parse.urlencode(page.fields), start)
+
+def download(file, folder):
+    """`folder/file.name`, downloaded through a `.part` file that a later call resumes, and checked."""
+    path = folder / file.name
+    if path.is_file():
+        return path
+    part = folder / (file.name + ".part")
+    folder.mkdir(parents=True, exist_ok=True)
+    start = part.stat().st_size if part.is_file() else 0
+    try:
+        response = _open_file(file.url, start)
+    except urllib.error.HTTPError as error:
+        if error.code != 416:  # 416: the range starts at the end, so the .part file is complete
+            raise FetchError(f"{file.url} answered HTTP {error.code} {error.reason}: the source may have moved; "
+                             "check the URL in a browser") from None
+        response = None
+    except (urllib.error.URLError, OSError) as error:
+        raise FetchError(f"cannot reach {file.url} ({getattr(error, 'reason', error)}): check the connection "
+                         "and run again; the download resumes") from None
+    if response is not None:
+        with response:
+            if start and response.status != 206:  # the server ignored the range: start again
+                start = 0
+            length = response.headers.get("Content-Length")
+            total = start + int(length) if length else file.size
+            bar = tqdm(total=total, initial=start, desc=file.name, unit="B", unit_scale=True, unit_divisor=1000,
+                       dynamic_ncols=True, disable=not sys.stderr.isatty())
+            try:
+                with open(part, "ab" if start else "wb") as out, bar:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as error:
+                if getattr(error, "errno", None) == errno.ENOSPC:
+                    raise FetchError(f"the disk is full while writing {part}: free some space and run again; "
+                                     "the download resumes") from None
+                raise FetchError(f"the download from {file.url} stopped ({error}): run again; it resumes") from None
+            if length and part.stat().st_size < total:
+                raise FetchError(f"the download from {file.url} stopped at {human(part.stat().st_size)} of "
+                                 f"{human(total)}: run again; it resumes") from None
+    if file.checksum is not None:
+        algorithm, expected = file.checksum.split(":")
+        digest = hashlib.new(algorithm)
+        with open(part, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            part.unlink()
+            raise FetchError(f"{file.url} gave a file whose {algorithm.upper()} is {digest.hexdigest()}, not the "
+                             f"published {expected}; it was deleted: run again, and if this repeats the source has "
+                             "changed")
+    os.replace(part, path)
+    return path
+
+# --- unpacking -------------------------------------------------------------------------------------------------------
+
+def unpack(archive, into):
+    """Every member of a .tar(.gz) or .zip archive under `into`; a damaged archive is deleted."""
+    into.mkdir(parents=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(into)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(into, filter="data")  # refuses absolute paths, '..' and links that leave `into`
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
+        if getattr(error, "errno", None) == errno.ENOSPC:
+            raise FetchError(f"the disk is full while unpacking {archive.name}: free some space and run again") \
+                from None
+        archive.unlink()
+        raise FetchError(f"{archive.name} is damaged ({error}); it was deleted: run again to download it afresh") \
+            from None
+
+# --- one dataset -----------------------------------------------------------------------------------------------------
+
+def check_space(recipe, root, downloads):
+    need = 0
+    for file in recipe.files:
+        if file.size is None:
+            continue
+        part = downloads / (file.name + ".part")
+        if not (downloads / file.name).is_file():
+            need += file.size - (part.stat().st_size if part.is_file() else 0)
+        if file.unpack:
+            need += file.size  # the unpacked images take about as much as the archive: they are compressed already
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise FetchError(f"needs about {human(need)} free in {root}, which has {human(free)}: free some space "
+                         "or choose another --root")
+
+@contextlib.contextmanager
+def locked(path):
+    """Hold `path`'s lock while fetching, so that two fetches of one dataset into one root do not interleave."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FetchError(f"another fetch holds {path}: wait for it to finish") from None
+        yield
+        path.unlink()
+
+def remove_empty(folder, up_to):
+    """`folder` and the folders above it, up to `up_to` (excluded), as long as they are empty."""
+    while folder != up_to:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+        folder = folder.parent
+
+def place(source, destination):
+    """Move `source` to `destination`, or its contents into `destination` when that folder exists already."""
+    if destination.is_dir():
+        for child in source.iterdir():
+            os.rename(child, destination / child.name)
+    else:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(source, destination)
+
+def assemble(name, recipe, downloads, stage, scratch):
+    """Download the recipe's files and lay them out in `stage` as CoOp does."""
+    stage.mkdir()
+    for file in recipe.files:
+        print(f"{name}: {file.name} ({human(file.size)}) from {file.url}", flush=True)
+        path = download(file, downloads)
+        if file.unpack is None:
+            shutil.copyfile(path, stage / file.name)
+            continue
+        print(f"{name}: unpacking {file.name}", flush=True)
+        unpack(path, scratch / file.name)
+        for inside, into in file.unpack.items():
+            source = scratch / file.name / inside
+            if not source.exists():
+                raise FetchError(f"{file.name} from {file.url} holds no {inside}: the source has changed its "
+                                 "layout; please report it")
+            if source.is_file():  # an archive in the archive
+                unpack(source, scratch / inside)
+                source = scratch / inside
+            place(source, stage / into)
+
+def fetch(name, root, keep_archives=False):
+    """Make <root>/<folder> for dataset `name`, or say it is there already; returns the folder."""
+    recipe = RECIPES[name]
+    target = root / recipe.folder
+    if target.is_dir():
+        try:
+            data.load_dataset(str(target))
+            print(f"{name}: complete at {target}, skipped")
+            return target
+        except data.DataError as error:
+            if recipe.manual is None:
+                raise FetchError(f"{target} is there but does not read ({error}); it is left as it is: move it "
+                                 "away and run again") from None
+    work = root / ".fetch"
+    downloads = work / "downloads" / recipe.folder
+    stage, scratch = work / recipe.folder, work / (recipe.folder + ".unpacked")
+    with locked(work / (recipe.folder + ".lock")):
+        check_space(recipe, root, downloads)
+        for path in (stage, scratch):
+            shutil.rmtree(path, ignore_errors=True)  # a run that was killed may have left them
+        try:
+            assemble(name, recipe, downloads, stage, scratch)
+            if recipe.manual is not None:
+                add_missing(recipe, stage, target)
+            else:
+                try:
+                    data.load_dataset(str(stage))
+                except data.DataError as error:
+                    raise FetchError(f"the fetched files do not read as {name} ({error}); please report it") from None
+                os.rename(stage, target)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+    if not keep_archives:
+        shutil.rmtree(downloads, ignore_errors=True)
+    remove_empty(downloads, root)
+    if recipe.manual is not None:
+        print(f"{name}: {recipe.manual.format(target=target)}")
+    else:
+        print(f"{name}: ready at {target}")
+    return target
+
+def add_missing(recipe, stage, target):
+    """The fetched files a dataset fetched by hand lacks, added to its folder (made if need be); none replaced."""
+    target.mkdir(parents=True, exist_ok=True)
+    for file in recipe.files:
+        if not (target / file.name).exists():
+            os.replace(stage / file.name, target / file.name)
+
+# --- the command -----------------------------------------------------------------------------------------------------
+
+def dry_run(names, root):
+    total = 0
+    for name in names:
+        recipe = RECIPES[name]
+        state = "there already" if (root / recipe.folder).is_dir() else "to fetch"
+        size = sum(file.size or 0 for file in recipe.files)
+        total += size if state == "to fetch" else 0
+        print(f"{name}: {human(size)} into {root / recipe.folder} ({state})")
+        for file in recipe.files:
+            check = file.checksum.replace(":", " ", 1).upper() if file.checksum else "no published checksum"
+            print(f"    {file.name:<40} {human(file.size):>9}  {file.url}  ({check})")
+        if recipe.manual:
+            print(f"    by hand: {recipe.manual.format(target=root / recipe.folder)}")
+    print(f"in all: {human(total)} to download")
+
+def dataset_names(asked):
+    aliases = {name.lower(): name for name in RECIPES}
+    for folder, (name, _) in {**data.SPLITS, **data.VARIANTS}.items():
+        aliases[name.lower()] = folder
+    names = []
+    for word in asked:
+        if word.lower() == "all":
+            names += RECIPES
+        elif word.lower() in aliases:
+            names.append(aliases[word.lower()])
+        else:
+            raise SystemExit(f"error: no dataset named {word!r}; fetch knows: all, {', '.join(RECIPES)}")
+    return list(dict.fromkeys(names))
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="+", metavar="NAME", help=f"all, or any of: {', '.join(RECIPES)}")
+    parser.add_argument("--root", default="./data", help="the folder that receives one folder per dataset")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be downloaded, with sizes")
+    parser.add_argument("--keep-archives", action="store_true", help="keep the archives once unpacked")
+    args = parser.parse_args(argv)
+    names, root = dataset_names(args.names), Path(args.root).expanduser()
+    if args.dry_run:
+        return dry_run(names, root)
+    root.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name in names:
+        try:
+            fetch(name, root, args.keep_archives)
+        except FetchError as error:
+            print(f"error: {name}: {error}", file=sys.stderr)
+            failed.append(name)
+    if failed:
+        raise SystemExit(f"not fetched: {', '.join(failed)} (see the errors above; run again to resume)")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""fetch.py against a local HTTP server on 127.0.0.1 that stands in for every source: small archives with the real
+archives' internal layout, split files behind a Google Drive stand-in (with the confirmation page that large Drive
+files get), and the failures a long download meets. Each fetched folder is then trained on (or tested, for the
+ImageNet test sets) with train.py. A guard refuses any connection beyond 127.0.0.1."""
+import hashlib
+import http.server
+import io
+import json
+import os
+import re
+import socket
+import tarfile
+import threading
+import urllib.parse
+import zipfile
+
+import pytest
+from PIL import Image
+
+import data
+import fetch
+import methods
+import train
+
+UUID = "5e2b"  # the token the stand-in's confirmation page hands out
+
+
+class Source(http.server.BaseHTTPRequestHandler):
+    """GET /<host>/<path> serves files["<host>/<path>"], from a Range's first byte when asked. Drive's
+    /drive.google.com/uc?id=X serves files["drive/X"] at once, or, for an id in `large`, a confirmation page whose
+    form leads to /drive.usercontent.google.com/download. A key in `cut` is sent half, once, then the connection
+    closes; a key in `pages` gets that HTML instead of the file."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        server = self.server
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        key = url.path.lstrip("/")
+        server.requests.append((key, self.headers.get("Range")))
+        if key == "drive.google.com/uc":
+            key = "drive/" + query["id"]
+            if key in server.large:
+                return self.send(confirmation_page(server, query["id"]).encode(), "text/html; charset=utf-8")
+        elif key == "drive.usercontent.google.com/download":
+            if query.get("confirm") != "t" or query.get("uuid") != UUID:
+                return self.send_error(403)
+            key = "drive/" + query["id"]
+        if key in server.pages:
+            return self.send(server.pages[key].encode(), "text/html; charset=utf-8")
+        if key not in server.files:
+            return self.send_error(404)
+        body, start = server.files[key], 0
+        if match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or ""):
+            start = int(match.group(1))
+            if start >= len(body):
+                return self.send_error(416)
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if key in server.cut:
+            server.cut.discard(key)
+            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            return
+        self.wfile.write(body[start:])
+
+    def send(self, body, content_type):
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def confirmation_page(server, drive_id):
+    """Google Drive's page for a file too large to scan for viruses, with its download form (as served in 2024)."""
+    action = f"http://127.0.0.1:{server.server_address[1]}/drive.usercontent.google.com/download"
+    return (f'<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body>'
+            f'<div class="uc-main"><p class="uc-warning-caption">Google Drive can\'t scan this file for viruses.</p>'
+            f'<form id="download-form" action="{action}" method="get">'
+            f'<input type="submit" id="uc-download-link" value="Download anyway"/>'
+            f'<input type="hidden" name="id" value="{drive_id}"><input type="hidden" name="export" value="download">'
+            f'<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="{UUID}">'
+            f'</form></div></body></html>')
+
+
+@pytest.fixture
+def server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Source)
+    server.files, server.large, server.cut, server.pages, server.requests = {}, set(), set(), {}, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def local_only(monkeypatch):
+    """Any connection to an address other than 127.0.0.1 fails the test."""
+    connect = socket.create_connection
+
+    def guarded(address, *args, **kwargs):
+        assert address[0] == "127.0.0.1", f"a test tried to reach {address}"
+        return connect(address, *args, **kwargs)
+    monkeypatch.setattr(socket, "create_connection", guarded)
+
+
+def local(url, server):
+    """The URL on the stand-in server: https://host/path -> http://127.0.0.1:port/host/path."""
+    return re.sub(r"^https?://", f"http://127.0.0.1:{server.server_address[1]}/", url)
+
+
+def key_of(url):
+    """The stand-in's key for a source URL."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc == "drive.google.com":
+        return "drive/" + dict(urllib.parse.parse_qsl(parts.query))["id"]
+    return parts.netloc + parts.path
+
+
+def serve(monkeypatch, server, name, contents, large=()):
+    """Serve `contents` ({file name: bytes}) as dataset `name`'s files; each File's URL, size and checksum (where it
+    has one) become those of the stand-in's bytes."""
+    recipe = fetch.RECIPES[name]
+    files = []
+    for file in recipe.files:
+        body = contents[file.name]
+        server.files[key_of(file.url)] = body
+        if file.name in large:
+            server.large.add(key_of(file.url))
+        checksum = None
+        if file.checksum:  # the same algorithm, over the stand-in's bytes
+            algorithm = file.checksum.split(":")[0]
+            checksum = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+        files.append(file._replace(url=local(file.url, server), size=len(body), checksum=checksum))
+    monkeypatch.setitem(fetch.RECIPES, name, recipe._replace(files=tuple(files)))
+
+
+# --- archives with the real archives' layout ------------------------------------------------------------------------
+
+def jpeg(colour):
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 24), colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def colour(label):
+    return ((53 * label) % 256, (101 * label + 90) % 256, (197 * label + 30) % 256)
+
+
+def tar(members, compress="gz"):
+    """A tar archive of {path: bytes}; a None body is a directory."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=f"w:{compress}" if compress else "w") as archive:
+        for path, body in members.items():
+            info = tarfile.TarInfo(path)
+            if body is None:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = len(body)
+                archive.addfile(info, io.BytesIO(body))
+    return buffer.getvalue()
+
+
+def zip_(members):
+    """A zip archive of {path: bytes}; a None body is a directory."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path, body in members.items():
+            archive.writestr(path + "/" if body is None else path, body or b"")
+    return buffer.getvalue()
+
+
+def split_dataset(classes, path, per_class=(3, 2, 2)):
+    """Images at path.format(c=class folder, i=index) and CoOp's split of them: {train, val, test: [[path, label,
+    class name]]}, the name being the folder's in lower case with spaces, as in CoOp's files."""
+    images, split = {}, {}
+    for part, n in zip(("train", "val", "test"), per_class):
+        split[part] = []
+        for label, folder in enumerate(classes):
+            for i in range(n):
+                relative = path.format(c=folder, i=f"{part}{i}")
+                images[relative] = jpeg(colour(label))
+                split[part].append([relative, label, folder.lower().replace("_", " ")])
+    return images, json.dumps(split).encode()
+
+
+def under(prefix, images):
+    return {f"{prefix}/{path}": body for path, body in images.items()}
+
+
+# Each builder gives {file name: bytes} for one dataset: its archives laid out inside as the real ones are (the
+# top folders the recipe moves, and a few of the files around them), and its split file.
+
+def dtd():
+    images, split = split_dataset(["banded", "woven"], "{c}/{c}_{i}.jpg")
+    archive = tar({**under("dtd/images", images), "dtd/labels/labels_joint_anno.txt": b"",
+                   "dtd/imdb/imdb.mat": b""})
+    return {"dtd-r1.0.1.tar.gz": archive, "split_zhou_DescribableTextures.json": split}
+
+
+def eurosat():
+    images, split = split_dataset(["AnnualCrop", "SeaLake"], "{c}/{c}_{i}.jpg")
+    return {"EuroSAT.zip": zip_(under("2750", images)), "split_zhou_EuroSAT.json": split}
+
+
+def caltech():  # CaltechDATA's zip holds the tar.gz CoOp's DATASETS.md links, next to the annotations
+    images, split = split_dataset(["accordion", "airplanes"], "{c}/image_{i}.jpg")
+    inner = tar({**under("101_ObjectCategories", images), "101_ObjectCategories/BACKGROUND_Google": None})
+    archive = zip_({"caltech-101": None, "caltech-101/101_ObjectCategories.tar.gz": inner,
+                    "caltech-101/Annotations.tar": tar({"Annotations": None}, compress=""),
+                    "caltech-101/show_annotation.m": b""})
+    return {"caltech-101.zip": archive, "split_zhou_Caltech101.json": split}
+
+
+def flowers():
+    images, split = split_dataset(["pink_primrose", "globe_thistle"], "image_{c}_{i}.jpg")
+    return {"102flowers.tgz": tar(under("jpg", images)), "split_zhou_OxfordFlowers.json": split}
+
+
+def pets():
+    images, split = split_dataset(["Abyssinian", "beagle"], "{c}_{i}.jpg")
+    return {"images.tar.gz": tar(under("images", images)), "split_zhou_OxfordPets.json": split}
+
+
+def ucf():
+    images, split = split_dataset(["Apply_Eye_Makeup", "Archery"], "{c}/v_{c}_g01_{i}.jpg")
+    return {"UCF-101-midframes.zip": zip_(under("UCF-101-midframes", images)), "split_zhou_UCF101.json": split}
+
+
+def aircraft():
+    variants, members = ["707-320", "A340-500"], {}
+    for part, n in (("train", 3), ("val", 2), ("test", 2)):
+        lines = []
+        for label, variant in enumerate(variants):
+            for i in range(n):
+                image_id = f"{label}{part}{i}"
+                members[f"fgvc-aircraft-2013b/data/images/{image_id}.jpg"] = jpeg(colour(label))
+                lines.append(f"{image_id} {variant}\n")
+        members[f"fgvc-aircraft-2013b/data/images_variant_{part}.txt"] = "".join(lines).encode()
+    members["fgvc-aircraft-2013b/data/variants.txt"] = "".join(v + "\n" for v in variants).encode()
+    members["fgvc-aircraft-2013b/README.html"] = b""
+    return {"fgvc-aircraft-2013b.tar.gz": tar(members)}
+
+
+def food():
+    images, split = split_dataset(["apple_pie", "baklava"], "{c}/{i}.jpg")
+    archive = tar({**under("food-101/images", images), "food-101/meta/classes.txt": b"apple_pie\nbaklava\n"})
+    return {"food-101.tar.gz": archive, "split_zhou_Food101.json": split}
+
+
+def sun():
+    images, split = split_dataset(["a/abbey", "b/bakery/shop"], "{c}/sun_{i}.jpg")
+    archive = tar({**under("SUN397", images), "SUN397/ClassName.txt": b"/a/abbey\n/b/bakery/shop\n"})
+    return {"SUN397.tar.gz": archive, "split_zhou_SUN397.json": split}
+
+
+def cars():  # the split file only: the images are put in by hand (val comes from cars_train, as in CoOp's file)
+    split = {}
+    for part, n in (("train", 3), ("val", 2), ("test", 2)):
+        folder = "cars_test" if part == "test" else "cars_train"
+        split[part] = [[f"{folder}/{part}{label}{i}.jpg", label, name] for label, name in
+                       enumerate(["2012 Tesla Model S", "1993 Volvo 240 Sedan"]) for i in range(n)]
+    return {"split_zhou_StanfordCars.json": json.dumps(split).encode()}
+
+
+BUILDERS = {"dtd": dtd, "eurosat": eurosat, "caltech-101": caltech, "oxford_flowers": flowers, "oxford_pets": pets,
+            "ucf101": ucf, "fgvc_aircraft": aircraft, "food-101": food, "sun397": sun, "stanford_cars": cars}
+
+
+# --- every dataset: fetched, then trained on ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_fetch_then_train(monkeypatch, server, tmp_path, capsys, name):
+    """Each dataset's files come through the stand-in (UCF101's zip and DTD's split file behind Drive's
+    confirmation page, as large files), land in CoOp's layout, and train.py trains on the folder."""
+    contents = BUILDERS[name]()
+    serve(monkeypatch, server, name, contents, large={"UCF-101-midframes.zip", "split_zhou_DescribableTextures.json"})
+    fetch.main([name, "--root", str(tmp_path)])
+    folder = tmp_path / fetch.RECIPES[name].folder
+    out = capsys.readouterr().out
+    if name == "stanford_cars":  # by hand: the split file is fetched, and what to do is said
+        assert "Kaggle" in out and str(folder) in out
+        assert [p.name for p in folder.iterdir()] == ["split_zhou_StanfordCars.json"]
+        for part in json.loads(contents["split_zhou_StanfordCars.json"]).values():
+            for path, label, _ in part:
+                (folder / path).parent.mkdir(exist_ok=True)
+                (folder / path).write_bytes(jpeg(colour(label)))
+        fetch.main([name, "--root", str(tmp_path)])
+        assert "stanford_cars: complete at" in capsys.readouterr().out
+    else:
+        assert f"{name}: ready at {folder}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # the archives and the work folder are gone
+    if name in ("ucf101", "dtd"):
+        assert ("drive.usercontent.google.com/download", None) in server.requests  # through the confirmation page
+    dataset = data.load_dataset(str(folder))
+    assert len(dataset.classnames) == 2 and (len(dataset.train), len(dataset.val), len(dataset.test)) == (6, 4, 4)
+    assert all(os.path.isfile(path) for path, _ in dataset.train + dataset.val + dataset.test)
+    run = train.run(methods.parse_args(["--method", "coop", "--data", str(folder), "--backbone", "tiny",
+                                        "--shots", "2", "--epochs", "1", "--output", str(tmp_path / "run")]))
+    assert run["dataset"] == dataset.name and 0 <= run["accuracy"]["test"] <= 100
+
+
+def test_layouts_are_coops(monkeypatch, server, tmp_path):
+    """The folders around the images are kept as CoOp's DATASETS.md shows them."""
+    for name in ("dtd", "caltech-101", "fgvc_aircraft", "food-101", "sun397"):
+        serve(monkeypatch, server, name, BUILDERS[name]())
+    fetch.main(["dtd", "caltech-101", "fgvc_aircraft", "food-101", "sun397", "--root", str(tmp_path)])
+    listing = {folder.name: sorted(p.name for p in folder.iterdir()) for folder in tmp_path.iterdir()}
+    assert listing == {
+        "dtd": ["images", "imdb", "labels", "split_zhou_DescribableTextures.json"],
+        "caltech-101": ["101_ObjectCategories", "split_zhou_Caltech101.json"],
+        "fgvc_aircraft": ["images", "images_variant_test.txt", "images_variant_train.txt", "images_variant_val.txt",
+                          "variants.txt"],
+        "food-101": ["images", "meta", "split_zhou_Food101.json"],
+        "sun397": ["SUN397", "split_zhou_SUN397.json"],
+    }
+    assert sorted(p.name for p in (tmp_path / "caltech-101" / "101_ObjectCategories").iterdir()) == [
+        "BACKGROUND_Google", "accordion", "airplanes"]
+
+
+# --- the downloader, on DTD ------------------------------------------------------------------------------------------
+
+def test_second_run_skips(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    server.requests.clear()
+    fetch.main(["DescribableTextures", "--root", str(tmp_path)])
+    assert server.requests == [] and "dtd: complete at" in capsys.readouterr().out
+
+
+def test_interrupted_download_resumes(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    archive = "www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
+    server.cut.add(archive)
+    with pytest.raises(SystemExit, match="not fetched: dtd"):
+        fetch.main(["dtd", "--root", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert re.search(r"error: dtd: the download from http://\S+dtd-r1.0.1.tar.gz stopped at .* run again; it resumes",
+                     error)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fetch"]  # no dataset folder, half made or not
+    part = tmp_path / ".fetch" / "downloads" / "dtd" / "dtd-r1.0.1.tar.gz.part"
+    half = part.stat().st_size
+    assert 0 < half < len(server.files[archive])
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    assert (archive, f"bytes={half}-") in server.requests
+    assert len(data.load_dataset(str(tmp_path / "dtd")).train) == 6
+
+
+def test_corrupt_archive_fails_its_checksum(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    archive = "www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
+    good = server.files[archive]
+    server.files[archive] = good[:100] + bytes([good[100] ^ 1]) + good[101:]
+    with pytest.raises(SystemExit):
+        fetch.main(["dtd", "--root", str(tmp_path)])
+    assert re.search(r"error: dtd: http://\S+ gave a file whose MD5 is [0-9a-f]{32}, not the published [0-9a-f]{32}; "
+                     r"it was deleted: run again", capsys.readouterr().err)
+    assert not (tmp_path / "dtd").exists() and list((tmp_path / ".fetch" / "downloads" / "dtd").iterdir()) == []
+    server.files[archive] = good
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    assert (tmp_path / "dtd" / "images" / "woven").is_dir()
+
+
+def test_missing_file_is_named(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    del server.files["drive/1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x"]
+    with pytest.raises(SystemExit, match="not fetched: dtd"):
+        fetch.main(["dtd", "--root", str(tmp_path)])
+    assert re.search(r"error: dtd: http://\S+id=1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x answered HTTP 404 .*check the URL",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "dtd").exists()

@@ -72,7 +72,7 @@ RECIPES = {
     )),
     "caltech-101": Recipe("caltech-101", (  # torchvision's Caltech101: CaltechDATA's zip holds CoOp's tar.gz
         File("caltech-101.zip", "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
-             137_000_000, "md5:3138e1922a9193bfa496528edbbc45d0",  # size: about, as CaltechDATA's page rounds it
+             None, "md5:3138e1922a9193bfa496528edbbc45d0",  # size unrecorded: the tar.gz inside is 131.7 MB (TFDS)
              {"caltech-101/101_ObjectCategories.tar.gz": ""}),
         split_file("Caltech101", "1hyarUivQE36mY6jSomru6Fjd-JzwcCzN"),
     )),
@@ -113,15 +113,17 @@ RECIPES = {
         split_file("SUN397", "1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq"),
     )),
     "stanford_cars": Recipe("stanford_cars", (split_file("StanfordCars", "1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT"),),
-        manual="Stanford's server no longer serves the images, and torchvision's StanfordCars no longer downloads "
-               "them. Get cars_train/, cars_test/, devkit/ and cars_test_annos_withlabels.mat from a copy (Kaggle's "
-               "jessicali9530/stanford-cars-dataset, with a Kaggle login) and put them into {target}, next to the "
-               "split file; cars_train.tgz is 979,269,282 bytes and cars_test.tgz 977,350,468 (TFDS's record)"),
+        manual="no source serves Stanford Cars to everyone any more (Stanford's links are gone, and torchvision's "
+               "StanfordCars no longer downloads it): copy cars_train/ and cars_test/ (about 1.9 GB; Kaggle's "
+               "jessicali9530/stanford-cars-dataset has them, behind a Kaggle login, one folder deeper) into "
+               "{target}, next to the split file fetched there"),  # size: TFDS's record of the two archives
     "imagenet": Recipe("imagenet", (CLASSNAMES,),
-        manual="ImageNet needs a login: at https://image-net.org/download-images.php get ILSVRC2012_img_train.tar "
-               "(138 GiB) and ILSVRC2012_img_val.tar (6.3 GiB), then unpack the train archive's 1000 <wnid>.tar "
-               "into {target}/images/train/<wnid>/ and sort the validation images into "
-               "{target}/images/val/<wnid>/ (CoOp's DATASETS.md, or torchvision.datasets.ImageNet, which does both)"),
+        manual="ImageNet needs a login at image-net.org: from https://image-net.org/download-images.php download "
+               "ILSVRC2012_img_train.tar (147.9 GB), ILSVRC2012_img_val.tar (6.7 GB) and ILSVRC2012_devkit_t12.tar.gz "
+               "into {target}/images, then unpack them into images/train/<wnid>/ and images/val/<wnid>/ with "
+               "torchvision, which checks their MD5s (it needs scipy): python -c \"from torchvision.datasets import "
+               "ImageNet; ImageNet('{target}/images', 'train'); ImageNet('{target}/images', 'val')\"; then delete "
+               "the three archives"),  # sizes: TFDS's record
     "imagenetv2": Recipe("imagenetv2", (  # ImageNetV2's README points at the Hub now; SHA256 from its file page
         File("imagenetv2-matched-frequency.tar.gz",
              HF + "vaishaal/ImageNetV2/resolve/main/imagenetv2-matched-frequency.tar.gz", 1_264_079_360,
@@ -151,7 +153,7 @@ class FetchError(Exception):
 
 def human(n):
     if n is None:
-        return "size unknown"
+        return "size unpublished"
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -185,36 +187,43 @@ def _open(url, start):
         request.add_header("Range", f"bytes={start}-")
     return urllib.request.urlopen(request, timeout=60)
 
-def _open_file(url, start):
-    """The response that carries the file's bytes from `start` on, through Google Drive's confirmation page."""
+def _open_file(url, start, path):
+    """The response that carries the file's bytes from `start` on, past Google Drive's confirmation page."""
     response = _open(url, start)
-    if "text/html" not in response.headers.get("Content-Type", ""):
-        return response
-    page = _Form()
-    page.feed(response.read(1_000_000).decode("utf-8", "replace"))
-    response.close()
-    if page.action is None:
-        text = " ".join(" ".join(page.text).split())
-        if "quota" in text.lower() or "too many users" in text.lower():
-            raise FetchError("Google Drive refuses it for now (its download quota is exceeded): try again in a day")
-        raise FetchError("the server answered with a web page, not the file: open the URL in a browser")
-    action = urllib.parse.urljoin(response.url, page.action)
-    return _open(action + "?" + urllib.parse.urlencode(page.fields), start)
+    for _ in range(2):  # the file, or the page whose form leads to it
+        if "text/html" not in response.headers.get("Content-Type", ""):
+            return response
+        page = _Form()
+        page.feed(response.read(1_000_000).decode("utf-8", "replace"))
+        response.close()
+        text = " ".join(" ".join(page.text).split()).lower()
+        if "quota exceeded" in text or "too many users" in text:
+            raise FetchError(f"Google Drive refuses {url} for now (its download quota is exceeded): run again "
+                             f"tomorrow, or download it in a browser and save it as {path}")
+        if page.action is None:
+            break
+        action = urllib.parse.urljoin(response.url, page.action)
+        response = _open(action + "?" + urllib.parse.urlencode(page.fields), start)
+    raise FetchError(f"{url} answered with a web page, not the file: open it in a browser; if it gives the file, "
+                     f"save it as {path} and run again")
 
-def download(file, folder):
+def download(file, folder, name):
     """`folder/file.name`, downloaded through a `.part` file that a later call resumes, and checked."""
     path = folder / file.name
     if path.is_file():
+        print(f"{name}: {file.name} is downloaded already", flush=True)
         return path
+    print(f"{name}: {file.name} ({human(file.size)}) from {file.url}", flush=True)
     part = folder / (file.name + ".part")
     folder.mkdir(parents=True, exist_ok=True)
     start = part.stat().st_size if part.is_file() else 0
     try:
-        response = _open_file(file.url, start)
+        response = _open_file(file.url, start, path)
     except urllib.error.HTTPError as error:
         if error.code != 416:  # 416: the range starts at the end, so the .part file is complete
             raise FetchError(f"{file.url} answered HTTP {error.code} {error.reason}: the source may have moved; "
-                             "check the URL in a browser") from None
+                             f"check the URL in a browser, and if you find the file elsewhere save it as {path}") \
+                from None
         response = None
     except (urllib.error.URLError, OSError) as error:
         raise FetchError(f"cannot reach {file.url} ({getattr(error, 'reason', error)}): check the connection "
@@ -234,8 +243,8 @@ def download(file, folder):
                         bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as error:
                 if getattr(error, "errno", None) == errno.ENOSPC:
-                    raise FetchError(f"the disk is full while writing {part}: free some space and run again; "
-                                     "the download resumes") from None
+                    raise FetchError(f"the disk is full while writing {part} from {file.url}: free some space "
+                                     "and run again; the download resumes") from None
                 raise FetchError(f"the download from {file.url} stopped ({error}): run again; it resumes") from None
             if length and part.stat().st_size < total:
                 raise FetchError(f"the download from {file.url} stopped at {human(part.stat().st_size)} of "
@@ -256,23 +265,24 @@ def download(file, folder):
 
 # --- unpacking -------------------------------------------------------------------------------------------------------
 
-def unpack(archive, into):
-    """Every member of a .tar(.gz) or .zip archive under `into`; a damaged archive is deleted."""
+def unpack(archive, into, url):
+    """Every member of a .zip, .tar or .tar.gz archive under `into`; a damaged archive is deleted."""
     into.mkdir(parents=True)
     try:
-        if zipfile.is_zipfile(archive):
+        if archive.name.endswith(".zip"):
             with zipfile.ZipFile(archive) as z:
                 z.extractall(into)
         else:
-            with tarfile.open(archive) as t:
+            with tarfile.open(archive, "r:" if archive.name.endswith(".tar") else "r:gz") as t:
                 t.extractall(into, filter="data")  # refuses absolute paths, '..' and links that leave `into`
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
         if getattr(error, "errno", None) == errno.ENOSPC:
-            raise FetchError(f"the disk is full while unpacking {archive.name}: free some space and run again") \
-                from None
+            raise FetchError(f"the disk is full while unpacking {archive.name} from {url}: free some space and run "
+                             "again") from None
         archive.unlink()
-        raise FetchError(f"{archive.name} is damaged ({error}); it was deleted: run again to download it afresh") \
-            from None
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise FetchError(f"{archive.name} from {url} is damaged ({reason}); it was deleted: run again to download "
+                         "it afresh") from None
 
 # --- one dataset -----------------------------------------------------------------------------------------------------
 
@@ -300,8 +310,10 @@ def locked(path):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FetchError(f"another fetch holds {path}: wait for it to finish") from None
-        yield
-        path.unlink()
+        try:
+            yield
+        finally:
+            path.unlink()
 
 def remove_empty(folder, up_to):
     """`folder` and the folders above it, up to `up_to` (excluded), as long as they are empty."""
@@ -327,20 +339,19 @@ def assemble(name, recipe, downloads, stage, scratch):
     """Download the recipe's files and lay them out in `stage` as CoOp does."""
     stage.mkdir()
     for file in recipe.files:
-        print(f"{name}: {file.name} ({human(file.size)}) from {file.url}", flush=True)
-        path = download(file, downloads)
+        path = download(file, downloads, name)
         if file.unpack is None:
             shutil.copyfile(path, stage / file.name)
             continue
         print(f"{name}: unpacking {file.name}", flush=True)
-        unpack(path, scratch / file.name)
+        unpack(path, scratch / file.name, file.url)
         for inside, into in file.unpack.items():
             source = scratch / file.name / inside
             if not source.exists():
                 raise FetchError(f"{file.name} from {file.url} holds no {inside}: the source has changed its "
                                  "layout; please report it")
             if source.is_file():  # an archive in the archive
-                unpack(source, scratch / inside)
+                unpack(source, scratch / inside, file.url)
                 source = scratch / inside
             place(source, stage / into)
 
@@ -396,19 +407,25 @@ def add_missing(recipe, stage, target):
 # --- the command -----------------------------------------------------------------------------------------------------
 
 def dry_run(names, root):
-    total = 0
+    """What fetching `names` would download: each file's size, checksum and URL."""
+    total, unknown = 0, []
     for name in names:
         recipe = RECIPES[name]
-        state = "there already" if (root / recipe.folder).is_dir() else "to fetch"
+        there = (root / recipe.folder).is_dir()
         size = sum(file.size or 0 for file in recipe.files)
-        total += size if state == "to fetch" else 0
-        print(f"{name}: {human(size)} into {root / recipe.folder} ({state})")
+        total += 0 if there else size
+        if any(file.unpack and file.size is None for file in recipe.files):
+            size, unknown = None, unknown + [name]
+        what = "the file below, the rest by hand" if recipe.manual else human(size)
+        print(f"{name}: {what}, into {root / recipe.folder}{' (there already)' if there else ''}")
         for file in recipe.files:
-            check = file.checksum.replace(":", " ", 1).upper() if file.checksum else "no published checksum"
-            print(f"    {file.name:<40} {human(file.size):>9}  {file.url}  ({check})")
+            size = human(file.size) if file.size or file.unpack else "small"
+            checksum = "{} {}".format(*file.checksum.split(":")) if file.checksum else "no published checksum"
+            print(f"    {file.name}  {size}  {checksum}\n        {file.url}")
         if recipe.manual:
             print(f"    by hand: {recipe.manual.format(target=root / recipe.folder)}")
-    print(f"in all: {human(total)} to download")
+    print(f"in all: {human(total)} to download" + (f", and {', '.join(unknown)}, whose size is unpublished"
+                                                    if unknown else ""))
 
 def dataset_names(asked):
     aliases = {name.lower(): name for name in RECIPES}

@@ -2,12 +2,15 @@
 archives' internal layout, split files behind a Google Drive stand-in (with the confirmation page that large Drive
 files get), and the failures a long download meets. Each fetched folder is then trained on (or tested, for the
 ImageNet test sets) with train.py. A guard refuses any connection beyond 127.0.0.1."""
+import errno
+import fcntl
 import hashlib
 import http.server
 import io
 import json
 import os
 import re
+import shutil
 import socket
 import tarfile
 import threading
@@ -53,7 +56,7 @@ class Source(http.server.BaseHTTPRequestHandler):
         if key not in server.files:
             return self.send_error(404)
         body, start = server.files[key], 0
-        if match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or ""):
+        if getattr(self, "ranges", True) and (match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")):
             start = int(match.group(1))
             if start >= len(body):
                 return self.send_error(416)
@@ -375,3 +378,193 @@ def test_missing_file_is_named(monkeypatch, server, tmp_path, capsys):
     assert re.search(r"error: dtd: http://\S+id=1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x answered HTTP 404 .*check the URL",
                      capsys.readouterr().err)
     assert not (tmp_path / "dtd").exists()
+
+
+# --- ImageNet (by hand) and its four test sets --------------------------------------------------------------------
+
+WNIDS = [f"n{i:08d}" for i in range(1000)]
+CLASSNAMES = "".join(f"{wnid} class {i}\n" for i, wnid in enumerate(WNIDS)).encode()
+
+
+def imagenet_sets():
+    """{dataset: {file name: bytes}} for the four test sets; each holds images of classes 0 and 1 (ImageNet-V2's
+    folders are the labels 0..999, all there, most empty here)."""
+    images = {f"{WNIDS[label]}/{i}.jpg": jpeg(colour(label)) for label in (0, 1) for i in range(2)}
+    v2 = {f"imagenetv2-matched-frequency-format-val/{label}": None for label in range(1000)}
+    v2.update({f"imagenetv2-matched-frequency-format-val/{label}/{i}.jpeg": jpeg(colour(label))
+               for label in (0, 1) for i in range(2)})
+    return {
+        "imagenetv2": {"imagenetv2-matched-frequency.tar.gz": tar(v2)},
+        "imagenet-sketch": {"ImageNet-Sketch.zip": zip_(under("sketch", images))},
+        "imagenet-adversarial": {"imagenet-a.tar": tar({**under("imagenet-a", images), "imagenet-a/README.txt": b""},
+                                                       compress="")},
+        "imagenet-rendition": {"imagenet-r.tar": tar({**under("imagenet-r", images), "imagenet-r/README.txt": b""},
+                                                     compress="")},
+    }
+
+
+def test_imagenet_by_hand_and_its_test_sets(monkeypatch, server, tmp_path, capsys):
+    """ImageNet: classnames.txt is fetched and the steps by hand are printed; with its images in place, a run
+    trained on it is tested on the four fetched test sets (--protocol dg)."""
+    serve(monkeypatch, server, "imagenet", {"classnames.txt": CLASSNAMES})
+    fetch.main(["imagenet", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "ILSVRC2012_img_train.tar" in out and "ILSVRC2012_img_val.tar" in out and str(tmp_path / "imagenet") in out
+    assert (tmp_path / "imagenet" / "classnames.txt").read_bytes() == CLASSNAMES
+    for label in (0, 1):  # what the steps by hand make
+        for split, n in (("train", 3), ("val", 2)):
+            for i in range(n):
+                path = tmp_path / "imagenet" / "images" / split / WNIDS[label] / f"{i}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(jpeg(colour(label)))
+    fetch.main(["imagenet", "--root", str(tmp_path)])
+    assert "imagenet: complete at" in capsys.readouterr().out
+    for name, contents in imagenet_sets().items():
+        serve(monkeypatch, server, name, {**contents, "classnames.txt": CLASSNAMES})
+    fetch.main(["imagenetv2", "ImageNetSketch", "imagenet-adversarial", "imagenet-rendition", "--root", str(tmp_path)])
+    layout = {name: sorted(p.name for p in (tmp_path / name).iterdir()) for name in imagenet_sets()}
+    assert layout == {"imagenetv2": ["classnames.txt", "imagenetv2-matched-frequency-format-val"],
+                      "imagenet-sketch": ["classnames.txt", "images"],
+                      "imagenet-adversarial": ["classnames.txt", "imagenet-a"],
+                      "imagenet-rendition": ["classnames.txt", "imagenet-r"]}
+    run = train.run(methods.parse_args(["--method", "coop", "--data", str(tmp_path / "imagenet"), "--protocol", "dg",
+                                        "--backbone", "tiny", "--shots", "2", "--epochs", "1",
+                                        "--output", str(tmp_path / "run")]))
+    assert sorted(run["accuracy"]) == sorted(["ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"])
+
+
+# --- what a long download meets, on DTD -------------------------------------------------------------------------------
+
+def test_dry_run_lists_every_dataset_with_its_sources_and_sizes(tmp_path, capsys):
+    fetch.main(["--dry-run", "all", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    for name, recipe in fetch.RECIPES.items():
+        assert f"\n{name}: " in "\n" + out
+        for file in recipe.files:
+            assert file.url in out and file.name in out
+    assert "dtd: 625.2 MB, into" in out and "sun397: 39.1 GB, into" in out
+    assert re.search(r"in all: \d+\.\d GB to download, and caltech-101, ucf101, whose size is unpublished", out)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+DTD_ARCHIVE = "www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
+DTD_SPLIT = "drive/1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x"
+
+
+def fails(name, root, capsys):
+    """Run fetch on `name`, which must fail: its one error line."""
+    with pytest.raises(SystemExit, match=f"not fetched: {name}"):
+        fetch.main([name, "--root", str(root)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {name}: "), lines
+    return lines[0]
+
+
+def test_server_that_ignores_ranges_restarts_cleanly(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    server.cut.add(DTD_ARCHIVE)
+    fails("dtd", tmp_path, capsys)
+    monkeypatch.setattr(Source, "ranges", False, raising=False)
+    fetch.main(["dtd", "--root", str(tmp_path)])  # the whole archive again: the MD5 checks the result
+    assert (DTD_ARCHIVE, None) not in server.requests[2:] and (tmp_path / "dtd" / "images").is_dir()
+
+
+def test_drive_quota_and_web_pages_are_named(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    server.pages[DTD_SPLIT] = ("<html><head><title>Google Drive - Quota exceeded</title></head><body><p>Sorry, you "
+                               "can't view or download this file at this time.</p><p>Too many users have viewed or "
+                               "downloaded this file recently.</p></body></html>")
+    line = fails("dtd", tmp_path, capsys)
+    saved = tmp_path / ".fetch" / "downloads" / "dtd" / "split_zhou_DescribableTextures.json"
+    assert re.search(rf"Google Drive refuses http://\S+id=1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x for now .* run again "
+                     rf"tomorrow, or download it in a browser and save it as {re.escape(str(saved))}$", line)
+    assert not (tmp_path / "dtd").exists() and (saved.parent / "dtd-r1.0.1.tar.gz").is_file()  # kept for the next run
+    saved.write_bytes(server.files[DTD_SPLIT])  # saved by hand, as the message says: the next run takes it
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    assert (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").read_bytes() == server.files[DTD_SPLIT]
+    server.pages[DTD_ARCHIVE] = "<html><body>Our site has moved.</body></html>"
+    line = fails("dtd", tmp_path / "elsewhere", capsys)
+    assert re.search(r"http://\S+dtd-r1.0.1.tar.gz answered with a web page, not the file: open it in a browser", line)
+
+
+def test_too_little_space_is_said_before_downloading(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    archive, split = (file.size for file in fetch.RECIPES["dtd"].files)
+    size = 2 * archive + split - 1  # the archive, as much again unpacked, and the split file: one byte short
+    disk_usage = shutil.disk_usage
+    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=size))
+    line = fails("dtd", tmp_path, capsys)
+    assert f"needs about {fetch.human(size + 1)} free in {tmp_path}, which has {fetch.human(size)}" in line
+    assert server.requests == []
+
+
+def test_disk_full_while_downloading(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+
+    class Full(io.BufferedWriter):
+        def write(self, chunk):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetch, "open", lambda path, mode="r": Full(io.BytesIO()) if "b" in mode and mode != "rb"
+                        else open(path, mode), raising=False)
+    line = fails("dtd", tmp_path, capsys)
+    assert re.search(r"the disk is full while writing \S+dtd-r1.0.1.tar.gz.part from http://\S+: free some space", line)
+    assert not (tmp_path / "dtd").exists()
+
+
+def test_damaged_archive_without_a_checksum_is_deleted(monkeypatch, server, tmp_path, capsys):
+    contents = ucf()
+    contents["UCF-101-midframes.zip"] = contents["UCF-101-midframes.zip"][:-30]  # its central directory cut
+    serve(monkeypatch, server, "ucf101", contents)
+    line = fails("ucf101", tmp_path, capsys)
+    assert re.search(r"UCF-101-midframes.zip from http://\S+ is damaged .*it was deleted: run again", line)
+    assert sorted(p.name for p in (tmp_path / ".fetch").rglob("*")) == ["downloads", "ucf101"]  # nothing else
+
+
+def test_archive_members_outside_the_folder_are_refused(monkeypatch, server, tmp_path, capsys):
+    contents = dtd()
+    contents["dtd-r1.0.1.tar.gz"] = tar({"dtd/images/banded/a.jpg": jpeg((0, 0, 0)), "../../escaped.txt": b"x"})
+    serve(monkeypatch, server, "dtd", contents)
+    line = fails("dtd", tmp_path / "root", capsys)
+    assert "is damaged" in line and not (tmp_path / "escaped.txt").exists()
+
+
+def test_interrupted_unpacking_leaves_no_folder(monkeypatch, server, tmp_path):
+    serve(monkeypatch, server, "dtd", dtd())
+    unpack = fetch.unpack
+
+    def interrupted(archive, into, url):
+        unpack(archive, into, url)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fetch, "unpack", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fetch.main(["dtd", "--root", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fetch"]
+    assert sorted(p.name for p in (tmp_path / ".fetch").iterdir()) == ["downloads"]
+    monkeypatch.setattr(fetch, "unpack", unpack)
+    server.requests.clear()
+    fetch.main(["dtd", "--root", str(tmp_path)])  # the verified archive is not downloaded again
+    assert (tmp_path / "dtd" / "images").is_dir() and [key for key, _ in server.requests] == ["drive.google.com/uc"]
+
+
+def test_a_folder_that_does_not_read_is_left_alone(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    (tmp_path / "dtd" / "images").mkdir(parents=True)
+    line = fails("dtd", tmp_path, capsys)
+    assert f"{tmp_path / 'dtd'} is there but does not read" in line and "move it away and run again" in line
+    assert [p.name for p in (tmp_path / "dtd").iterdir()] == ["images"] and server.requests == []
+
+
+def test_another_fetch_of_the_same_dataset_is_refused(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    (tmp_path / ".fetch").mkdir()
+    with open(tmp_path / ".fetch" / "dtd.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        line = fails("dtd", tmp_path, capsys)
+    assert "another fetch holds" in line and "wait for it to finish" in line
+
+
+def test_unknown_name(tmp_path):
+    with pytest.raises(SystemExit, match="no dataset named 'cifar10'; fetch knows: all, eurosat, caltech-101"):
+        fetch.main(["dtd", "cifar10", "--root", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []

@@ -167,7 +167,9 @@ def load_dataset(data):
         return _read_generic(demo_folder(), "demo")
     root = Path(data).expanduser().resolve()
     if not root.is_dir():
-        raise DataError(f"no dataset folder at {root}: check --data ({HELP})")
+        known = [*SPLITS, "fgvc_aircraft", "imagenet", *VARIANTS]
+        fetch = f"; `python fetch.py {root.name} --root {root.parent}` downloads it" if root.name in known else ""
+        raise DataError(f"no dataset folder at {root}: check --data{fetch} ({HELP})")
     for folder, (name, image_dir) in SPLITS.items():
         if root.name == folder or (root / f"split_zhou_{name}.json").is_file():
             return _read_json_split(root, name, image_dir)

@@ -355,19 +355,29 @@ def assemble(name, recipe, downloads, stage, scratch):
                 source = scratch / inside
             place(source, stage / into)
 
+def unreadable(folder):
+    """Why `folder` does not read as its dataset, every image its split names included; None when it does."""
+    try:
+        dataset = data.load_dataset(str(folder))
+    except data.DataError as error:
+        return str(error)
+    missing = [path for path, _ in dataset.train + dataset.val + dataset.test if not os.path.isfile(path)]
+    if missing:
+        return f"{len(missing)} of the images its split names are missing, {missing[0]} first"
+    return None
+
 def fetch(name, root, keep_archives=False):
     """Make <root>/<folder> for dataset `name`, or say it is there already; returns the folder."""
     recipe = RECIPES[name]
     target = root / recipe.folder
     if target.is_dir():
-        try:
-            data.load_dataset(str(target))
+        problem = unreadable(target)
+        if problem is None:
             print(f"{name}: complete at {target}, skipped")
             return target
-        except data.DataError as error:
-            if recipe.manual is None:
-                raise FetchError(f"{target} is there but does not read ({error}); it is left as it is: move it "
-                                 "away and run again") from None
+        if recipe.manual is None:
+            raise FetchError(f"{target} is there but does not read ({problem}); it is left as it is: move it away "
+                             "and run again")
     work = root / ".fetch"
     downloads = work / "downloads" / recipe.folder
     stage, scratch = work / recipe.folder, work / (recipe.folder + ".unpacked")
@@ -380,10 +390,8 @@ def fetch(name, root, keep_archives=False):
             if recipe.manual is not None:
                 add_missing(recipe, stage, target)
             else:
-                try:
-                    data.load_dataset(str(stage))
-                except data.DataError as error:
-                    raise FetchError(f"the fetched files do not read as {name} ({error}); please report it") from None
+                if problem := unreadable(stage):
+                    raise FetchError(f"the fetched files do not read as {name} ({problem}); please report it")
                 os.rename(stage, target)
         finally:
             shutil.rmtree(stage, ignore_errors=True)

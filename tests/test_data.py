@@ -258,8 +258,12 @@ def test_read_only_dataset_folder_is_untouched(tmp_path):
 # ------------------------------------------------------------------------------------------ bad input
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(data.DataError, match="no dataset folder at .*check --data"):
+    with pytest.raises(data.DataError, match="no dataset folder at .*check --data") as error:
         data.load_dataset(str(tmp_path / "nope"))
+    assert "fetch.py" not in str(error.value)
+    with pytest.raises(data.DataError, match=f"no dataset folder at .*check --data; `python fetch.py food-101 --root "
+                                             f"{tmp_path}` downloads it"):
+        data.load_dataset(str(tmp_path / "food-101"))
 
 
 def test_unrecognised_folder(tmp_path):

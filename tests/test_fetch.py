@@ -568,3 +568,23 @@ def test_unknown_name(tmp_path):
     with pytest.raises(SystemExit, match="no dataset named 'cifar10'; fetch knows: all, eurosat, caltech-101"):
         fetch.main(["dtd", "cifar10", "--root", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_split_naming_missing_images_is_not_a_dataset(monkeypatch, server, tmp_path, capsys):
+    contents = dtd()
+    split = json.loads(contents["split_zhou_DescribableTextures.json"])
+    split["test"].append(["woven/woven_gone.jpg", 1, "woven"])
+    contents["split_zhou_DescribableTextures.json"] = json.dumps(split).encode()
+    serve(monkeypatch, server, "dtd", contents)
+    line = fails("dtd", tmp_path, capsys)
+    assert re.search(r"the fetched files do not read as dtd \(1 of the images its split names are missing, "
+                     r"\S+woven_gone.jpg first\); please report it", line)
+    assert not (tmp_path / "dtd").exists()
+
+
+def test_a_fetch_by_hand_is_complete_only_with_its_images(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "stanford_cars", cars())
+    for _ in range(2):  # the second run finds the split file there, but no images: the steps again, nothing replaced
+        fetch.main(["stanford_cars", "--root", str(tmp_path)])
+        assert "copy cars_train/ and cars_test/" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "stanford_cars").iterdir()] == ["split_zhou_StanfordCars.json"]

@@ -29,6 +29,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -265,20 +266,36 @@ def download(file, folder, name):
 
 # --- unpacking -------------------------------------------------------------------------------------------------------
 
+class _Counted:
+    """A file whose reads move a progress bar."""
+    def __init__(self, file, bar):
+        self.file, self.bar = file, bar
+
+    def read(self, size=-1):
+        chunk = self.file.read(size)
+        self.bar.update(len(chunk))
+        return chunk
+
 def unpack(archive, into, url):
     """Every member of a .zip, .tar or .tar.gz archive under `into`; a damaged archive is deleted."""
     into.mkdir(parents=True)
+    bar = tqdm(total=archive.stat().st_size, desc=f"unpacking {archive.name}", unit="B", unit_scale=True,
+               unit_divisor=1000, dynamic_ncols=True, leave=False, disable=not sys.stderr.isatty())
     try:
-        if archive.name.endswith(".zip"):
-            with zipfile.ZipFile(archive) as z:
-                z.extractall(into)
-        else:
-            with tarfile.open(archive, "r:" if archive.name.endswith(".tar") else "r:gz") as t:
-                t.extractall(into, filter="data")  # refuses absolute paths, '..' and links that leave `into`
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
-        if getattr(error, "errno", None) == errno.ENOSPC:
-            raise FetchError(f"the disk is full while unpacking {archive.name} from {url}: free some space and run "
-                             "again") from None
+        with bar, open(archive, "rb") as raw:
+            if archive.name.endswith(".zip"):
+                with zipfile.ZipFile(raw) as z:
+                    for member in z.infolist():
+                        z.extract(member, into)  # names that would leave `into` are made safe
+                        bar.update(member.compress_size)
+            else:  # read as a stream, which the bar follows
+                with tarfile.open(fileobj=_Counted(raw, bar), mode="r|" if archive.name.endswith(".tar") else "r|gz") \
+                        as t:
+                    t.extractall(into, filter="data")  # refuses absolute paths, '..' and links that leave `into`
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+        if getattr(error, "errno", None) is not None:  # the disk, not the archive
+            raise FetchError(f"cannot unpack {archive.name} from {url} into {into} ({error.strerror}): free some "
+                             "space or fix the folder's permissions, and run again") from None
         archive.unlink()
         reason = " ".join(f"{type(error).__name__}: {error}".split())
         raise FetchError(f"{archive.name} from {url} is damaged ({reason}); it was deleted: run again to download "
@@ -460,14 +477,20 @@ def main(argv=None):
     names, root = dataset_names(args.names), Path(args.root).expanduser()
     if args.dry_run:
         return dry_run(names, root)
-    root.mkdir(parents=True, exist_ok=True)
     failed = []
     for name in names:
         try:
+            root.mkdir(parents=True, exist_ok=True)
             fetch(name, root, args.keep_archives)
         except FetchError as error:
             print(f"error: {name}: {error}", file=sys.stderr)
             failed.append(name)
+        except OSError as error:  # a root that cannot be written, or a file in the way
+            print(f"error: {name}: {error.strerror}: {error.filename}: choose another --root or fix its permissions",
+                  file=sys.stderr)
+            failed.append(name)
+        except KeyboardInterrupt:
+            raise SystemExit(f"\ninterrupted while fetching {name}: run again to resume") from None
     if failed:
         raise SystemExit(f"not fetched: {', '.join(failed)} (see the errors above; run again to resume)")
 

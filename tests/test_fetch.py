@@ -537,7 +537,7 @@ def test_interrupted_unpacking_leaves_no_folder(monkeypatch, server, tmp_path):
         unpack(archive, into, url)
         raise KeyboardInterrupt
     monkeypatch.setattr(fetch, "unpack", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="interrupted while fetching dtd: run again to resume"):
         fetch.main(["dtd", "--root", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.iterdir()) == [".fetch"]
     assert sorted(p.name for p in (tmp_path / ".fetch").iterdir()) == ["downloads"]
@@ -562,6 +562,13 @@ def test_another_fetch_of_the_same_dataset_is_refused(monkeypatch, server, tmp_p
         fcntl.flock(lock, fcntl.LOCK_EX)
         line = fails("dtd", tmp_path, capsys)
     assert "another fetch holds" in line and "wait for it to finish" in line
+
+
+def test_a_root_that_cannot_be_made(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    line = fails("dtd", tmp_path / "file" / "data", capsys)
+    assert line == f"error: dtd: Not a directory: {tmp_path / 'file' / 'data'}: choose another --root or fix its " \
+                   "permissions"
 
 
 def test_unknown_name(tmp_path):

@@ -103,7 +103,10 @@ def _imagenet_classnames(root):
     """{wnid: class name} from classnames.txt in the folder, or in a sibling imagenet/ folder."""
     for path in (root / "classnames.txt", root.parent / "imagenet" / "classnames.txt"):
         if path.is_file():
-            return dict(line.split(" ", 1) for line in _read_lines(path))
+            lines = [line.split(" ", 1) for line in _read_lines(path)]
+            if bad := [" ".join(words) for words in lines if len(words) != 2]:
+                raise DataError(f"{path}: {bad[0]!r} is not '<wnid> <class name>': the file is malformed ({HELP})")
+            return dict(lines)
     raise DataError(f"{root} needs ImageNet's classnames.txt (wnid and name per line): copy it from your imagenet "
                     f"folder into {root} ({HELP})")
 
@@ -134,6 +137,8 @@ def _read_variant(root, name, image_dir):
     folders = [str(i) for i in range(len(wnids))] if name == "ImageNetV2" else _class_folders(images)
     if unknown := [f for f in folders if f not in label]:
         raise DataError(f"{images / unknown[0]} is not a class of classnames.txt ({HELP})")
+    if missing := [f for f in folders if not (images / f).is_dir()]:  # ImageNet-V2: a folder per label
+        raise DataError(f"{images / missing[0]} is missing: {name} is incomplete ({HELP})")
     subset = [label[f] for f in folders]  # A and R hold 200 of the 1000 classes
     test = [(p, y) for y, f in enumerate(folders) for p in _images(images / f)]
     return Dataset(name, root, [names[w] for w in wnids], TEMPLATES[name], [], [], test,

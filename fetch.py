@@ -188,31 +188,72 @@ def _open(url, start):
         request.add_header("Range", f"bytes={start}-")
     return urllib.request.urlopen(request, timeout=60)
 
+def _refused_by_quota(text):
+    """Whether a page is Google Drive's refusal of a file downloaded too often (its text, in any case)."""
+    text = " ".join(text.split()).lower()
+    return "quota exceeded" in text or "too many users have viewed or downloaded this file" in text
+
 def _open_file(url, start, path):
     """The response that carries the file's bytes from `start` on, past Google Drive's confirmation page."""
     response = _open(url, start)
-    for _ in range(2):  # the file, or the page whose form leads to it
+    for attempt in range(3):  # the file, or a page whose form leads to it (Drive's, for a file too large to scan)
         if "text/html" not in response.headers.get("Content-Type", ""):
             return response
         page = _Form()
         page.feed(response.read(1_000_000).decode("utf-8", "replace"))
         response.close()
-        text = " ".join(" ".join(page.text).split()).lower()
-        if "quota exceeded" in text or "too many users" in text:
+        if _refused_by_quota(" ".join(page.text)):
             raise FetchError(f"Google Drive refuses {url} for now (its download quota is exceeded): run again "
                              f"tomorrow, or download it in a browser and save it as {path}")
-        if page.action is None:
+        if page.action is None or attempt == 2:
             break
-        action = urllib.parse.urljoin(response.url, page.action)
-        response = _open(action + "?" + urllib.parse.urlencode(page.fields), start)
+        action = urllib.parse.urlsplit(urllib.parse.urljoin(response.url, page.action))
+        query = dict(urllib.parse.parse_qsl(action.query)) | page.fields  # an old form's action has a query too
+        response = _open(action._replace(query=urllib.parse.urlencode(query)).geturl(), start)
     raise FetchError(f"{url} answered with a web page, not the file: open it in a browser; if it gives the file, "
                      f"save it as {path} and run again")
+
+def _http_error(error, url, path):
+    """What to say when a source answers with an HTTP error."""
+    body = error.read(1_000_000).decode("utf-8", "replace") if error.fp else ""
+    if _refused_by_quota(body):  # Drive may send its quota page with a 403
+        return (f"Google Drive refuses {url} for now (its download quota is exceeded): run again tomorrow, or "
+                f"download it in a browser and save it as {path}")
+    if error.code == 429 or error.code >= 500:
+        return f"{url} answered HTTP {error.code} {error.reason}: the server is busy or down; run again later"
+    return (f"{url} answered HTTP {error.code} {error.reason}: the source may have moved; check the URL in a "
+            f"browser, and if you find the file elsewhere save it as {path}")
+
+def _bar(total, what, initial=0):
+    """A progress bar of bytes (size, rate, ETA) on the terminal's stderr; off a terminal, an update a minute on
+    stdout (the log), so that stderr holds only the errors."""
+    terminal = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=what, unit="B", unit_scale=True, unit_divisor=1000,
+                file=sys.stderr if terminal else sys.stdout, dynamic_ncols=terminal,
+                mininterval=0.1 if terminal else 60, leave=terminal)
+
+def verify(path, file):
+    """Delete `path` and raise if its checksum is not the published one (a file without one passes)."""
+    if file.checksum is None:
+        return
+    algorithm, expected = file.checksum.split(":")
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f, _bar(path.stat().st_size, f"checking {file.name}") as bar:
+        while block := f.read(1 << 24):
+            digest.update(block)
+            bar.update(len(block))
+    if digest.hexdigest() != expected:
+        path.unlink()
+        raise FetchError(f"{file.url} gave a file whose {algorithm.upper()} is {digest.hexdigest()}, not the "
+                         f"published {expected}; it was deleted: run again, and if this repeats the source has "
+                         "changed")
 
 def download(file, folder, name):
     """`folder/file.name`, downloaded through a `.part` file that a later call resumes, and checked."""
     path = folder / file.name
-    if path.is_file():
-        print(f"{name}: {file.name} is downloaded already", flush=True)
+    if path.is_file():  # downloaded and checked by an earlier run, or saved by hand as an error said
+        print(f"{name}: {file.name} is there already", flush=True)
+        verify(path, file)
         return path
     print(f"{name}: {file.name} ({human(file.size)}) from {file.url}", flush=True)
     part = folder / (file.name + ".part")
@@ -221,11 +262,12 @@ def download(file, folder, name):
     try:
         response = _open_file(file.url, start, path)
     except urllib.error.HTTPError as error:
-        if error.code != 416:  # 416: the range starts at the end, so the .part file is complete
-            raise FetchError(f"{file.url} answered HTTP {error.code} {error.reason}: the source may have moved; "
-                             f"check the URL in a browser, and if you find the file elsewhere save it as {path}") \
-                from None
-        response = None
+        if error.code != 416:
+            raise FetchError(_http_error(error, file.url, path)) from None
+        if error.headers.get("Content-Range") != f"bytes */{start}":  # the .part is longer than the file
+            part.unlink()
+            return download(file, folder, name)
+        response = None  # the range starts at the file's end: the .part holds all of it
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         raise FetchError(f"cannot reach {file.url} ({getattr(error, 'reason', error)}): check the connection "
                          "and run again; the download resumes") from None
@@ -235,10 +277,8 @@ def download(file, folder, name):
                 start = 0
             length = response.headers.get("Content-Length")
             total = start + int(length) if length else file.size
-            bar = tqdm(total=total, initial=start, desc=file.name, unit="B", unit_scale=True, unit_divisor=1000,
-                       dynamic_ncols=True, disable=not sys.stderr.isatty())
             try:
-                with open(part, "ab" if start else "wb") as out, bar:
+                with open(part, "ab" if start else "wb") as out, _bar(total, file.name, start) as bar:
                     while chunk := response.read(1 << 20):
                         out.write(chunk)
                         bar.update(len(chunk))
@@ -247,20 +287,10 @@ def download(file, folder, name):
                     raise FetchError(f"the disk is full while writing {part} from {file.url}: free some space "
                                      "and run again; the download resumes") from None
                 raise FetchError(f"the download from {file.url} stopped ({error}): run again; it resumes") from None
-            if length and part.stat().st_size < total:
+            if length and part.stat().st_size != total:
                 raise FetchError(f"the download from {file.url} stopped at {human(part.stat().st_size)} of "
                                  f"{human(total)}: run again; it resumes") from None
-    if file.checksum is not None:
-        algorithm, expected = file.checksum.split(":")
-        digest = hashlib.new(algorithm)
-        with open(part, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-        if digest.hexdigest() != expected:
-            part.unlink()
-            raise FetchError(f"{file.url} gave a file whose {algorithm.upper()} is {digest.hexdigest()}, not the "
-                             f"published {expected}; it was deleted: run again, and if this repeats the source has "
-                             "changed")
+    verify(part, file)
     os.replace(part, path)
     return path
 
@@ -276,28 +306,33 @@ class _Counted:
         self.bar.update(len(chunk))
         return chunk
 
-def unpack(archive, into, url):
-    """Every member of a .zip, .tar or .tar.gz archive under `into`; a damaged archive is deleted."""
+def unpack(archive, into, url, verified):
+    """Every member of a .zip, .tar or .tar.gz archive under `into`. An archive found damaged is deleted for the
+    next run to download again, unless its checksum was verified: the same bytes would fail again."""
+    if not hasattr(tarfile, "data_filter"):
+        raise FetchError("unpacking archives safely needs Python 3.10.12, 3.11.4 or later (tarfile's data filter)")
     into.mkdir(parents=True)
-    bar = tqdm(total=archive.stat().st_size, desc=f"unpacking {archive.name}", unit="B", unit_scale=True,
-               unit_divisor=1000, dynamic_ncols=True, leave=False, disable=not sys.stderr.isatty())
     try:
-        with bar, open(archive, "rb") as raw:
+        with open(archive, "rb") as raw, _bar(archive.stat().st_size, f"unpacking {archive.name}") as bar:
             if archive.name.endswith(".zip"):
                 with zipfile.ZipFile(raw) as z:
                     for member in z.infolist():
                         z.extract(member, into)  # names that would leave `into` are made safe
                         bar.update(member.compress_size)
             else:  # read as a stream, which the bar follows
-                with tarfile.open(fileobj=_Counted(raw, bar), mode="r|" if archive.name.endswith(".tar") else "r|gz") \
-                        as t:
+                mode = "r|" if archive.name.endswith(".tar") else "r|gz"
+                with tarfile.open(fileobj=_Counted(raw, bar), mode=mode) as t:
                     t.extractall(into, filter="data")  # refuses absolute paths, '..' and links that leave `into`
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+            OSError) as error:
         if getattr(error, "errno", None) is not None:  # the disk, not the archive
             raise FetchError(f"cannot unpack {archive.name} from {url} into {into} ({error.strerror}): free some "
                              "space or fix the folder's permissions, and run again") from None
-        archive.unlink()
         reason = " ".join(f"{type(error).__name__}: {error}".split())
+        if verified:
+            raise FetchError(f"{archive.name} from {url} passed its checksum but cannot be unpacked here ({reason}); "
+                             "please report it") from None
+        archive.unlink()
         raise FetchError(f"{archive.name} from {url} is damaged ({reason}); it was deleted: run again to download "
                          "it afresh") from None
 
@@ -322,10 +357,12 @@ def check_space(recipe, root, downloads):
 def locked(path):
     """Hold `path`'s lock while fetching, so that two fetches of one dataset into one root do not interleave."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
+    with open(path, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:  # its holder removed it as we opened it
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
             raise FetchError(f"another fetch holds {path}: wait for it to finish") from None
         try:
             yield
@@ -361,14 +398,14 @@ def assemble(name, recipe, downloads, stage, scratch):
             shutil.copyfile(path, stage / file.name)
             continue
         print(f"{name}: unpacking {file.name}", flush=True)
-        unpack(path, scratch / file.name, file.url)
+        unpack(path, scratch / file.name, file.url, file.checksum is not None)
         for inside, into in file.unpack.items():
             source = scratch / file.name / inside
             if not source.exists():
                 raise FetchError(f"{file.name} from {file.url} holds no {inside}: the source has changed its "
                                  "layout; please report it")
-            if source.is_file():  # an archive in the archive
-                unpack(source, scratch / inside, file.url)
+            if source.is_file():  # an archive in the archive: deleting it would not bring a new one
+                unpack(source, scratch / inside, file.url, True)
                 source = scratch / inside
             place(source, stage / into)
 
@@ -401,22 +438,29 @@ def fetch(name, root, keep_archives=False):
     downloads = work / "downloads" / recipe.folder
     stage, scratch = work / recipe.folder, work / (recipe.folder + ".unpacked")
     with locked(work / (recipe.folder + ".lock")):
-        check_space(recipe, root, downloads)
+        if recipe.manual is None and target.is_dir():  # made by a fetch that held the lock before this one
+            raise FetchError(f"{target} appeared while this fetch started: run again to check it")
         for path in (stage, scratch):
-            shutil.rmtree(path, ignore_errors=True)  # a run that was killed may have left them
+            shutil.rmtree(path, ignore_errors=True)  # a run that was killed may have left them (and their space)
+        check_space(recipe, root, downloads)
         try:
             assemble(name, recipe, downloads, stage, scratch)
             if recipe.manual is not None:
                 add_missing(recipe, stage, target)
+            elif problem := unreadable(stage):
+                unchecked = [file.name for file in recipe.files if file.checksum is None]
+                for file_name in unchecked:  # the suspects: nothing vouched for their bytes
+                    (downloads / file_name).unlink(missing_ok=True)
+                raise FetchError(f"the fetched files do not make a readable {name} folder ({problem}); the downloads "
+                                 f"without a checksum ({', '.join(unchecked)}) were deleted: run again, and if this "
+                                 "repeats please report it")
             else:
-                if problem := unreadable(stage):
-                    raise FetchError(f"the fetched files do not read as {name} ({problem}); please report it")
                 os.rename(stage, target)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
             shutil.rmtree(scratch, ignore_errors=True)
-    if not keep_archives:
-        shutil.rmtree(downloads, ignore_errors=True)
+        if not keep_archives:
+            shutil.rmtree(downloads, ignore_errors=True)
     remove_empty(downloads, root)
     if recipe.manual is not None:
         print(f"{name}: {recipe.manual.format(target=target)}")
@@ -458,6 +502,7 @@ def dataset_names(asked):
     aliases = {name.lower(): name for name in RECIPES}
     for folder, (name, _) in {**data.SPLITS, **data.VARIANTS}.items():
         aliases[name.lower()] = folder
+    aliases["fgvcaircraft"] = "fgvc_aircraft"  # data.py's names for the datasets read without a split file
     names = []
     for word in asked:
         if word.lower() == "all":
@@ -477,8 +522,14 @@ def main(argv=None):
     parser.add_argument("--keep-archives", action="store_true", help="keep the archives once unpacked")
     args = parser.parse_args(argv)
     names, root = dataset_names(args.names), Path(args.root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise SystemExit(f"error: --root {root} is a file, not a folder")
     if args.dry_run:
-        return dry_run(names, root)
+        try:
+            return dry_run(names, root)
+        except BrokenPipeError:  # `--dry-run all | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return
     failed = []
     for name in names:
         try:
@@ -493,8 +544,11 @@ def main(argv=None):
             failed.append(name)
         except KeyboardInterrupt:
             raise SystemExit(f"\ninterrupted while fetching {name}: run again to resume") from None
+        except Exception as error:  # a case this file does not foresee: still one line, and the others go on
+            print(f"error: {name}: {type(error).__name__}: {error}; please report it", file=sys.stderr)
+            failed.append(name)
     if failed:
-        raise SystemExit(f"not fetched: {', '.join(failed)} (see the errors above; run again to resume)")
+        raise SystemExit(f"not fetched: {', '.join(failed)} (the errors above say why, and what to do)")
 
 if __name__ == "__main__":
     main()

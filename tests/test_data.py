@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -115,6 +116,16 @@ def test_variant_finds_classnames_next_to_imagenet(tmp_path):
     make_imagenet(tmp_path)
     v = data.load_dataset(str(make_variant(tmp_path, "imagenet-sketch", WNIDS, copy_classnames=False)))
     assert v.classnames[3] == "class 3"
+
+
+def test_malformed_classnames_and_an_incomplete_imagenet_v2(tmp_path):
+    base = make_variant(tmp_path, "imagenetv2", WNIDS)
+    shutil.rmtree(base / "imagenetv2-matched-frequency-format-val" / "7")
+    with pytest.raises(data.DataError, match="format-val/7 is missing: ImageNetV2 is incomplete"):
+        data.load_dataset(str(base))
+    (base / "classnames.txt").write_text("n00000000 class 0\nn00000001\n")
+    with pytest.raises(data.DataError, match="classnames.txt: 'n00000001' is not '<wnid> <class name>'"):
+        data.load_dataset(str(base))
 
 
 def test_variant_without_classnames_is_a_clear_error(tmp_path):

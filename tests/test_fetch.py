@@ -32,7 +32,8 @@ class Source(http.server.BaseHTTPRequestHandler):
     """GET /<host>/<path> serves files["<host>/<path>"], from a Range's first byte when asked. Drive's
     /drive.google.com/uc?id=X serves files["drive/X"] at once, or, for an id in `large`, a confirmation page whose
     form leads to /drive.usercontent.google.com/download. A key in `cut` is sent half, once, then the connection
-    closes; a key in `pages` gets that HTML instead of the file."""
+    closes; a key in `pages` gets that HTML instead of the file, with the status in `status` (200 by default); a key
+    in `unsized` is sent without a Content-Length."""
 
     def log_message(self, *args):
         pass
@@ -52,17 +53,21 @@ class Source(http.server.BaseHTTPRequestHandler):
                 return self.send_error(403)
             key = "drive/" + query["id"]
         if key in server.pages:
-            return self.send(server.pages[key].encode(), "text/html; charset=utf-8")
+            return self.send(server.pages[key].encode(), "text/html; charset=utf-8", server.status.get(key, 200))
         if key not in server.files:
             return self.send_error(404)
         body, start = server.files[key], 0
         if getattr(self, "ranges", True) and (match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")):
             start = int(match.group(1))
             if start >= len(body):
-                return self.send_error(416)
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                return self.end_headers()
         self.send_response(206 if start else 200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body) - start))
+        if key not in server.unsized:
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         if key in server.cut:
             server.cut.discard(key)
@@ -70,8 +75,8 @@ class Source(http.server.BaseHTTPRequestHandler):
             return
         self.wfile.write(body[start:])
 
-    def send(self, body, content_type):
-        self.send_response(200)
+    def send(self, body, content_type, status=200):
+        self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -94,6 +99,7 @@ def confirmation_page(server, drive_id):
 def server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Source)
     server.files, server.large, server.cut, server.pages, server.requests = {}, set(), set(), {}, []
+    server.status, server.unsized = {}, set()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -464,9 +470,78 @@ def test_server_that_ignores_ranges_restarts_cleanly(monkeypatch, server, tmp_pa
     serve(monkeypatch, server, "dtd", dtd())
     server.cut.add(DTD_ARCHIVE)
     fails("dtd", tmp_path, capsys)
-    monkeypatch.setattr(Source, "ranges", False, raising=False)
-    fetch.main(["dtd", "--root", str(tmp_path)])  # the whole archive again: the MD5 checks the result
-    assert (DTD_ARCHIVE, None) not in server.requests[2:] and (tmp_path / "dtd" / "images").is_dir()
+    half = (tmp_path / ".fetch" / "downloads" / "dtd" / "dtd-r1.0.1.tar.gz.part").stat().st_size
+    monkeypatch.setattr(Source, "ranges", False, raising=False)  # a 200 with the whole file, whatever the Range
+    server.requests.clear()
+    fetch.main(["dtd", "--root", str(tmp_path)])  # the MD5 passes only if the file was written afresh, not appended
+    assert server.requests[0] == (DTD_ARCHIVE, f"bytes={half}-") and (tmp_path / "dtd" / "images").is_dir()
+
+
+def test_ctrl_c_keeps_the_download_and_a_complete_part_is_taken(monkeypatch, server, tmp_path):
+    """Ctrl-C after the last byte, before the check: the next run asks for the bytes after the end, gets a 416 whose
+    Content-Range says the file has as many, and takes the .part once its MD5 passes."""
+    serve(monkeypatch, server, "dtd", dtd())
+    verify = fetch.verify
+
+    def interrupted(path, file):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fetch, "verify", interrupted)
+    with pytest.raises(SystemExit, match="interrupted while fetching dtd: run again to resume"):
+        fetch.main(["dtd", "--root", str(tmp_path)])
+    part = tmp_path / ".fetch" / "downloads" / "dtd" / "dtd-r1.0.1.tar.gz.part"
+    assert part.read_bytes() == server.files[DTD_ARCHIVE]
+    monkeypatch.setattr(fetch, "verify", verify)
+    server.requests.clear()
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    assert server.requests[0] == (DTD_ARCHIVE, f"bytes={len(server.files[DTD_ARCHIVE])}-")
+    assert (tmp_path / "dtd" / "images").is_dir()
+
+
+def test_a_part_longer_than_the_file_starts_again(monkeypatch, server, tmp_path):
+    serve(monkeypatch, server, "dtd", dtd())
+    downloads = tmp_path / ".fetch" / "downloads" / "dtd"
+    downloads.mkdir(parents=True)
+    (downloads / "split_zhou_DescribableTextures.json.part").write_bytes(server.files[DTD_SPLIT] + b"garbage")
+    fetch.main(["dtd", "--root", str(tmp_path)])  # no checksum guards the split file: the length must
+    assert (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").read_bytes() == server.files[DTD_SPLIT]
+
+
+def test_a_file_sent_without_its_length(monkeypatch, server, tmp_path):
+    serve(monkeypatch, server, "dtd", dtd())
+    server.unsized |= {DTD_ARCHIVE, DTD_SPLIT}
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    assert len(data.load_dataset(str(tmp_path / "dtd")).train) == 6
+
+
+def test_keep_archives(monkeypatch, server, tmp_path):
+    serve(monkeypatch, server, "dtd", dtd())
+    fetch.main(["dtd", "--root", str(tmp_path), "--keep-archives"])
+    downloads = tmp_path / ".fetch" / "downloads" / "dtd"
+    assert sorted(p.name for p in downloads.iterdir()) == ["dtd-r1.0.1.tar.gz", "split_zhou_DescribableTextures.json"]
+    shutil.rmtree(tmp_path / "dtd")
+    server.requests.clear()
+    fetch.main(["dtd", "--root", str(tmp_path)])  # made again from the archives kept, which are then deleted
+    assert server.requests == [] and (tmp_path / "dtd" / "images").is_dir() and not downloads.exists()
+
+
+def test_a_file_saved_by_hand_is_checked(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    downloads = tmp_path / ".fetch" / "downloads" / "dtd"
+    downloads.mkdir(parents=True)
+    (downloads / "dtd-r1.0.1.tar.gz").write_bytes(b"an error page saved by mistake")
+    line = fails("dtd", tmp_path, capsys)
+    assert re.search(r"gave a file whose MD5 is [0-9a-f]{32}, not the published [0-9a-f]{32}; it was deleted", line)
+    assert not (downloads / "dtd-r1.0.1.tar.gz").exists() and server.requests == []
+
+
+@pytest.mark.parametrize("status, said", [(503, "answered HTTP 503 Service Unavailable: the server is busy or down; "
+                                                  "run again later"),
+                                          (403, "Google Drive refuses http")])
+def test_busy_servers_and_a_quota_sent_as_an_error(monkeypatch, server, tmp_path, capsys, status, said):
+    serve(monkeypatch, server, "dtd", dtd())
+    server.pages[DTD_ARCHIVE] = "<html><title>Google Drive - Quota exceeded</title></html>" if status == 403 else ""
+    server.status[DTD_ARCHIVE] = status
+    assert said in fails("dtd", tmp_path, capsys)
 
 
 def test_drive_quota_and_web_pages_are_named(monkeypatch, server, tmp_path, capsys):
@@ -526,15 +601,19 @@ def test_archive_members_outside_the_folder_are_refused(monkeypatch, server, tmp
     contents["dtd-r1.0.1.tar.gz"] = tar({"dtd/images/banded/a.jpg": jpeg((0, 0, 0)), "../../escaped.txt": b"x"})
     serve(monkeypatch, server, "dtd", contents)
     line = fails("dtd", tmp_path / "root", capsys)
-    assert "is damaged" in line and not (tmp_path / "escaped.txt").exists()
+    assert re.search(r"dtd-r1.0.1.tar.gz from http://\S+ passed its checksum but cannot be unpacked here "
+                     r"\(OutsideDestinationError: .*escaped.txt.*\); please report it", line)
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "root" / "escaped.txt").exists()
+    assert (tmp_path / "root" / ".fetch" / "downloads" / "dtd" / "dtd-r1.0.1.tar.gz").is_file()  # kept: it is the
+    # published archive, and downloading it again would not help
 
 
 def test_interrupted_unpacking_leaves_no_folder(monkeypatch, server, tmp_path):
     serve(monkeypatch, server, "dtd", dtd())
     unpack = fetch.unpack
 
-    def interrupted(archive, into, url):
-        unpack(archive, into, url)
+    def interrupted(*args):
+        unpack(*args)
         raise KeyboardInterrupt
     monkeypatch.setattr(fetch, "unpack", interrupted)
     with pytest.raises(SystemExit, match="interrupted while fetching dtd: run again to resume"):
@@ -584,9 +663,11 @@ def test_a_split_naming_missing_images_is_not_a_dataset(monkeypatch, server, tmp
     contents["split_zhou_DescribableTextures.json"] = json.dumps(split).encode()
     serve(monkeypatch, server, "dtd", contents)
     line = fails("dtd", tmp_path, capsys)
-    assert re.search(r"the fetched files do not read as dtd \(1 of the images its split names are missing, "
-                     r"\S+woven_gone.jpg first\); please report it", line)
+    assert re.search(r"the fetched files do not make a readable dtd folder \(1 of the images its split names are "
+                     r"missing, \S+woven_gone.jpg first\); the downloads without a checksum "
+                     r"\(split_zhou_DescribableTextures.json\) were deleted: run again", line)
     assert not (tmp_path / "dtd").exists()
+    assert [p.name for p in (tmp_path / ".fetch" / "downloads" / "dtd").iterdir()] == ["dtd-r1.0.1.tar.gz"]
 
 
 def test_a_fetch_by_hand_is_complete_only_with_its_images(monkeypatch, server, tmp_path, capsys):

@@ -5,14 +5,16 @@ Each dataset ends as one folder in CoOp's layout (KaiyangZhou/CoOp's DATASETS.md
 
 1. A folder that is already there and reads as its dataset is skipped; one that does not read is left alone.
 2. Each file is downloaded into <root>/.fetch/downloads/<folder>/ under a `.part` name, resumed from where it
-   stopped, checked against its size and the checksum its source publishes, and only then given its name.
+   stopped, checked against the length the server announced and the checksum its source publishes, and only then
+   given its name.
 3. The archives are unpacked and their folders moved into <root>/.fetch/<folder>/, which is read exactly as
    `--data` reads it (every image its split file names must be there) and then renamed to <root>/<folder>.
    So a dataset folder appears whole or not at all; a failure leaves only the downloads, for the next run.
 4. Once the folder is in place its archives are deleted (`--keep-archives` keeps them).
 
 ImageNet needs a login, and no source serves Stanford Cars any more without one: for those the split files are
-fetched and the steps to take by hand are printed. Sizes below are the sources' own; docs/datasets.md lists them.
+fetched and the steps to take by hand are printed. Sizes below are as the sources' records give them; the table
+with each source is in docs/datasets.md.
 """
 import argparse
 import contextlib

@@ -517,9 +517,9 @@ def dataset_names(asked):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog="Sources, sizes, checksums and the steps by hand: docs/datasets.md")
     parser.add_argument("names", nargs="+", metavar="NAME", help=f"all, or any of: {', '.join(RECIPES)}")
-    parser.add_argument("--root", default="./data", help="the folder that receives one folder per dataset")
+    parser.add_argument("--root", default="./data", help="the folder that gets a folder per dataset (default ./data)")
     parser.add_argument("--dry-run", action="store_true", help="list what would be downloaded, with sizes")
     parser.add_argument("--keep-archives", action="store_true", help="keep the archives once unpacked")
     args = parser.parse_args(argv)

@@ -333,59 +333,6 @@ def test_layouts_are_coops(monkeypatch, server, tmp_path):
         "BACKGROUND_Google", "accordion", "airplanes"]
 
 
-# --- the downloader, on DTD ------------------------------------------------------------------------------------------
-
-def test_second_run_skips(monkeypatch, server, tmp_path, capsys):
-    serve(monkeypatch, server, "dtd", dtd())
-    fetch.main(["dtd", "--root", str(tmp_path)])
-    server.requests.clear()
-    fetch.main(["DescribableTextures", "--root", str(tmp_path)])
-    assert server.requests == [] and "dtd: complete at" in capsys.readouterr().out
-
-
-def test_interrupted_download_resumes(monkeypatch, server, tmp_path, capsys):
-    serve(monkeypatch, server, "dtd", dtd())
-    archive = "www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
-    server.cut.add(archive)
-    with pytest.raises(SystemExit, match="not fetched: dtd"):
-        fetch.main(["dtd", "--root", str(tmp_path)])
-    error = capsys.readouterr().err
-    assert re.search(r"error: dtd: the download from http://\S+dtd-r1.0.1.tar.gz stopped at .* run again; it resumes",
-                     error)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".fetch"]  # no dataset folder, half made or not
-    part = tmp_path / ".fetch" / "downloads" / "dtd" / "dtd-r1.0.1.tar.gz.part"
-    half = part.stat().st_size
-    assert 0 < half < len(server.files[archive])
-    fetch.main(["dtd", "--root", str(tmp_path)])
-    assert (archive, f"bytes={half}-") in server.requests
-    assert len(data.load_dataset(str(tmp_path / "dtd")).train) == 6
-
-
-def test_corrupt_archive_fails_its_checksum(monkeypatch, server, tmp_path, capsys):
-    serve(monkeypatch, server, "dtd", dtd())
-    archive = "www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
-    good = server.files[archive]
-    server.files[archive] = good[:100] + bytes([good[100] ^ 1]) + good[101:]
-    with pytest.raises(SystemExit):
-        fetch.main(["dtd", "--root", str(tmp_path)])
-    assert re.search(r"error: dtd: http://\S+ gave a file whose MD5 is [0-9a-f]{32}, not the published [0-9a-f]{32}; "
-                     r"it was deleted: run again", capsys.readouterr().err)
-    assert not (tmp_path / "dtd").exists() and list((tmp_path / ".fetch" / "downloads" / "dtd").iterdir()) == []
-    server.files[archive] = good
-    fetch.main(["dtd", "--root", str(tmp_path)])
-    assert (tmp_path / "dtd" / "images" / "woven").is_dir()
-
-
-def test_missing_file_is_named(monkeypatch, server, tmp_path, capsys):
-    serve(monkeypatch, server, "dtd", dtd())
-    del server.files["drive/1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x"]
-    with pytest.raises(SystemExit, match="not fetched: dtd"):
-        fetch.main(["dtd", "--root", str(tmp_path)])
-    assert re.search(r"error: dtd: http://\S+id=1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x answered HTTP 404 .*check the URL",
-                     capsys.readouterr().err)
-    assert not (tmp_path / "dtd").exists()
-
-
 # --- ImageNet (by hand) and its four test sets --------------------------------------------------------------------
 
 WNIDS = [f"n{i:08d}" for i in range(1000)]
@@ -464,6 +411,57 @@ def fails(name, root, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {name}: "), lines
     return lines[0]
+
+
+def test_second_run_skips(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    server.requests.clear()
+    fetch.main(["DescribableTextures", "--root", str(tmp_path)])
+    assert server.requests == [] and "dtd: complete at" in capsys.readouterr().out
+
+
+def test_interrupted_download_resumes(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    archive = "www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
+    server.cut.add(archive)
+    with pytest.raises(SystemExit, match="not fetched: dtd"):
+        fetch.main(["dtd", "--root", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert re.search(r"error: dtd: the download from http://\S+dtd-r1.0.1.tar.gz stopped at .* run again; it resumes",
+                     error)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fetch"]  # no dataset folder, half made or not
+    part = tmp_path / ".fetch" / "downloads" / "dtd" / "dtd-r1.0.1.tar.gz.part"
+    half = part.stat().st_size
+    assert 0 < half < len(server.files[archive])
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    assert (archive, f"bytes={half}-") in server.requests
+    assert len(data.load_dataset(str(tmp_path / "dtd")).train) == 6
+
+
+def test_corrupt_archive_fails_its_checksum(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    archive = "www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
+    good = server.files[archive]
+    server.files[archive] = good[:100] + bytes([good[100] ^ 1]) + good[101:]
+    with pytest.raises(SystemExit):
+        fetch.main(["dtd", "--root", str(tmp_path)])
+    assert re.search(r"error: dtd: http://\S+ gave a file whose MD5 is [0-9a-f]{32}, not the published [0-9a-f]{32}; "
+                     r"it was deleted: run again", capsys.readouterr().err)
+    assert not (tmp_path / "dtd").exists() and list((tmp_path / ".fetch" / "downloads" / "dtd").iterdir()) == []
+    server.files[archive] = good
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    assert (tmp_path / "dtd" / "images" / "woven").is_dir()
+
+
+def test_missing_file_is_named(monkeypatch, server, tmp_path, capsys):
+    serve(monkeypatch, server, "dtd", dtd())
+    del server.files["drive/1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x"]
+    with pytest.raises(SystemExit, match="not fetched: dtd"):
+        fetch.main(["dtd", "--root", str(tmp_path)])
+    assert re.search(r"error: dtd: http://\S+id=1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x answered HTTP 404 .*check the URL",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "dtd").exists()
 
 
 def test_server_that_ignores_ranges_restarts_cleanly(monkeypatch, server, tmp_path, capsys):

@@ -47,7 +47,8 @@ class Source(http.server.BaseHTTPRequestHandler):
         if key == "drive.google.com/uc":
             key = "drive/" + query["id"]
             if key in server.large:
-                return self.send(confirmation_page(server, query["id"]).encode(), "text/html; charset=utf-8")
+                page = confirmation_page(server, query["id"], key in server.old_forms)
+                return self.send(page.encode(), "text/html; charset=utf-8")
         elif key == "drive.usercontent.google.com/download":
             if query.get("confirm") != "t" or query.get("uuid") != UUID:
                 return self.send_error(403)
@@ -83,23 +84,27 @@ class Source(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def confirmation_page(server, drive_id):
-    """Google Drive's page for a file too large to scan for viruses, with its download form (as served in 2024)."""
+def confirmation_page(server, drive_id, old_form=False):
+    """Google Drive's page for a file too large to scan for viruses, with its download form (as served in 2024);
+    an older form carried the id in its action's query, and only the confirmation in its fields."""
     action = f"http://127.0.0.1:{server.server_address[1]}/drive.usercontent.google.com/download"
+    fields = {"confirm": "t", "uuid": UUID}
+    if old_form:
+        action += f"?id={drive_id}&amp;export=download"
+    else:
+        fields = {"id": drive_id, "export": "download", **fields}
+    inputs = "".join(f'<input type="hidden" name="{name}" value="{value}">' for name, value in fields.items())
     return (f'<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body>'
             f'<div class="uc-main"><p class="uc-warning-caption">Google Drive can\'t scan this file for viruses.</p>'
             f'<form id="download-form" action="{action}" method="get">'
-            f'<input type="submit" id="uc-download-link" value="Download anyway"/>'
-            f'<input type="hidden" name="id" value="{drive_id}"><input type="hidden" name="export" value="download">'
-            f'<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="{UUID}">'
-            f'</form></div></body></html>')
+            f'<input type="submit" id="uc-download-link" value="Download anyway"/>{inputs}</form></div></body></html>')
 
 
 @pytest.fixture
 def server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Source)
     server.files, server.large, server.cut, server.pages, server.requests = {}, set(), set(), {}, []
-    server.status, server.unsized = {}, set()
+    server.status, server.unsized, server.old_forms = {}, set(), set()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -501,6 +506,13 @@ def test_a_part_longer_than_the_file_starts_again(monkeypatch, server, tmp_path)
     downloads.mkdir(parents=True)
     (downloads / "split_zhou_DescribableTextures.json.part").write_bytes(server.files[DTD_SPLIT] + b"garbage")
     fetch.main(["dtd", "--root", str(tmp_path)])  # no checksum guards the split file: the length must
+    assert (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").read_bytes() == server.files[DTD_SPLIT]
+
+
+def test_an_older_drive_form_with_a_query_in_its_action(monkeypatch, server, tmp_path):
+    serve(monkeypatch, server, "dtd", dtd(), large={"split_zhou_DescribableTextures.json"})
+    server.old_forms.add(DTD_SPLIT)
+    fetch.main(["dtd", "--root", str(tmp_path)])
     assert (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").read_bytes() == server.files[DTD_SPLIT]
 
 

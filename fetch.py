@@ -453,9 +453,9 @@ def fetch(name, root, keep_archives=False):
                 unchecked = [file.name for file in recipe.files if file.checksum is None]
                 for file_name in unchecked:  # the suspects: nothing vouched for their bytes
                     (downloads / file_name).unlink(missing_ok=True)
-                raise FetchError(f"the fetched files do not make a readable {name} folder ({problem}); the downloads "
-                                 f"without a checksum ({', '.join(unchecked)}) were deleted: run again, and if this "
-                                 "repeats please report it")
+                deleted = f"the downloads without a checksum ({', '.join(unchecked)}) were deleted: run again, and "
+                raise FetchError(f"the fetched files do not make a readable {name} folder ({problem}); "
+                                 f"{deleted if unchecked else ''}if this repeats please report it")
             else:
                 os.rename(stage, target)
         finally:

@@ -686,3 +686,15 @@ def test_a_fetch_by_hand_is_complete_only_with_its_images(monkeypatch, server, t
         fetch.main(["stanford_cars", "--root", str(tmp_path)])
         assert "copy cars_train/ and cars_test/" in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "stanford_cars").iterdir()] == ["split_zhou_StanfordCars.json"]
+
+
+def test_a_folder_without_unchecked_downloads_that_does_not_read(monkeypatch, server, tmp_path, capsys):
+    """FGVCAircraft's one archive passed its checksum: nothing is deleted, and the message asks for a report."""
+    members = tarfile.open(fileobj=io.BytesIO(aircraft()["fgvc-aircraft-2013b.tar.gz"]))
+    kept = {m.name: members.extractfile(m).read() for m in members if not m.name.endswith("0test0.jpg")}
+    serve(monkeypatch, server, "fgvc_aircraft", {"fgvc-aircraft-2013b.tar.gz": tar(kept)})
+    line = fails("fgvc_aircraft", tmp_path, capsys)
+    assert re.search(r"do not make a readable fgvc_aircraft folder \(1 of the images its split names are missing, "
+                     r"\S+0test0.jpg first\); if this repeats please report it$", line)
+    assert [p.name for p in (tmp_path / ".fetch" / "downloads" / "fgvc_aircraft").iterdir()] == [
+        "fgvc-aircraft-2013b.tar.gz"]

@@ -673,8 +673,8 @@ def test_a_split_naming_missing_images_is_not_a_dataset(monkeypatch, server, tmp
     contents["split_zhou_DescribableTextures.json"] = json.dumps(split).encode()
     serve(monkeypatch, server, "dtd", contents)
     line = fails("dtd", tmp_path, capsys)
-    assert re.search(r"the fetched files do not make a readable dtd folder \(1 of the images its split names are "
-                     r"missing, \S+woven_gone.jpg first\); the downloads without a checksum "
+    assert re.search(r"the fetched files do not make a readable dtd folder \(\S+woven_gone.jpg is named by the "
+                     r"dataset's split but does not exist: .*\); the downloads without a checksum "
                      r"\(split_zhou_DescribableTextures.json\) were deleted: run again", line)
     assert not (tmp_path / "dtd").exists()
     assert [p.name for p in (tmp_path / ".fetch" / "downloads" / "dtd").iterdir()] == ["dtd-r1.0.1.tar.gz"]
@@ -694,7 +694,7 @@ def test_a_folder_without_unchecked_downloads_that_does_not_read(monkeypatch, se
     kept = {m.name: members.extractfile(m).read() for m in members if not m.name.endswith("0test0.jpg")}
     serve(monkeypatch, server, "fgvc_aircraft", {"fgvc-aircraft-2013b.tar.gz": tar(kept)})
     line = fails("fgvc_aircraft", tmp_path, capsys)
-    assert re.search(r"do not make a readable fgvc_aircraft folder \(1 of the images its split names are missing, "
-                     r"\S+0test0.jpg first\); if this repeats please report it$", line)
+    assert re.search(r"do not make a readable fgvc_aircraft folder \(\S+0test0.jpg is named by the dataset's split "
+                     r"but does not exist: .*\); if this repeats please report it$", line)
     assert [p.name for p in (tmp_path / ".fetch" / "downloads" / "fgvc_aircraft").iterdir()] == [
         "fgvc-aircraft-2013b.tar.gz"]

@@ -270,7 +270,9 @@ class ImageDataset(torch.utils.data.Dataset):
         path, label = self.items[i]
         image = open_image(path)
         with torch.random.fork_rng(devices=[]):  # DDP ranks, cached views and resumed runs see the same pixels
-            torch.manual_seed((self.seed * 1_000_003 + i) % 2**64)  # torch's seeds are 64-bit (large --seed)
+            # the CPU generator only, which the transforms draw from and fork_rng restores (torch.manual_seed would
+            # also reseed the GPUs' generators, unrestored, and queue their seeding with a traceback on the CPU)
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + i) % 2**64)  # 64-bit seeds (large --seed)
             return self.transform(image), label
 
 def train_transform(n_px):  # CoOp's augmentation, then CLIP's preprocess from its RGB conversion on

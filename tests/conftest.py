@@ -1,6 +1,8 @@
 """Shared helpers: tiny CLIP configurations and randomised weights (std 1/sqrt(fan-in): features differ by input),
 the tiny CLIP fixture, class names and random images the method tests share."""
+import copy
 import math
+import os
 
 import pytest
 import torch
@@ -15,10 +17,49 @@ RN50_SHAPED = (1024, 224, (1, 1, 1, 1), 64, None, 77, 49408, 512, 8, 2)  # RN50 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]  # an underscore, words of several tokens
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini) starts a worker per core, but the CUDA suite runs in one process: its tests share one
+    GPU and measure its peak memory. None: pytest-xdist counts the cores."""
+    selected = config.option.markexpr or ""
+    if "cuda" in selected and "not cuda" not in selected:
+        return 0
+    return None
+
+
+def pytest_configure(config):
+    """In a pytest-xdist worker, torch computes on one thread, and so do the processes the tests start (train.py,
+    torchrun, bench.py): with the workers already on every core, more threads only wait for each other (2 workers of
+    2 threads each on 2 cores took 1.9x the time of one process)."""
+    if hasattr(config, "workerinput"):
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
 @pytest.fixture(scope="module")
 def clip():
     """The tiny random-weight CLIP (clip_model's `tiny`), one per test module."""
     return clip_model.load("tiny")[0]
+
+
+RANDOM_MODELS = {}  # (config, seed, options) -> the model clip_model.random_model built, for random_weights_once
+
+
+@pytest.fixture
+def random_weights_once(monkeypatch):
+    """clip_model.random_model builds each (config, seed) once per test process and hands out copies: the dry runs
+    that count a paper backbone's parameters build the same few full-size random CLIPs, each for seconds (RN50: most
+    of it measuring its BatchNorm statistics). The weights are the same as a fresh build's (it is seeded), and each
+    caller gets its own copy, so no test sees another's changes. Tests of random_model itself do not use this.
+    Returns the real random_model."""
+    build = clip_model.random_model
+
+    def once(config, seed, **options):
+        key = (config, seed, tuple(sorted(options.items())))
+        if key not in RANDOM_MODELS:
+            RANDOM_MODELS[key] = build(config, seed, **options)
+        return copy.deepcopy(RANDOM_MODELS[key])
+    monkeypatch.setattr(clip_model, "random_model", once)
+    return build
 
 
 def random_images(n, seed=0, size=32):

@@ -140,6 +140,7 @@ def test_cache_is_the_mean_of_the_augmented_views(tmp_path):
     assert torch.equal(runner.model.values, F.one_hot(labels, 8).float())
 
 
+@pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
 @pytest.mark.parametrize("method,count", [("tip-adapter-f", 4 * 8 * 1024), ("tip-adapter", 0),
                                           ("clip-adapter", 524_288)])
 def test_counts_at_rn50(tmp_path, method, count):

@@ -9,7 +9,7 @@ from PIL import Image
 
 import clip_model
 import data
-from conftest import B32_SHAPED, RN50_SHAPED, TINY_RN, TINY_VIT, reference_clip
+from conftest import B32_SHAPED, RANDOM_MODELS, RN50_SHAPED, TINY_RN, TINY_VIT, reference_clip
 
 clip = pytest.importorskip("clip")
 
@@ -206,6 +206,21 @@ def test_random_init_is_seeded_and_downloads_nothing(tmp_path):
     model, preprocess = clip_model.load("ViT-B/32", pretrained=False, download_root=str(tmp_path))
     assert sum(p.numel() for p in model.parameters()) == 151_277_313
     assert list(tmp_path.iterdir()) == [] and not model.training
+
+
+def test_random_weights_once_hands_out_fresh_equal_copies(random_weights_once):
+    """The dry-run tests' shortcut (conftest.random_weights_once) gives what a fresh build gives, buffers included
+    (tiny-rn: its measured BatchNorm statistics), and a change to one copy reaches no later one."""
+    first, _ = clip_model.load("tiny-rn")
+    with torch.no_grad():
+        first.visual.conv1.weight.zero_()
+        first.visual.bn1.running_mean.fill_(7)
+    second, _ = clip_model.load("tiny-rn")
+    assert (clip_model.CONFIGS["tiny-rn"], 0, ()) in RANDOM_MODELS  # built once, then copied
+    expected = random_weights_once(clip_model.CONFIGS["tiny-rn"], 0).state_dict()  # the real random_model
+    assert second.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in second.state_dict().items())
+    assert not second.training and second is not first
 
 
 @pytest.mark.parametrize("name", ["tiny-rn", "RN50"])

@@ -1,5 +1,7 @@
 """README.md and docs/*.md: README stays short with a table of contents, its first screen keeps the two commands,
-and every relative link (and #anchor, by GitHub's slug rules) points to a file and heading that exist."""
+every relative link (and #anchor, by GitHub's slug rules) points to a file and heading that exist, and every tool
+they run is one, which answers --help."""
+import importlib
 import re
 from pathlib import Path
 
@@ -92,3 +94,22 @@ def test_relative_links_resolve(page):
             assert anchor in anchors(file), f"{page.name}: {target} names no heading of {file.name}"
         checked += 1
     assert checked  # every page links somewhere (docs pages back to README)
+
+
+TOOLS = sorted(path.stem for path in ROOT.glob("*.py") if 'if __name__ == "__main__":' in path.read_text())
+
+
+def test_the_docs_run_every_tool_and_only_tools():
+    named = {name for page in PAGES for name in re.findall(r"python (\w+)\.py", page.read_text())}
+    assert named == set(TOOLS)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_parses_its_arguments(tool, capsys):
+    """In this process (a --help builds the tool's whole parser), so the quick tier reaches every tool."""
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(tool).main(["--help"])
+    assert exit.value.code == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: ") and "--help" in usage

@@ -152,6 +152,7 @@ def test_parameter_counts_for_rn50(variant, changes, count):
     assert count in (32_768, 107_072, 8_192)
 
 
+@pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
 @pytest.mark.parametrize("variant,count", [("dualpt", 32_768), ("codualpt", 107_072), ("plot", 32_768)])
 def test_dry_run_reports_the_counts(tmp_path, variant, count):
     r = train.run(methods.parse_args(["--method", variant, "--data", "demo", "--init", "random", "--dry-run",
@@ -159,6 +160,7 @@ def test_dry_run_reports_the_counts(tmp_path, variant, count):
     assert r["backbone"] == "RN50" and r["learned_params"] == count and r["config"]["n_prompts"] == 4
 
 
+@pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
 def test_plot_is_the_official_configuration(tmp_path):
     """PLOT's plot-coop: rn50.yaml (50 epochs at every shot count, batch 128, lr 0.002), main.sh (N = 4, 16 tokens),
     the trainer (eps 0.1, at most 100 Sinkhorn steps, threshold 1e-2 on a's mean change, ImageNet's extra logit)."""
@@ -487,7 +489,7 @@ class FakeLLM(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_llm():
     server = http.server.HTTPServer(("127.0.0.1", 0), FakeLLM)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()  # fast shutdown
     FakeLLM.requests, FakeLLM.status = [], 200
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()

@@ -105,7 +105,8 @@ def server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Source)
     server.files, server.large, server.cut, server.pages, server.requests = {}, set(), set(), {}, []
     server.status, server.unsized, server.old_forms = {}, set(), set()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: every 0.5 s by default, half a second per test
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     yield server
     server.shutdown()

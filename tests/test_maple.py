@@ -74,6 +74,7 @@ def test_parameter_count_for_vit_b16():
     assert 1_024 + 393_984 + 8_192 + 3_151_872 == 3_555_072
 
 
+@pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
 def test_dry_run_reports_the_official_count(tmp_path):
     r = train.run(methods.parse_args(["--method", "maple", "--data", "demo", "--init", "random", "--dry-run",
                                       "--output", str(tmp_path)]))

@@ -2,6 +2,7 @@
 the orthogonality term, evaluation by the mean of all K prompts, counts, gradients and learning."""
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +75,7 @@ def test_evaluation_scores_with_the_mean_of_all_prompts(clip):
     assert model(x) is not None and model.cached is not None and model.train().cached is None
 
 
+@pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
 def test_parameter_count_at_the_default_backbone(tmp_path):
     r = train.run(methods.parse_args(["--method", "proda", "--data", "demo", "--init", "random", "--dry-run",
                                       "--output", str(tmp_path)]))

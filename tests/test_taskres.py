@@ -97,6 +97,7 @@ def test_training_moves_only_the_residual():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["residual"]
 
 
+@pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
 @pytest.mark.parametrize("shots,epochs", [(1, 100), (4, 100), (8, 200), (16, 200)])
 def test_official_schedule_by_shots(tmp_path, shots, epochs):
     r = train.run(methods.parse_args(["--method", "taskres", "--data", "demo", "--shots", str(shots), "--init",

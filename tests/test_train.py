@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -126,6 +127,7 @@ def test_eval_only_reproduces_accuracy(tmp_path):
     assert again["accuracy"] == trained["accuracy"] and again["backbone"] == "tiny"
 
 
+@pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
 def test_dry_run_counts_parameters(tmp_path):
     r = train.run(methods.parse_args(["--method", "cocoop", "--data", "demo", "--backbone", "ViT-B/16", "--init",
                                       "random", "--dry-run", "--output", str(tmp_path)]))
@@ -240,8 +242,11 @@ def copy_and_run(tmp_path, module, block, original):
     for name in (f"{module}.py", "clip_model.py", "bpe_simple_vocab_16e6.txt.gz"):
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / "loop.py").write_text(block.replace(f"import {original} as method", f"import {module} as method"))
+    env = {"PATH": "/usr/bin:/bin"}  # nothing of this environment but the thread count tests/conftest.py sets
+    if "OMP_NUM_THREADS" in os.environ:
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
     done = subprocess.run([sys.executable, "-s", "-E", "loop.py"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={"PATH": "/usr/bin:/bin"})
+                          timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     return done
 

@@ -5,9 +5,9 @@ import math
 import os
 
 import pytest
-import torch
 
-import clip_model
+# torch and clip_model are imported inside the functions below: pytest-xdist's controller process reads this file for
+# its hooks but runs no test, and importing torch there would hold up the start of every run by about 4 s.
 
 # CLIP constructor arguments (reference order); widths >= 128 so several heads are split and merged.
 TINY_VIT = (64, 32, 2, 128, 8, 77, 49408, 128, 2, 2)
@@ -26,11 +26,21 @@ def pytest_xdist_auto_num_workers(config):
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    """The quick tier, `python -m pytest -m quick`: every test but those marked slow (over about a second on a 2-core
+    CPU, or a process of their own) and the CUDA suite."""
+    for item in items:
+        if not item.get_closest_marker("slow") and not item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.quick)
+
+
 def pytest_configure(config):
     """In a pytest-xdist worker, torch computes on one thread, and so do the processes the tests start (train.py,
     torchrun, bench.py): with the workers already on every core, more threads only wait for each other (2 workers of
     2 threads each on 2 cores took 1.9x the time of one process)."""
     if hasattr(config, "workerinput"):
+        import torch
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -38,6 +48,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="module")
 def clip():
     """The tiny random-weight CLIP (clip_model's `tiny`), one per test module."""
+    import clip_model
     return clip_model.load("tiny")[0]
 
 
@@ -51,6 +62,7 @@ def random_weights_once(monkeypatch):
     of it measuring its BatchNorm statistics). The weights are the same as a fresh build's (it is seeded), and each
     caller gets its own copy, so no test sees another's changes. Tests of random_model itself do not use this.
     Returns the real random_model."""
+    import clip_model
     build = clip_model.random_model
 
     def once(config, seed, **options):
@@ -64,12 +76,14 @@ def random_weights_once(monkeypatch):
 
 def random_images(n, seed=0, size=32):
     """n Gaussian images (n, 3, size, size), the same for the same seed."""
+    import torch
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def randomize(state_dict, seed=0):
     """Overwrite every floating tensor so that no LayerNorm/BatchNorm is an identity and no branch is
     zero (the reference init zeroes bn3): swapped or ignored keys then change the outputs."""
+    import torch
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, value in state_dict.items():
@@ -93,6 +107,9 @@ def reference_clip(args, seed=0):
     A ResNet's BatchNorm statistics are then measured on noise images (as clip_model.load does for random
     weights): at arbitrary statistics its features are the same for every image and the comparison is blind."""
     import clip.model
+    import torch
+
+    import clip_model
     torch.manual_seed(seed)
     model = clip.model.CLIP(*args)
     model.load_state_dict(randomize(model.state_dict(), seed))
@@ -106,6 +123,7 @@ def train_steps(model, images, labels, lr, steps=30):
     about `lr` a step whatever the scale of its gradient, which differs by orders of magnitude between the methods
     here (logit scale 100, prompts initialised at std 0.02): with SGD, learning rates that moved some methods in a few
     steps made others overshoot on their first step (issue 32)."""
+    import torch
     import torch.nn.functional as F
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []

@@ -143,6 +143,7 @@ def test_cache_is_the_mean_of_the_augmented_views(tmp_path):
 @pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
 @pytest.mark.parametrize("method,count", [("tip-adapter-f", 4 * 8 * 1024), ("tip-adapter", 0),
                                           ("clip-adapter", 524_288)])
+@pytest.mark.slow
 def test_counts_at_rn50(tmp_path, method, count):
     """Tip-Adapter-F: shots x classes x E = 4 x 8 x 1024 = 32,768; CLIP-Adapter: 2 x 1024 x 256 = 524,288."""
     r = train.run(methods.parse_args(["--method", method, "--data", "demo", "--shots", "4", "--init", "random",
@@ -164,6 +165,7 @@ def test_tip_adapter_fits_without_epochs_and_its_checkpoint_evaluates(tmp_path):
     assert again["accuracy"] == r["accuracy"]
 
 
+@pytest.mark.slow
 def test_tip_adapter_f_trains_the_keys_with_adamw_then_searches(tmp_path):
     args = ["--method", "tip-adapter-f", "--data", "demo", "--backbone", "tiny", "--shots", "4", "--epochs", "3",
             "--batch-size", "8", "--lr", "0.01"]

@@ -1,8 +1,11 @@
 """bench.py's smoke mode: every row is measured and the fast paths equal the slow ones (no timing asserted)."""
+import pytest
+
 import bench
 import methods
 
 
+@pytest.mark.slow
 def test_smoke_prints_every_row(capsys):
     rows = bench.main(["--smoke", "--device", "cpu"])
     table = capsys.readouterr().out

@@ -25,7 +25,8 @@ def _inputs(args, batch=3, seed=0):
     return images, clip_model.tokenize(TEXTS)
 
 
-@pytest.mark.parametrize("name", PARITY)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name.endswith("shaped") else name
+                                  for name in PARITY])  # the full widths take seconds: the quick tier runs the tiny
 def test_parity_with_reference(name):
     ref, state_dict = reference_clip(PARITY[name])
     ours = clip_model.build_model(state_dict)
@@ -53,6 +54,7 @@ def mean_cosine(features):
     return ((f @ f.t()).sum() - n).item() / (n * (n - 1))
 
 
+@pytest.mark.slow
 def test_torchscript_archive_loads_like_the_reference(tmp_path):
     """OpenAI ships traced TorchScript archives; build one the same way and load it through load(path)."""
     ref, _ = reference_clip(TINY_VIT)
@@ -90,6 +92,7 @@ def test_fp16_file_equals_reference_loader(tmp_path):
 
 
 @pytest.mark.parametrize("name", clip_model.available_models())
+@pytest.mark.slow
 def test_nine_architectures_match_reference_on_meta(name):
     """Keys, shapes and parameter totals of every OpenAI model, built without memory on the meta device."""
     import clip.model
@@ -197,6 +200,7 @@ def test_preprocess_matches_reference(mode, size):
     assert torch.equal(clip_model.transform(32)(image), expected)
 
 
+@pytest.mark.slow
 def test_random_init_is_seeded_and_downloads_nothing(tmp_path):
     a, _ = clip_model.load("tiny", pretrained=False)
     b, _ = clip_model.load("tiny")
@@ -224,6 +228,7 @@ def test_random_weights_once_hands_out_fresh_equal_copies(random_weights_once):
 
 
 @pytest.mark.parametrize("name", ["tiny-rn", "RN50"])
+@pytest.mark.slow
 def test_random_resnets_tell_images_and_positions_apart(name):
     """Random ResNets had one feature for every image and position (issue 17): BatchNorm at its untrained
     statistics let the signal fade under the attention pool's positional embedding."""

@@ -104,7 +104,6 @@ def test_the_docs_run_every_tool_and_only_tools():
     assert named == set(TOOLS)
 
 
-@pytest.mark.quick
 @pytest.mark.parametrize("tool", TOOLS)
 def test_every_tool_parses_its_arguments(tool, capsys):
     """In this process (a --help builds the tool's whole parser), so the quick tier reaches every tool."""

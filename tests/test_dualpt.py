@@ -154,6 +154,7 @@ def test_parameter_counts_for_rn50(variant, changes, count):
 
 @pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
 @pytest.mark.parametrize("variant,count", [("dualpt", 32_768), ("codualpt", 107_072), ("plot", 32_768)])
+@pytest.mark.slow
 def test_dry_run_reports_the_counts(tmp_path, variant, count):
     r = train.run(methods.parse_args(["--method", variant, "--data", "demo", "--init", "random", "--dry-run",
                                       "--output", str(tmp_path)]))
@@ -161,6 +162,7 @@ def test_dry_run_reports_the_counts(tmp_path, variant, count):
 
 
 @pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
+@pytest.mark.slow
 def test_plot_is_the_official_configuration(tmp_path):
     """PLOT's plot-coop: rn50.yaml (50 epochs at every shot count, batch 128, lr 0.002), main.sh (N = 4, 16 tokens),
     the trainer (eps 0.1, at most 100 Sinkhorn steps, threshold 1e-2 on a's mean change, ImageNet's extra logit)."""
@@ -373,6 +375,7 @@ def test_gradients_reach_only_learned_parameters(clip, tmp_path, variant):
 
 @pytest.mark.parametrize("backbone", ["tiny", "tiny-rn"])
 @pytest.mark.parametrize("variant", list(dualpt.VARIANTS))
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_moves_only_prompts(clip, clip_rn, tmp_path, backbone, variant):
     clip = copy.deepcopy(clip if backbone == "tiny" else clip_rn)
     before = copy.deepcopy(clip.state_dict())
@@ -442,6 +445,7 @@ def test_many_missing_classes_are_listed_up_to_ten(clip, tmp_path):
     assert "class 11" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps({"red circle": ["a red disc"]}))
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--method", "dualpt", "--data", "demo",
@@ -455,6 +459,7 @@ def test_cli_error_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("backbone", ["tiny", "tiny-rn"])
 @pytest.mark.parametrize("variant", list(dualpt.VARIANTS))
+@pytest.mark.slow
 def test_demo_trains_with_the_shipped_descriptions(tmp_path, monkeypatch, backbone, variant):
     monkeypatch.chdir(tmp_path)  # the relative path is found next to dualpt.py
     r = train.run(methods.parse_args(["--method", variant, "--data", "demo", "--backbone", backbone, "--epochs", "2",

@@ -226,6 +226,7 @@ def test_fault_row(tmp_path, monkeypatch, capsys, name, message):
 
 
 @pytest.mark.parametrize("name", ["unknown backbone", "corrupt image"])
+@pytest.mark.slow
 def test_fault_row_as_a_process(tmp_path, monkeypatch, name):
     argv = scenario(name, tmp_path, monkeypatch)
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True,
@@ -247,6 +248,7 @@ def comparable(results):
         "history": [{k: v for k, v in h.items() if k != "seconds"} for h in results["history"]]}
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     args = [sys.executable, str(ROOT / "train.py"), "--method", "coop", "--data", "demo", "--backbone", "tiny",
             "--epochs", "12", "--batch-size", "4"]
@@ -313,6 +315,7 @@ def test_bit_flipped_download_is_rejected_and_nothing_stays(tmp_path):
     assert os.listdir(tmp_path / "cache") == []
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_seed_are_identical(tmp_path):
     results = []
     for name in ("a", "b"):

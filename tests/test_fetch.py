@@ -362,6 +362,7 @@ def imagenet_sets():
     }
 
 
+@pytest.mark.slow
 def test_imagenet_by_hand_and_its_test_sets(monkeypatch, server, tmp_path, capsys):
     """ImageNet: classnames.txt is fetched and the steps by hand are printed; with its images in place, a run
     trained on it is tested on the four fetched test sets (--protocol dg)."""

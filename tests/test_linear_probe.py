@@ -112,6 +112,7 @@ def test_a_search_without_validation_images_is_a_clear_error():
         model.fit(lambda split: (x, y) if split == "train" else (x[:0], y[:0]))
 
 
+@pytest.mark.slow
 def test_demo_fits_writes_a_checkpoint_and_evaluates_it(tmp_path):
     """The CLI: fitted (no epochs), well above chance (12.5 %), a checkpoint that --eval-only scores the same."""
     r = train.run(methods.parse_args(["--method", "linear-probe", "--data", "demo", "--backbone", "tiny", "--shots",

@@ -75,6 +75,7 @@ def test_parameter_count_for_vit_b16():
 
 
 @pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
+@pytest.mark.slow
 def test_dry_run_reports_the_official_count(tmp_path):
     r = train.run(methods.parse_args(["--method", "maple", "--data", "demo", "--init", "random", "--dry-run",
                                       "--output", str(tmp_path)]))

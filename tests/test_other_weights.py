@@ -212,6 +212,7 @@ def test_pytorch_bin_with_position_ids_loads(tmp_path, tiny_hf):
         assert torch.equal(want, got)
 
 
+@pytest.mark.slow
 def test_coop_trains_and_resumes_on_a_hugging_face_folder(tmp_path, monkeypatch, tiny_hf):
     """train.py on a converted backbone: results.json names it as passed, the default run folder by its name; a
     run stopped after epoch 1 resumes to the uninterrupted run; load_run rebuilds it from that string alone."""

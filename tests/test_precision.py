@@ -22,6 +22,7 @@ def results(folder):
 
 
 @pytest.mark.parametrize("method", [m for m in methods.TRAINED if m != "zeroshot"])
+@pytest.mark.slow
 def test_every_method_trains_two_steps_in_bf16_on_cpu(tmp_path, method):
     assert train.main(["--method", method, *STEPS, "--precision", "bf16", "--output", str(tmp_path)]) == 0
     r = results(tmp_path)
@@ -30,6 +31,7 @@ def test_every_method_trains_two_steps_in_bf16_on_cpu(tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["coop", "cocoop", "vpt", "cavpt", "mudpt", "dualpt", "codualpt", "bias_tuning"])
+@pytest.mark.slow
 def test_fp16_with_the_gradient_scaler_on_cpu(tmp_path, method):
     """fp16 autocast runs the fp32 islands (cross-entropies, the transport plan, the aux loss); the checkpoint
     keeps the scaler's state."""
@@ -41,6 +43,7 @@ def test_fp16_with_the_gradient_scaler_on_cpu(tmp_path, method):
     assert all(v.dtype == torch.float32 for v in ckpt["learned"].values())  # learned parameters stay fp32
 
 
+@pytest.mark.slow
 def test_fp16_resume_equals_an_uninterrupted_run(tmp_path):
     args = ["--method", "coop", "--data", "demo", "--backbone", "tiny", "--shots", "2", "--batch-size", "4",
             "--precision", "fp16", "--epochs", "3"]

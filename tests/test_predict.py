@@ -108,6 +108,7 @@ def test_a_run_whose_weights_are_not_here_says_how_to_get_them(run, tmp_path, mo
     assert f"without internet, copy RN50.pt into {tmp_path / '.cache' / 'clip'}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_tools_read_a_run_without_the_training_loop():
     """predict.py and analyze.py rebuild a run through runs.py and import neither train.py nor the feature cache
     (checked in a fresh interpreter: this session has imported train)."""

@@ -76,6 +76,7 @@ def test_evaluation_scores_with_the_mean_of_all_prompts(clip):
 
 
 @pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
+@pytest.mark.slow
 def test_parameter_count_at_the_default_backbone(tmp_path):
     r = train.run(methods.parse_args(["--method", "proda", "--data", "demo", "--init", "random", "--dry-run",
                                       "--output", str(tmp_path)]))

@@ -44,6 +44,7 @@ def torchrun(script_args, tmp_path):
                            *script_args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path):
     base = ["--method", "coop", *DEMO, "--batch-size", "8", "--device", "cpu"]
     args = base + ["--epochs", "3"]
@@ -87,6 +88,7 @@ METHOD_RUNS = {  # every training path through DDP: deep prompts, extra losses a
 }
 
 
+@pytest.mark.slow
 def test_every_kind_of_method_under_ddp_equals_one_process(tmp_path):
     runs = [["--method", name.removesuffix("-cached"), *DEMO, *extra, "--output", str(tmp_path / "two" / name)]
             for name, extra in METHOD_RUNS.items()]
@@ -144,6 +146,7 @@ def test_cache_features_refused_when_the_image_tower_learns(tmp_path, capsys, me
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_seeds_sweep_writes_one_complete_folder_per_seed(tmp_path):
     assert train.main(["--method", "coop", *DEMO, "--epochs", "1", "--seed", "1", "2", "3",
                        "--output", str(tmp_path)]) == 0
@@ -157,6 +160,7 @@ def test_seeds_sweep_writes_one_complete_folder_per_seed(tmp_path):
         "seed4", "seed5"]
 
 
+@pytest.mark.slow
 def test_compile_equals_eager(tmp_path):
     args = ["--method", "vpt", *DEMO, "--epochs", "1"]
     cfg = methods.make_config(methods.parse_args(args))[1]

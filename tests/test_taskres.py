@@ -99,6 +99,7 @@ def test_training_moves_only_the_residual():
 
 @pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
 @pytest.mark.parametrize("shots,epochs", [(1, 100), (4, 100), (8, 200), (16, 200)])
+@pytest.mark.slow
 def test_official_schedule_by_shots(tmp_path, shots, epochs):
     r = train.run(methods.parse_args(["--method", "taskres", "--data", "demo", "--shots", str(shots), "--init",
                                       "random", "--dry-run", "--output", str(tmp_path)]))
@@ -107,6 +108,7 @@ def test_official_schedule_by_shots(tmp_path, shots, epochs):
     assert (cfg["optimizer"], cfg["lr"], cfg["batch_size"], cfg["alpha"]) == ("adam", 0.002, 256, 0.5)
 
 
+@pytest.mark.slow
 def test_demo_learns_with_adam(tmp_path):
     """The CLI, the official optimiser: the checkpoint holds Adam's moments; accuracy above chance (12.5 %). (The
     demo's 128 images are half of one official batch: smaller batches and a larger lr give it 80 steps.)"""

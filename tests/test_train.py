@@ -37,6 +37,7 @@ def results(folder):
     return json.loads((Path(folder) / "results.json").read_text())
 
 
+@pytest.mark.slow  # the quick tier steps every method in test_method_files.py, and trains through the loop here
 @pytest.mark.parametrize("method", list(methods.METHODS))
 def test_every_method_runs_on_demo(tmp_path, method, monkeypatch, capsys):
     """Every method trains (or is fitted) from the CLI and writes its results; load_run rebuilds it from the folder:
@@ -81,6 +82,7 @@ def test_every_method_runs_on_demo(tmp_path, method, monkeypatch, capsys):
         pytest.approx(r["accuracy"]["test"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_coop_learns_the_demo(tmp_path):
     """The README's demo promise, shortened: accuracy rises well above chance (12.5 %)."""
     r = train.run(methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "40",
@@ -90,6 +92,7 @@ def test_coop_learns_the_demo(tmp_path):
 
 
 @pytest.mark.parametrize("method,epochs,floor", [("coop", 10, 30), ("dualpt", 10, 30), ("codualpt", 5, 20)])
+@pytest.mark.slow
 def test_resnet_methods_learn_the_demo(tmp_path, method, epochs, floor):
     """On a random ResNet too, accuracy rises well above chance (12.5 %); it stayed at chance while random
     ResNets gave every image the same feature (issue 17)."""
@@ -128,6 +131,7 @@ def test_eval_only_reproduces_accuracy(tmp_path):
 
 
 @pytest.mark.usefixtures("random_weights_once")  # a paper backbone, built once per process
+@pytest.mark.slow
 def test_dry_run_counts_parameters(tmp_path):
     r = train.run(methods.parse_args(["--method", "cocoop", "--data", "demo", "--backbone", "ViT-B/16", "--init",
                                       "random", "--dry-run", "--output", str(tmp_path)]))
@@ -170,6 +174,7 @@ def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, capsys):
     assert lines("terminal") == lines("pipe") and len(lines("pipe")) == 4
 
 
+@pytest.mark.slow
 def test_list_and_help_config(capsys):
     assert train.main(["--list"]) == 0
     listed = capsys.readouterr().out
@@ -205,6 +210,7 @@ def test_user_errors_are_one_clear_line(tmp_path, monkeypatch, capsys, args, mes
     assert list(tmp_path.iterdir()) == []  # nothing half-made
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_and_wrong_method(tmp_path, capsys):
     done = run("--method", "coop", "--data", "demo", "--backbone", "tiny", "--resume", "--output", str(tmp_path))
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "no checkpoint at" in done.stderr
@@ -255,6 +261,7 @@ FITTED_FILES = {m.__name__ for name, (m, _) in methods.METHODS.items() if name n
 
 
 @pytest.mark.parametrize("module", sorted({m.__name__ for m, _ in methods.METHODS.values()} - FITTED_FILES))
+@pytest.mark.slow
 def test_a_copied_method_file_trains_alone(tmp_path, module):
     loop = readme_block("copy-loop") + ('print("optimizer", type(optimizer).__name__)\n'
                                         'print("lrs", sorted({g["lr"] for g in optimizer.param_groups}))\n')
@@ -271,6 +278,7 @@ def test_a_copied_method_file_trains_alone(tmp_path, module):
 
 
 @pytest.mark.parametrize("module", sorted(FITTED_FILES))
+@pytest.mark.slow
 def test_a_copied_fitted_method_file_fits_alone(tmp_path, module):
     done = copy_and_run(tmp_path, module, readme_block("copy-fit"), "linear_probe")
     fitted, predictions = done.stdout.strip().splitlines()

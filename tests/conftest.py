@@ -17,6 +17,7 @@ RN50_SHAPED = (1024, 224, (1, 1, 1, 1), 64, None, 77, 49408, 512, 8, 2)  # RN50 
 NAMES = ["red circle", "blue_stripes", "green checkerboard", "sea lion"]  # an underscore, words of several tokens
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without pytest-xdist (-p no:xdist), never called
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pytest.ini) starts a worker per core, but the CUDA suite runs in one process: its tests share one
     GPU and measure its peak memory. None: pytest-xdist counts the cores."""

@@ -70,6 +70,7 @@ def test_relevancy_is_grid_shaped_non_negative_and_depends_on_the_target(tiny_an
 
 
 @pytest.mark.parametrize("method", ["vpt", "ivlp", "mudpt", "maple", "bias_tuning", "coop", "cocoop"])
+@pytest.mark.slow
 def test_cli_on_a_tiny_run_writes_json_and_pngs(tmp_path, method):
     train.run(methods.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", "1",
                                   "--batch-size", "16", "--output", str(tmp_path)]))
@@ -98,6 +99,7 @@ def test_a_resnet_run_is_analysed_on_its_text_side(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["pred", "label"])
+@pytest.mark.slow
 def test_a_base_to_new_run_is_analysed_on_its_own_classes(tmp_path, target):
     """A base-to-new run knows the base half of the classes: its test images are drawn from those (analyze.py
     failed on such runs, indexing past the model's classes, until issue 22's review)."""

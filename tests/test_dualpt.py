@@ -95,6 +95,7 @@ def test_plan_meets_the_marginals(alpha):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
+@pytest.mark.slow
 def test_plan_matches_a_slow_reference(alpha):
     local, text = unit(2, 6, 8, seed=3), unit(3, 4, 8, seed=4)
     expected = torch.tensor(np.stack([np.stack([reference_plan(local[b], text[k], alpha) for k in range(3)])
@@ -269,6 +270,7 @@ def test_plot_stopping_rule_is_the_official_one():
     assert (plans[-1] - plans[-2]).abs().max() > 1e-6 and (ours - converged).abs().max() > 1e-6
 
 
+@pytest.mark.slow
 def test_train_gives_plot_the_dataset_name(tmp_path):
     """train.py fills Config.dataset: PLOT's extra logit is on for ImageNet, off for a DG target (the official
     code keys it on the dataset being evaluated), which gets its own model with the learned prompts."""

@@ -326,6 +326,7 @@ def test_two_runs_with_the_same_seed_are_identical(tmp_path):
     assert results[0]["history"][-1]["loss"] > 0
 
 
+@pytest.mark.slow
 def test_tokenizer_survives_random_unicode():
     rng = random.Random(0)
     alphabet = [chr(c) for c in range(0x20, 0x2FFF)] + [chr(c) for c in range(0x1F300, 0x1F6FF)] + list("\t\n &;<>|")

@@ -79,6 +79,7 @@ def test_ctrl_c_is_one_line_and_releases_the_folder(tmp_path, capsys, monkeypatc
 @pytest.mark.parametrize("flag,value,message", [("--shots", "8", "shots: 16, this run 8"),
                                                 ("--seed", "2", "seed: 1, this run 2"),
                                                 ("--init", "random", "init: pretrained, this run random")])
+@pytest.mark.slow
 def test_resume_refuses_another_task(tmp_path, capsys, flag, value, message):
     """Before, only the method's config was compared: another --shots or --seed trained on other images."""
     assert run(tmp_path, "--epochs", "2")[0] == 0
@@ -185,6 +186,7 @@ def test_describe_checks_its_output_before_the_first_answer(tmp_path, capsys, mo
     assert describe.main(argv + [str(tmp_path / "d.json")]) == 0 and len(asked) == 2
 
 
+@pytest.mark.slow
 def test_a_dualpt_run_evaluates_after_its_descriptions_moved(tmp_path):
     descriptions = tmp_path / "d.json"
     names = ["red circle", "green square", "blue triangle", "yellow stripes", "magenta checkerboard",
@@ -230,6 +232,7 @@ def test_a_file_system_without_folder_locks_still_trains(tmp_path, monkeypatch):
     assert run(tmp_path)[0] == 0
 
 
+@pytest.mark.slow
 def test_a_run_saved_under_an_old_field_name_loads_and_resumes(tmp_path):
     """MuDPT's Config.n_tokens is n_ctx now: a run that saved n_tokens=2 is rebuilt with 2 prompt tokens (not the
     default 4: its checkpoint would not fit), resumes as the same task, and is evaluated by --eval-only."""

@@ -70,6 +70,7 @@ def test_auto_precision(monkeypatch):
     assert train.resolve_precision("fp16", "cpu") == "fp16"  # an explicit choice is kept
 
 
+@pytest.mark.slow
 def test_resume_in_another_precision_is_refused(tmp_path, capsys):
     args = ["--method", "coop", *STEPS, "--output", str(tmp_path)]
     assert train.main([*args, "--precision", "fp16"]) == 0

@@ -104,6 +104,7 @@ def test_every_kind_of_method_under_ddp_equals_one_process(tmp_path):
         assert_same_run(tmp_path / "one" / name, run[-1])
 
 
+@pytest.mark.slow
 def test_cached_features_give_the_same_logits():
     torch.manual_seed(0)
     for module, name, backbone in [(coop, "zeroshot", "tiny"), (coop, "coop", "tiny"), (coop, "cocoop", "tiny"),

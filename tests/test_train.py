@@ -103,6 +103,7 @@ def test_resnet_methods_learn_the_demo(tmp_path, method, epochs, floor):
 
 
 @pytest.mark.parametrize("method", ["coop", "mudpt", "ivlp", "maple"])
+@pytest.mark.slow
 def test_base_to_new_reports_harmonic_mean(tmp_path, method):
     r = train.run(methods.parse_args(["--method", method, "--data", "demo", "--backbone", "tiny", "--epochs", "2",
                                       "--protocol", "base2new", "--output", str(tmp_path)]))
@@ -152,6 +153,7 @@ class Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.slow
 def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, capsys):
     """On a terminal, tqdm bars of images with img/s for each epoch, the feature cache and evaluation, and the
     running loss once a second; in a pipe nothing on stderr. log.txt has the same lines either way."""

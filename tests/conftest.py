@@ -1,5 +1,6 @@
 """Shared helpers: tiny CLIP configurations and randomised weights (std 1/sqrt(fan-in): features differ by input),
-the tiny CLIP fixture, class names and random images the method tests share."""
+the tiny CLIP fixture, class names and random images the method tests share; and how the suite runs: on every core
+(pytest-xdist, one thread per worker) and in its quick tier (`-m quick`: every test not marked slow)."""
 import copy
 import math
 import os

@@ -26,7 +26,7 @@ def _inputs(args, batch=3, seed=0):
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name.endswith("shaped") else name
-                                  for name in PARITY])  # the full widths take seconds: the quick tier runs the tiny
+                                  for name in PARITY])  # full widths take seconds: the quick tier compares tiny ones
 def test_parity_with_reference(name):
     ref, state_dict = reference_clip(PARITY[name])
     ours = clip_model.build_model(state_dict)

@@ -37,7 +37,7 @@ def results(folder):
     return json.loads((Path(folder) / "results.json").read_text())
 
 
-@pytest.mark.slow  # the quick tier steps every method in test_method_files.py, and trains through the loop here
+@pytest.mark.slow  # the quick tier steps each method in test_method_files.py; here each trains through the loop
 @pytest.mark.parametrize("method", list(methods.METHODS))
 def test_every_method_runs_on_demo(tmp_path, method, monkeypatch, capsys):
     """Every method trains (or is fitted) from the CLI and writes its results; load_run rebuilds it from the folder:

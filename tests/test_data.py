@@ -92,6 +92,7 @@ def test_aircraft(tmp_path):
     assert ds.train[5] == (str(tmp_path / "fgvc_aircraft" / "images" / "train10.jpg"), 1)
 
 
+@pytest.mark.slow
 def test_imagenet_and_its_variants(tmp_path):
     ds = data.load_dataset(str(make_imagenet(tmp_path)))
     assert ds.name == "ImageNet" and ds.classnames == ["class 0", "class 1", "class 2", "class 3"]

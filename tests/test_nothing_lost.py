@@ -51,6 +51,7 @@ def test_default_folders_tell_settings_apart():
     assert len({folder(), folder("--batch-size", "8"), folder("--precision", "bf16"), folder("--set", "csc=true")}) == 4
 
 
+@pytest.mark.slow
 def test_eval_only_writes_its_own_file(tmp_path, capsys):
     assert run(tmp_path, "--epochs", "2")[0] == 0
     out = tmp_path / "run"
@@ -108,6 +109,7 @@ def test_a_diverged_epoch_is_not_kept(tmp_path, capsys):
     assert "holds nan or inf values (prompt_learner.ctx): the run diverged" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_large_seed_trains(tmp_path):
     assert run(tmp_path, "--seed", "1764633600")[0] == 0  # $(date +%s): an overflow at the first batch before
 
@@ -125,6 +127,7 @@ def test_a_billion_epochs_allocate_nothing_before_the_first(tmp_path, monkeypatc
     assert peak < 200 * 2**20, peak  # a list of 10^9 epoch seeds: over 8 GB
 
 
+@pytest.mark.slow
 def test_predict_and_analyze_refuse_what_they_cannot_use(tmp_path, capsys):
     assert run(tmp_path)[0] == 0
     out = tmp_path / "run"
@@ -150,6 +153,7 @@ def test_predict_and_analyze_refuse_what_they_cannot_use(tmp_path, capsys):
     assert analyze.main([str(out), "--images", "1"]) == 2
 
 
+@pytest.mark.slow
 def test_predict_skips_an_image_over_the_pixel_limit(tmp_path, capsys, monkeypatch):
     assert run(tmp_path)[0] == 0
     image(tmp_path / "big.png", size=200)

@@ -368,6 +368,7 @@ def test_openclip_not_cached_offline(tmp_path, monkeypatch):
         clip_model.load("ViT-B-16:laion2b_s34b_b88k")
 
 
+@pytest.mark.slow
 def test_coop_runs_on_an_openclip_file_and_reloads(tmp_path, monkeypatch):
     """MODEL:<file> as --backbone: results.json keeps the string, load_run rebuilds the model (GELU) from it."""
     reference, architecture = openclip_clip(False)

@@ -123,6 +123,7 @@ def test_resume_gives_the_same_run(tmp_path):
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_accuracy(tmp_path):
     trained = train.run(methods.parse_args(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "3",
                                             "--output", str(tmp_path / "a")]))

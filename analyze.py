@@ -35,6 +35,7 @@ import coop
 import data
 import methods
 import mudpt
+import other_weights
 import runs
 
 class Recorder:
@@ -107,7 +108,7 @@ def load_model(args):
     cfg = replace(module.Config(), **changes, **({"backbone": args.backbone} if args.backbone else {}))
     ds = data.load_dataset(args.data)
     cfg = methods.for_data(cfg, ds.template, ds.name)
-    clip, preprocess = clip_model.load(cfg.backbone, pretrained=args.init == "pretrained", seed=1)
+    clip, preprocess = other_weights.load_backbone(cfg.backbone, pretrained=args.init == "pretrained", seed=1)
     torch.manual_seed(1)
     model = module.build(clip, ds.classnames, cfg)
     return args.method, model, cfg, ds.classnames, clip, preprocess, args.data, Path("analysis")

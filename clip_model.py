@@ -6,9 +6,9 @@ with `F.scaled_dot_product_attention`; text cut after the batch's last EOT (exac
 weights (train.py picks precision once, by autocast). What methods build on (no method code lives here):
 images `visual.embed -> visual.transformer.resblocks -> visual.head`, or `visual.dense` (global + local
 features); text `embed_text -> encode_text_embeddings`, or its parts `positional_embedding`, `causal_mask`,
-`transformer.resblocks`, `text_head`; attention maps from `block(x, mask, return_attn=True)`. `load` also converts
-Hugging Face (transformers CLIPModel) and OpenCLIP weights of OpenAI's architecture, with other_weights.py (needed
-only for those).
+`transformer.resblocks`, `text_head`; attention maps from `block(x, mask, return_attn=True)`. `load` reads OpenAI's
+names and files; other_weights.py converts Hugging Face (transformers CLIPModel) and OpenCLIP weights of OpenAI's
+architecture into this CLIP, with each model's own preprocessing.
 
 Shape letters, one meaning in every file of the repository (a method file adds its paper's own symbols and
 says so): B images in a batch, C classes, L tokens of a text prompt, N image tokens after the class token
@@ -29,6 +29,7 @@ import zipfile
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import ftfy
 import regex
@@ -65,10 +66,21 @@ CONFIGS = {
     "tiny": (64, 32, 2, 128, 8, 77, 49408, 128, 2, 2),  # tiny models: random weights only, for tests and demos
     "tiny-rn": (64, 64, (1, 2, 1, 1), 8, None, 77, 49408, 128, 2, 2),
 }
-MEAN = (0.48145466, 0.4578275, 0.40821073)
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, per RGB channel of pixels in [0, 1]
 STD = (0.26862954, 0.26130258, 0.27577711)
 VOCAB = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 SOT, EOT = 49406, 49407
+
+class Preprocessing(NamedTuple):
+    """How a model's images are prepared, as in its training: resized with `interpolation` ("shortest": the short
+    side to `size`, then the centre `size` x `size` crop, as OpenAI's; "squash": the whole image to `size` x `size`,
+    its aspect ratio lost, as DFN5B's), then normalised with `mean` and `std`. Every CLIP carries its own
+    (`model.preprocessing`): OpenAI's, unless the converter of another format (other_weights.py) read another."""
+    size: int
+    mean: tuple = MEAN
+    std: tuple = STD
+    resize: str = "shortest"
+    interpolation: str = "bicubic"  # a torchvision InterpolationMode's value
 
 class LoadError(RuntimeError):
     """A model name, file or download the user supplied cannot be used; the message says what to do."""
@@ -320,13 +332,15 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(self.features(images), all_tokens=True)
 
 class CLIP(nn.Module):
-    """OpenAI's 10 arguments (CONFIGS), and two that OpenAI's models leave at their defaults: `vision_heads` (a ViT's;
-    OpenAI's have 64-wide heads, ViT-H-14's are 80) and `activation` of both towers' MLPs, "quick_gelu" or "gelu"."""
+    """OpenAI's 10 arguments (CONFIGS), and three that OpenAI's models leave at their defaults: `vision_heads` (a
+    ViT's; OpenAI's have 64-wide heads, ViT-H-14's are 80), `activation` of both towers' MLPs, "quick_gelu" or
+    "gelu", and `preprocessing`, how its images are prepared (a Preprocessing; default OpenAI's)."""
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                  context_length, vocab_size, transformer_width, transformer_heads, transformer_layers,
-                 vision_heads=None, activation="quick_gelu"):
+                 vision_heads=None, activation="quick_gelu", preprocessing=None):
         super().__init__()
         self.context_length, self.activation = context_length, activation
+        self.preprocessing = preprocessing or Preprocessing(image_resolution)
         if isinstance(vision_layers, (tuple, list)):
             self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64,
                                          image_resolution, vision_width)
@@ -413,28 +427,36 @@ def build_model(state_dict, config=None, **options):
     return model.eval()
 
 def read_state_dict(path):
-    """An OpenAI TorchScript archive, a torch.save'd state dict or training checkpoint (OpenCLIP's: its "state_dict",
-    keys "module."-prefixed when saved from DistributedDataParallel) or a .safetensors file -> {key: tensor} on the
-    CPU."""
+    """An OpenAI TorchScript archive, a torch.save'd state dict or training checkpoint (OpenCLIP's: its "state_dict")
+    or a .safetensors file -> {key: tensor} on the CPU; keys saved from DistributedDataParallel lose their "module."
+    prefix. A LoadError when the file is damaged (truncated by a stopped download, say)."""
+    real = os.path.realpath(path)  # a Hugging Face cache entry is a link to its blob, the file to delete
+    damaged = (f"{path} is unreadable or corrupt ({{}}): it is not a complete checkpoint; delete "
+               f"{real if real != os.path.abspath(path) else 'it'} and download it again")
     if str(path).endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError:
             raise LoadError(f"{path} is a safetensors file: pip install safetensors to read it") from None
-        return load_file(path)
-    try:  # OpenAI's files are TorchScript archives: zips with a constants.pkl (torch.save zips have none)
-        if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit is deprecated in recent torch
-                return torch.jit.load(path, map_location="cpu").state_dict()
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: a file cannot run code
-    except Exception as e:
-        raise LoadError(f"{path} is unreadable or corrupt ({type(e).__name__}): it is not a complete checkpoint; "
-                        "delete it and download it again") from None
+        try:
+            sd = load_file(path)
+        except Exception as e:  # safetensors' SafetensorError (a header or length that does not add up), OSError
+            raise LoadError(damaged.format(f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")) from None
+    else:
+        try:  # OpenAI's files are TorchScript archives: zips with a constants.pkl (torch.save zips have none)
+            if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch.jit is deprecated in recent torch
+                    return torch.jit.load(path, map_location="cpu").state_dict()
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: a file cannot run code
+        except Exception as e:
+            raise LoadError(damaged.format(type(e).__name__)) from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = {k.removeprefix("module."): v for k, v in sd["state_dict"].items()}
+        sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise LoadError(f"{path} holds no state dict of tensors: pass an OpenAI CLIP checkpoint")
+    if sd and all(k.startswith("module.") for k in sd):  # torch.save(ddp_model.state_dict()), wrapped or not
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
     return sd
 
 def _sha256(path):
@@ -479,10 +501,18 @@ def download(url, root):
         if os.path.exists(tmp.name):
             os.remove(tmp.name)
 
-def transform(n_px):
-    """CLIP's test-time preprocess: PIL image -> normalised (3, n_px, n_px) tensor."""
-    return T.Compose([T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n_px),
-                      to_rgb, T.ToTensor(), T.Normalize(MEAN, STD)])
+def transform(preprocessing):
+    """A model's test-time preprocess (its `preprocessing`, or an int: OpenAI's at that size): PIL image ->
+    normalised (3, size, size) tensor."""
+    p = Preprocessing(preprocessing) if isinstance(preprocessing, int) else preprocessing
+    mode = T.InterpolationMode(p.interpolation)
+    if p.resize == "squash":
+        resize = [T.Resize((p.size, p.size), interpolation=mode)]
+    elif p.resize == "shortest":
+        resize = [T.Resize(p.size, interpolation=mode), T.CenterCrop(p.size)]
+    else:
+        raise ValueError(f"resize {p.resize!r} is neither 'shortest' nor 'squash'")
+    return T.Compose([*resize, to_rgb, T.ToTensor(), T.Normalize(p.mean, p.std)])
 
 def to_rgb(image):
     return image.convert("RGB")  # after the crop, as the reference does (matters for RGBA and palettes)
@@ -522,31 +552,19 @@ def random_model(config, seed, **options):
     return model
 
 def load(name_or_path, device="cpu", download_root=None, pretrained=True, seed=0):
-    """(model, preprocess) for a name, a checkpoint path, a transformers CLIPModel folder, `hf:<org>/<name>` (the
-    Hugging Face cache's copy, else downloaded) or OpenCLIP's MODEL:TAG or MODEL:<file>; pretrained=False (names
-    and tags only, no download) or `tiny`: seeded random weights (random_model). The same string gives the same
-    model again: what the weights cannot tell (the activation) is read from the name or config."""
+    """(model, preprocess) for one of OpenAI's names (CONFIGS) or the path of a checkpoint file (OpenAI's, or a saved
+    CLIP state dict); pretrained=False (names only, no download) or `tiny`: seeded random weights (random_model).
+    Hugging Face's and OpenCLIP's formats: other_weights.load_backbone, which takes every backbone string."""
     if name_or_path in CONFIGS and (not pretrained or name_or_path not in MODELS):
         model = random_model(CONFIGS[name_or_path], seed)
     elif name_or_path in MODELS:
         path = download(MODELS[name_or_path], download_root or os.path.expanduser("~/.cache/clip"))
         model = build_model(read_state_dict(path))
-    elif name_or_path.startswith("hf:"):
-        import other_weights  # Hugging Face's and OpenCLIP's formats: their converters live beside this file
-        model = other_weights.load_hf(other_weights.hf_snapshot(name_or_path[len("hf:"):]))
     elif os.path.isfile(name_or_path):
         model = build_model(read_state_dict(name_or_path))
-    elif os.path.isfile(os.path.join(name_or_path, "config.json")):
-        import other_weights
-        model = other_weights.load_hf(name_or_path)
-    elif ":" in name_or_path and not os.path.exists(name_or_path):  # OpenCLIP's MODEL:TAG or MODEL:<file>
-        import other_weights
-        model = other_weights.load_openclip(*name_or_path.split(":", 1), pretrained, seed)
     elif os.path.exists(name_or_path):
-        raise LoadError(f"{name_or_path} is not a file, nor a Hugging Face model folder (no config.json): pass the "
-                        "path of a CLIP checkpoint file or of a transformers CLIPModel folder")
+        raise LoadError(f"{name_or_path} is not a file: pass the path of a CLIP checkpoint file")
     else:
         raise LoadError(f"Unknown CLIP model {name_or_path!r} and no file at that path. Available: "
-                        f"{', '.join(CONFIGS)} - or pass the path of a checkpoint file, a Hugging Face CLIPModel "
-                        "folder, hf:<org>/<name>, or OpenCLIP's MODEL:TAG (ViT-B-16:laion2b_s34b_b88k)")
-    return model.to(device), transform(model.visual.input_resolution)
+                        f"{', '.join(CONFIGS)} - or pass the path of a checkpoint file")
+    return model.to(device), transform(model.preprocessing)

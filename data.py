@@ -275,9 +275,13 @@ class ImageDataset(torch.utils.data.Dataset):
             torch.default_generator.manual_seed((self.seed * 1_000_003 + i) % 2**64)  # 64-bit seeds (large --seed)
             return self.transform(image), label
 
-def train_transform(n_px):  # CoOp's augmentation, then CLIP's preprocess from its RGB conversion on
-    crop = T.RandomResizedCrop(n_px, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC)
-    return T.Compose([crop, T.RandomHorizontalFlip(), *clip_model.transform(n_px).transforms[2:]])
+def train_transform(preprocessing):
+    """CoOp's augmentation (a random crop resized to the model's size, with its interpolation; a flip), then the
+    model's preprocess from its RGB conversion on (its mean and std). `preprocessing`: the model's, or an int:
+    OpenAI's at that size."""
+    p = clip_model.Preprocessing(preprocessing) if isinstance(preprocessing, int) else preprocessing
+    crop = T.RandomResizedCrop(p.size, scale=(0.08, 1.0), interpolation=T.InterpolationMode(p.interpolation))
+    return T.Compose([crop, T.RandomHorizontalFlip(), *clip_model.transform(p).transforms[-3:]])
 
 def loader(items, transform, batch_size, train, workers=0, device="cpu", rank=0, world=1):
     """This process's batches (images (B, 3, R, R), labels (B,)). Training: `.sampler.set_epoch(s)` shuffles,

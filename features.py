@@ -17,7 +17,7 @@ CACHE_IN_MEMORY = 4 * 2**30  # bytes of cached features kept on the device; more
 def encode_views(runner, items, seeds, folder, transform=None):
     """(V, n, ...) features of the images augmented with each of V epoch seeds (or in `transform`), through the
     frozen tower of runner.model (a train.Runner): on the device, or memory-mapped in `folder`."""
-    transform = transform or data.train_transform(runner.n_px)
+    transform = transform or data.train_transform(runner.preprocessing)
     loader = data.loader(items, transform, 100, train=False, workers=runner.workers, device=runner.args.device)
     model = runner.model.eval()
     store = None  # (V, n, ...) once the first batch shows the features' shape

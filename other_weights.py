@@ -1,19 +1,25 @@
-"""Hugging Face and OpenCLIP weights in clip_model.CLIP: their formats converted to OpenAI's layout.
+"""Every --backbone as a clip_model.CLIP: Hugging Face's and OpenCLIP's formats converted to OpenAI's layout.
 
-clip_model.load calls this file for `hf:<org>/<name>` (a transformers CLIPModel from the Hugging Face cache, else
-downloaded with huggingface_hub, an optional dependency), a transformers CLIPModel folder, and OpenCLIP's
-MODEL:TAG or MODEL:<file>. Only models of OpenAI's architecture are taken; what it cannot represent (another
-pooling, tokenizer, MLP width, normalisation or image tower) is refused in one line naming the difference. The
-activation, which weights cannot tell, comes from the Hugging Face config or the OpenCLIP model name. Parity with
-transformers' and open_clip's own forward: tests/test_other_weights.py.
+`load_backbone` turns any backbone string into a CLIP and its preprocess: OpenAI's names and files through
+clip_model.load, and here `hf:<org>/<name>` (a transformers CLIPModel from the Hugging Face cache, else downloaded
+with huggingface_hub, an optional dependency), a transformers CLIPModel folder, open_clip's `hf-hub:<org>/<name>`,
+and OpenCLIP's MODEL:TAG or MODEL:<file>. Only models of OpenAI's architecture are taken; what this CLIP cannot
+represent (another pooling, tokenizer, MLP width or image tower) is refused in one line naming the difference. What
+weights cannot tell comes from the Hugging Face config or the OpenCLIP name: the activation, and the preprocessing
+(mean, std, resize rule, interpolation) the model was trained with, which the model carries
+(`model.preprocessing`). Parity with transformers' and open_clip's forward and preprocess:
+tests/test_other_weights.py.
 """
 import json
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
 
-from clip_model import MEAN, STD, LoadError, build_model, random_model, read_state_dict
+import clip_model
+from clip_model import LoadError, Preprocessing, build_model, random_model, read_state_dict
 
 # Hugging Face (transformers' CLIPModel folders: config.json + weights). The defaults of transformers' CLIPTextConfig
 # and CLIPVisionConfig, for config.json files that leave a field out.
@@ -21,6 +27,7 @@ HF_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, nu
                max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=49407)
 HF_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
                  patch_size=32, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # "resample"
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HF_BLOCK = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
             "mlp.fc2": "mlp.c_proj"}  # one encoder layer's modules, theirs -> ours (q/k/v are concatenated)
@@ -37,10 +44,12 @@ HF_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weigh
 
 def hf_cache():
     """The Hugging Face hub cache, found as huggingface_hub finds it."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    return Path(home).expanduser() / "hub"
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")  # the second: its older name
+    if not cache:
+        home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
+                                                         "huggingface")
+        cache = os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
 
 def hf_snapshot(repo, weights=HF_WEIGHTS, required=("config.json",), optional=("preprocessor_config.json",)):
     """The folder of hub model `repo` ("org/name") with the first of `weights` that it has: its cached snapshot
@@ -61,6 +70,8 @@ def hf_snapshot(repo, weights=HF_WEIGHTS, required=("config.json",), optional=("
     except ImportError:
         raise LoadError(f"hf:{repo} is not in the Hugging Face cache: pip install huggingface_hub to download it, "
                         "or " + offline) from None
+    if reason := hub_unreachable(repo):  # before huggingface_hub, which retries for 25 s and logs each retry
+        raise LoadError(f"could not download hf:{repo} ({reason}): check the name; without internet, " + offline)
     try:
         files = huggingface_hub.list_repo_files(repo)
         name = next((name for name in weights if name in files), weights[0])  # safetensors first
@@ -73,6 +84,22 @@ def hf_snapshot(repo, weights=HF_WEIGHTS, required=("config.json",), optional=("
         raise LoadError(f"could not download hf:{repo} ({type(e).__name__}: {reason}): check the name; without "
                         "internet, " + offline) from None
 
+def hub_unreachable(repo, timeout=5):
+    """Why the Hugging Face hub cannot be reached (offline mode, no network, no answer in `timeout` s), or None: one
+    request for the repo's record, through the proxies the environment names, as huggingface_hub's would go. An
+    answer with an HTTP error (a private or unknown repo) counts as reachable: huggingface_hub reports it, with
+    the user's token."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/models/{repo}", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as e:  # URLError (no name resolution, refused), a timeout; a malformed HF_ENDPOINT
+        return f"{endpoint} unreachable: {getattr(e, 'reason', e)}"
+    return None
+
 def read_hf_weights(folder):
     """A transformers model folder's weights (safetensors or PyTorch, whole or sharded) -> {key: tensor}."""
     name = next((name for name in HF_WEIGHTS if (folder / name).is_file()), None)
@@ -81,22 +108,66 @@ def read_hf_weights(folder):
                         "next to it")
     files = [folder / name]
     if name.endswith(".index.json"):  # shards, listed by their index
-        files = [folder / shard for shard in sorted(set(json.loads(files[0].read_text())["weight_map"].values()))]
+        try:
+            files = [folder / shard for shard in sorted(set(json.loads(files[0].read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise LoadError(f"{files[0]} is not a readable shard index: download the model again") from None
+        if missing := [path.name for path in files if not path.is_file()]:
+            raise LoadError(f"{folder} is missing {missing[0]}{f' and {len(missing) - 1} more' if missing[1:] else ''}"
+                            f", a shard of the model's weights that {name} lists: download the model again")
     sd = {}
     for path in files:
         sd.update(read_state_dict(path))
     return sd
 
+def hf_config(config, tower):
+    """transformers' reading of one tower's config ("text" or "vision"): its defaults, overridden by
+    `<tower>_config`, whose every field the legacy `<tower>_config_dict` overrides, when a file has one (transformers
+    completes the legacy dict with the defaults first, so a field it lacks is the default's, not `<tower>_config`'s).
+    """
+    defaults, config = {"text": HF_TEXT, "vision": HF_VISION}[tower], config or {}
+    legacy, current = config.get(f"{tower}_config_dict"), config.get(f"{tower}_config")
+    for key, value in ((f"{tower}_config_dict", legacy), (f"{tower}_config", current)):
+        if value is not None and not isinstance(value, dict):
+            raise LoadError(f"config.json's {key} is {type(value).__name__}, not a dict: not a transformers CLIPModel "
+                            "config; download the model again")
+    return {**defaults, **(current or {}), **({**defaults, **legacy} if legacy is not None else {})}
+
+def hf_preprocessing(preprocessor, size):
+    """A preprocessor_config.json (transformers' CLIPImageProcessor; None: OpenAI's) -> (Preprocessing, checks),
+    the checks being (what, its value, whether the Preprocessing does what the processor does, what it can do)."""
+    p = preprocessor or {}
+    resize, crop = p.get("size", size), p.get("crop_size", size)
+    squash = isinstance(resize, dict) and "shortest_edge" not in resize  # {"height", "width"}: both sides resized
+    if isinstance(resize, dict):
+        sides = resize.get("height"), resize.get("width")
+        resize = resize.get("shortest_edge") if not squash else sides[0] if sides[0] == sides[1] else sides
+    if isinstance(crop, dict):
+        crop = crop.get("height") if crop.get("height") == crop.get("width") else (crop.get("height"),
+                                                                                   crop.get("width"))
+    mean, std = p.get("image_mean", clip_model.MEAN), p.get("image_std", clip_model.STD)
+    resample = p.get("resample", 3)
+    steps = {step: p.get(f"do_{step}", True) for step in ("resize", "center_crop", "rescale", "normalize")}
+    checks = [
+        ("preprocessor do_resize, do_center_crop, do_rescale, do_normalize", tuple(steps.values()),
+         steps["resize"] and steps["rescale"] and steps["normalize"] and (steps["center_crop"] or squash),
+         "true (a crop may be left out after a resize of both sides)"),
+        ("preprocessor size", resize, resize == size, f"image_size {size} (the crop's)"),
+        ("preprocessor crop_size", crop, crop == size or not steps["center_crop"], f"image_size {size}"),
+        ("preprocessor resample", resample, resample in PIL_RESAMPLE, f"one of PIL's {sorted(PIL_RESAMPLE)}"),
+        ("preprocessor rescale_factor", p.get("rescale_factor", 1 / 255),
+         abs(p.get("rescale_factor", 1 / 255) - 1 / 255) < 1e-9, "1/255"),
+        ("preprocessor image_mean, image_std", (mean, std), len(mean) == len(std) == 3, "3 values each (RGB)"),
+    ]
+    return Preprocessing(size, tuple(mean), tuple(std), "squash" if squash else "shortest",
+                         PIL_RESAMPLE.get(resample, "bicubic")), checks
+
 def convert_hf(config, hf, preprocessor=None):
     """A transformers CLIPModel's config.json, weights and preprocessor_config.json -> (the 10 CLIP arguments, CLIP's
     keyword arguments, OpenAI's state dict); LoadError naming what this CLIP cannot represent."""
-    text, vision = {**HF_TEXT, **config.get("text_config", {})}, {**HF_VISION, **config.get("vision_config", {})}
-    size, preprocessor = vision["image_size"], preprocessor or {}
-    crop = preprocessor.get("crop_size", size)
-    crop = crop.get("height") if isinstance(crop, dict) and crop.get("height") == crop.get("width") else crop
-    resize = preprocessor.get("size", {"shortest_edge": size})
-    resize = resize.get("shortest_edge") if isinstance(resize, dict) else resize  # transform() resizes to the crop
-    mean, std = preprocessor.get("image_mean", MEAN), preprocessor.get("image_std", STD)
+    text, vision = hf_config(config, "text"), hf_config(config, "vision")
+    size = vision["image_size"]
+    preprocessing, preprocessor_checks = hf_preprocessing(preprocessor, size)
     checks = [  # (what, its value, whether this CLIP builds it, what it builds)
         ("model_type", config.get("model_type"), config.get("model_type") == "clip", "clip (a CLIP ViT)"),
         ("hidden_act (text, vision)", (text["hidden_act"], vision["hidden_act"]),
@@ -112,12 +183,7 @@ def convert_hf(config, hf, preprocessor=None):
          "text pooled at OpenAI's end-of-text token"),
         ("image_size", size, isinstance(size, int), "one int (square images)"),
         ("num_channels", vision["num_channels"], vision["num_channels"] == 3, "3"),
-        ("preprocessor crop_size", crop, crop == size, f"image_size {size}"),
-        ("preprocessor size", resize, resize == size, f"image_size {size} (resized to the crop)"),
-        ("preprocessor image_mean", mean, len(mean) == 3 and all(abs(a - b) < 1e-6 for a, b in zip(mean, MEAN)),
-         f"OpenAI's {MEAN}, which data.py normalises with"),
-        ("preprocessor image_std", std, len(std) == 3 and all(abs(a - b) < 1e-6 for a, b in zip(std, STD)),
-         f"OpenAI's {STD}, which data.py normalises with"),
+        *preprocessor_checks,
     ]
     bad = [f"{what} is {value}, not {builds}" for what, value, ok, builds in checks if not ok]
     if bad:
@@ -145,7 +211,8 @@ def convert_hf(config, hf, preprocessor=None):
     args = (config.get("projection_dim", 512), size, vision["num_hidden_layers"], vision["hidden_size"],
             vision["patch_size"], 77, 49408, text["hidden_size"], text["num_attention_heads"],
             text["num_hidden_layers"])
-    return args, dict(vision_heads=vision["num_attention_heads"], activation=text["hidden_act"]), sd
+    return args, dict(vision_heads=vision["num_attention_heads"], activation=text["hidden_act"],
+                      preprocessing=preprocessing), sd
 
 def load_hf(folder):
     """A CLIP from a transformers CLIPModel folder (config.json, weights, optional preprocessor_config.json)."""
@@ -157,10 +224,14 @@ def load_hf(folder):
     except ValueError as e:
         raise LoadError(f"{folder}: a JSON file is unreadable ({e}): download the model again") from None
     args, options, sd = convert_hf(config, read_hf_weights(folder), preprocessor)
-    return build_model(sd, args, **options)
+    try:
+        return build_model(sd, args, **options)
+    except LoadError as e:  # shapes differ from the config's
+        raise LoadError(f"{folder}: the weights do not fit its config.json ({str(e).split('(', 1)[-1].split('): ')[0]})"
+                        ": download the model again") from None
 
 # OpenCLIP's ViTs whose architecture is OpenAI's (class-token pooling after ln_pre, text pooled at the end-of-text
-# token, OpenAI's tokenizer and normalisation, 4x MLPs). Others (SigLIP, CLIPA, EVA, CoCa, timm towers, ViT-g/bigG's
+# token, OpenAI's tokenizer, 4x MLPs). Others (SigLIP, CLIPA, EVA, CoCa, timm towers, ViT-g/bigG's
 # wider MLPs) are refused. The activation is a property of the model name, as in open_clip: "-quickgelu" names use
 # QuickGELU, the others nn.GELU; the weights cannot tell, and the wrong one loses accuracy without an error.
 OPENCLIP_MODELS = {  # name (without -quickgelu) -> CLIP's 10 arguments, vision heads (open_clip's model_configs)
@@ -211,6 +282,7 @@ OPENCLIP_PRETRAINED = {  # MODEL:TAG -> Hugging Face hub repo of its weights (op
     "ViT-L-14:commonpool_xl_laion_s13b_b90k": "laion/CLIP-ViT-L-14-CommonPool.XL.laion-s13B-b90K",
     "ViT-L-14:commonpool_xl_s13b_b90k": "laion/CLIP-ViT-L-14-CommonPool.XL-s13B-b90K",
     "ViT-L-14:dfn2b_s39b": "apple/DFN2B-CLIP-ViT-L-14-39B",
+    "ViT-L-14:laion2b_s32b_b82k": "laion/CLIP-ViT-L-14-laion2B-s32B-b82K",
     "ViT-H-14:laion2b_s32b_b79k": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
     "ViT-H-14:metaclip_altogether": "timm/vit_huge_patch14_clip_224.metaclip_altogether",
     "ViT-B-32-quickgelu:openai": "timm/vit_base_patch32_clip_224.openai",
@@ -231,19 +303,36 @@ OPENCLIP_PRETRAINED = {  # MODEL:TAG -> Hugging Face hub repo of its weights (op
     "ViT-H-14-quickgelu:dfn5b": "apple/DFN5B-CLIP-ViT-H-14",
     "ViT-H-14-378-quickgelu:dfn5b": "apple/DFN5B-CLIP-ViT-H-14-378",
 }
+OPENCLIP_PREPROCESSING = {  # MODEL:TAG -> how its preprocessing differs from OpenAI's (open_clip's pretrained.py)
+    "ViT-L-14:laion2b_s32b_b82k": dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),  # Inception's normalisation
+    "ViT-H-14-quickgelu:dfn5b": dict(resize="squash"),
+    "ViT-H-14-378-quickgelu:dfn5b": dict(resize="squash"),
+}
 OPENCLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # in those hub repos
+
+def openclip_preprocessing(name, weights):
+    """How open_clip prepares the images of OpenCLIP model `name` with `weights` (a pretrained tag; a file: OpenAI's
+    preprocessing, as open_clip gives a model loaded from a file)."""
+    size = OPENCLIP_MODELS[name.removesuffix("-quickgelu")][0][1]
+    return Preprocessing(size, **OPENCLIP_PREPROCESSING.get(f"{name}:{weights}", {}))
 
 def load_openclip(name, weights, pretrained=True, seed=0):
     """A CLIP from OpenCLIP model `name` ("ViT-B-16", "ViT-B-16-quickgelu", ...) with `weights`: a pretrained tag
     (OPENCLIP_PRETRAINED, from the Hugging Face cache or hub; pretrained=False: seeded random weights of its
-    architecture) or the path of an OpenCLIP checkpoint file."""
+    architecture) or the path of an OpenCLIP checkpoint file (OpenAI's preprocessing, as open_clip gives it)."""
     quick = name.endswith("-quickgelu")
     base, other = name.removesuffix("-quickgelu"), name.removesuffix("-quickgelu") + ("" if quick else "-quickgelu")
     if base not in OPENCLIP_MODELS:
+        spelled = {known.lower(): known for known in OPENCLIP_MODELS}.get(
+            base.replace("/", "-").replace("@336px", "-336").lower())
+        if spelled:  # vit-b-16, or OpenAI's ViT-B/16
+            raise LoadError(f"OpenCLIP spells the model {name!r} as {spelled}{name[len(base):]}: pass "
+                            f"{spelled}{name[len(base):]}:{weights}")
         raise LoadError(f"OpenCLIP model {name!r} is not one this CLIP can build (another pooling, tokenizer, MLP "
                         f"width or image tower); these are: {', '.join(OPENCLIP_MODELS)} (each also -quickgelu)")
     config, vision_heads = OPENCLIP_MODELS[base]
-    options = dict(vision_heads=vision_heads, activation="quick_gelu" if quick else "gelu")
+    options = dict(vision_heads=vision_heads, activation="quick_gelu" if quick else "gelu",
+                   preprocessing=openclip_preprocessing(name, weights))
     if os.path.isfile(weights):
         path = weights
     elif f"{name}:{weights}" in OPENCLIP_PRETRAINED and not pretrained:
@@ -264,3 +353,29 @@ def load_openclip(name, weights, pretrained=True, seed=0):
     except LoadError as e:  # shapes or keys differ: most likely another model's file
         raise LoadError(f"{path} is not OpenCLIP's {name}: {str(e).split(': pass')[0]}; pass the model name it was "
                         "trained as (MODEL:<file>)") from None
+
+def load_backbone(backbone, device="cpu", download_root=None, pretrained=True, seed=0):
+    """Any backbone string -> (CLIP, its preprocess): OpenAI's names and checkpoint files (clip_model.load), a
+    transformers CLIPModel folder, hf:<org>/<name>, open_clip's hf-hub:<org>/<name>, OpenCLIP's MODEL:TAG or
+    MODEL:<file>. pretrained=False (names and tags only, no download): seeded random weights of the architecture.
+    The same string gives the same model again, with the preprocessing it was trained with."""
+    if backbone in clip_model.CONFIGS or os.path.isfile(backbone):
+        return clip_model.load(backbone, device, download_root, pretrained, seed)
+    if backbone.startswith("hf-hub:"):  # open_clip's: a repo of open_clip's files, in the table under its MODEL:TAG
+        repo = backbone[len("hf-hub:"):]
+        pair = next((pair for pair, known in OPENCLIP_PRETRAINED.items() if known == repo), None)
+        model = load_openclip(*pair.split(":"), pretrained, seed) if pair else load_hf(hf_snapshot(repo))
+    elif backbone.startswith("hf:"):
+        model = load_hf(hf_snapshot(backbone[len("hf:"):]))
+    elif os.path.isfile(os.path.join(backbone, "config.json")):
+        model = load_hf(backbone)
+    elif ":" in backbone and not os.path.exists(backbone):  # OpenCLIP's MODEL:TAG or MODEL:<file>
+        model = load_openclip(*backbone.split(":", 1), pretrained, seed)
+    elif os.path.exists(backbone):
+        raise LoadError(f"{backbone} is not a file, nor a Hugging Face model folder (no config.json): pass the path "
+                        "of a CLIP checkpoint file or of a transformers CLIPModel folder")
+    else:
+        raise LoadError(f"Unknown CLIP model {backbone!r} and no file at that path. Available: "
+                        f"{', '.join(clip_model.CONFIGS)} - or pass the path of a checkpoint file, a Hugging Face "
+                        "CLIPModel folder, hf:<org>/<name>, or OpenCLIP's MODEL:TAG (ViT-B-16:laion2b_s34b_b88k)")
+    return model.to(device), clip_model.transform(model.preprocessing)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import clip_model
 import data
+import other_weights
 from methods import METHODS, UserError, for_data
 
 RUN_FILES = ("results.json", "checkpoint.pt")  # a folder holding either holds a run
@@ -126,15 +127,32 @@ def read_run(run_dir):
                         f"({type(e).__name__}: {e})") from None
     return results, module, for_data(cfg, template, results["dataset"]), classnames
 
+def preprocessing_record(preprocessing):
+    """A clip_model.Preprocessing as results.json and checkpoints keep it: plain values, equal after a JSON trip."""
+    return {**preprocessing._asdict(), "mean": list(preprocessing.mean), "std": list(preprocessing.std)}
+
+def recorded_preprocessing(record, clip, where):
+    """The preprocessing a run was trained with, from its results.json or checkpoint's `record` (one from before
+    they kept it: OpenAI's, which every model then got), said on stderr when `clip`'s backbone now gives another."""
+    recorded = clip_model.Preprocessing(clip.preprocessing.size)
+    if "preprocessing" in record:
+        saved = record["preprocessing"]
+        recorded = clip_model.Preprocessing(**{**saved, "mean": tuple(saved["mean"]), "std": tuple(saved["std"])})
+    if recorded != clip.preprocessing:
+        print(f"{where}: the run was trained with preprocessing {preprocessing_record(recorded)}; its backbone "
+              f"now gives {preprocessing_record(clip.preprocessing)}: using the run's", file=sys.stderr)
+    return recorded
+
 def load_run(run_dir, device="cpu"):
-    """A run of train.py, rebuilt -> (model in eval mode, preprocess, classnames): method, backbone, config and
-    classes from its results.json (read_run), what it learned or fitted from its checkpoint.pt, CLIP's weights
-    from the download cache (OpenAI's; an --init random run's are made again from its seed)."""
+    """A run of train.py, rebuilt -> (model in eval mode, preprocess, classnames): method, backbone, config, classes
+    and preprocessing from its results.json (read_run), what it learned or fitted from its checkpoint.pt, CLIP's
+    weights from the download cache (an --init random run's are made again from its seed)."""
     run = Path(run_dir)
     results, module, cfg, classnames = read_run(run)
     method = results["method"]
-    clip, preprocess = clip_model.load(cfg.backbone, device=device, pretrained=results["init"] == "pretrained",
-                                       seed=results["seed"])
+    clip, _ = other_weights.load_backbone(cfg.backbone, device=device, pretrained=results["init"] == "pretrained",
+                                          seed=results["seed"])
+    clip.preprocessing = recorded_preprocessing(results, clip, run / "results.json")
     torch.manual_seed(results["seed"])
     model = module.build(clip, classnames, cfg).to(device)
     if learned_tensors(model):  # learned or fitted: its checkpoint
@@ -147,7 +165,7 @@ def load_run(run_dir, device="cpu"):
             raise UserError(f"{path} holds nan or inf values ({bad[0]}): the run diverged; train it again with a "
                             "lower --lr")
         restore(model, ckpt["learned"], path, method, cfg.backbone, len(classnames))
-    return model.eval(), preprocess, classnames
+    return model.eval(), clip_model.transform(clip.preprocessing), classnames
 
 def default_output(args, cfg):
     """runs/<data>/<method>/<backbone>/shots<K>[-<protocol>][,<changes>]/seed<S>, the changes being what sets this
@@ -233,11 +251,15 @@ def checkpoint_config(args, cfg, ckpt):
 
 def check_resume(ckpt, identity, path):
     """A UserError unless the checkpoint at `path` continues this run's task: the same precision, and the same
-    `identity` (data, protocol, shots, seed, backbone, init, precision, config), each difference named."""
+    `identity` (data, protocol, shots, seed, backbone, init, precision, preprocessing, config), each difference
+    named."""
     if ckpt.get("precision", identity["precision"]) != identity["precision"]:
         raise UserError(f"{path} was trained in {ckpt['precision']}, this run would use {identity['precision']}: "
                         f"pass --precision {ckpt['precision']} to resume it exactly")
     saved = ckpt.get("run", dict(config=ckpt["config"]))  # a checkpoint from before it kept the task
+    if "preprocessing" not in saved:  # from before it kept the preprocessing: OpenAI's, which every model then got
+        size = identity["preprocessing"]["size"]
+        saved = {**saved, "preprocessing": preprocessing_record(clip_model.Preprocessing(size))}
     differences = []
     for key in [key for key in saved if saved[key] != identity[key]]:
         if key == "config":  # the fields that differ
@@ -258,7 +280,8 @@ def start_results(runner, epochs):
                 learned_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                 frozen_params=sum(p.numel() for p in model.parameters() if not p.requires_grad),
                 precision=runner.precision, processes=runner.world,
-                config=runner.identity()["config"], classnames=task.classnames, template=task.template)
+                config=runner.identity()["config"], classnames=task.classnames, template=task.template,
+                preprocessing=runner.identity()["preprocessing"])
 
 def headline(runner, results):
     """The log's first line: what trains on what, where, and for how long."""

@@ -26,6 +26,7 @@ import clip_model
 import data
 import features
 import methods
+import other_weights
 import runs
 from methods import UserError
 
@@ -81,9 +82,9 @@ class Runner:
         self.workers = args.workers
         if self.workers is None:
             self.workers = 8 if args.device == "cuda" else 0
-        self.clip, _ = clip_model.load(cfg.backbone, device=self.device, pretrained=args.init == "pretrained",
-                                       seed=args.seed)
-        self.n_px = self.clip.visual.input_resolution
+        self.clip, _ = other_weights.load_backbone(cfg.backbone, device=self.device, seed=args.seed,
+                                                   pretrained=args.init == "pretrained")
+        self.preprocessing = self.clip.preprocessing  # how its images are resized and normalised
         if args.compile:  # block by block: methods put prompts between blocks, so every method gains
             for block in self.clip.modules():
                 if isinstance(block, COMPILED):
@@ -145,8 +146,8 @@ class Runner:
     def evaluate(self, evalset):
         """Top-1 accuracy (%) on evalset.test: each process scores its share, the counts are summed."""
         model = self.model_for(evalset).eval()
-        loader = data.loader(evalset.test, clip_model.transform(self.n_px), 100, train=False, workers=self.workers,
-                             device=self.args.device, rank=self.rank, world=self.world)
+        loader = data.loader(evalset.test, clip_model.transform(self.preprocessing), 100, train=False,
+                             workers=self.workers, device=self.args.device, rank=self.rank, world=self.world)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)  # on the device: no sync per batch
         with runs.progress(len(loader.dataset), f"evaluating {evalset.name}", self.rank) as bar:
             for images, labels in loader:
@@ -193,7 +194,8 @@ class Runner:
         if views:
             seeds = [epoch_seed(self.args.seed, v) for v in range(views)]
             return features.encode_views(self, items, seeds, folder), labels
-        return features.encode_views(self, items, [0], folder, clip_model.transform(self.n_px))[0], labels
+        test_transform = clip_model.transform(self.preprocessing)
+        return features.encode_views(self, items, [0], folder, test_transform)[0], labels
 
     def fit(self, trained, out, log):
         """The method's fit() on the frozen features (before the first epoch; after the last: trained=True) -> what
@@ -211,6 +213,7 @@ class Runner:
         args = self.args
         return dict(data=str(self.task.root), dataset=self.task.dataset, protocol=args.protocol, shots=args.shots,
                     seed=args.seed, backbone=self.cfg.backbone, init=args.init, precision=self.precision,
+                    preprocessing=runs.preprocessing_record(self.preprocessing),
                     config={**dataclasses.asdict(self.cfg), "cache_features": args.cache_features})
 
     def save_checkpoint(self, out, epoch, history, elapsed, optimizer):
@@ -253,7 +256,7 @@ def train(runner, results, epochs, out, log):
         ckpt = runner.resume(out, optimizer)
         start, history, previous = ckpt["epoch"], ckpt["history"], ckpt["time_s"]
         log(f"resumed after epoch {start}")
-    loader = data.loader(runner.task.train, data.train_transform(runner.n_px), cfg.batch_size, train=True,
+    loader = data.loader(runner.task.train, data.train_transform(runner.preprocessing), cfg.batch_size, train=True,
                          workers=runner.workers, device=args.device, rank=runner.rank, world=runner.world)
     # order and augmentation depend on the epoch's seed alone, so a resumed run, every process, and view v of
     # --cache-features (= epoch v) see the same batches
@@ -314,8 +317,9 @@ def run(args):
     task = data.make_task(args.data, args.protocol, 0 if args.eval_only else args.shots, args.seed, args.eval_data)
 
     runner = Runner(args, module, cfg, task)  # 2. CLIP and the method; a bad backbone leaves nothing behind
-    if args.eval_only:
+    if args.eval_only:  # with the preprocessing it was trained with
         runner.load_learned(runner.model, ckpt["learned"], args.checkpoint)
+        runner.preprocessing = runs.recorded_preprocessing(ckpt.get("run", {}), runner.clip, args.checkpoint)
     epochs = planned_epochs(args, cfg, module, runner.model)
     methods.check_task(runner, task)
 

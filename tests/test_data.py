@@ -7,7 +7,9 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
+import clip_model
 import data
 
 WNIDS = [f"n{i:08d}" for i in range(1000)]
@@ -251,6 +253,24 @@ def test_augmentation_depends_on_seed_and_index_only():
     order = list(dataset_loader.sampler)
     images = torch.cat([x for x, _ in dataset_loader])
     assert torch.equal(images[order.index(3)], first)
+
+
+def test_train_transform_keeps_coops_augmentation_with_the_models_preprocessing():
+    """CoOp's random crop and flip, then the model's own normalisation and interpolation (Inception's mean and std,
+    bilinear, as a preprocessor_config.json may say): the same crop and flip as with OpenAI's, other values."""
+    image = Image.open(data.make_task("demo", shots=1).train[0][0])
+    own = clip_model.Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "squash", "bilinear")
+    crop, flip, *_, normalize = data.train_transform(own).transforms
+    assert (crop.size, crop.scale, crop.interpolation.value) == ((32, 32), (0.08, 1.0), "bilinear")
+    assert isinstance(flip, T.RandomHorizontalFlip) and tuple(normalize.mean) == (0.5, 0.5, 0.5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ours = data.train_transform(own)(image)
+        torch.manual_seed(0)
+        openai = data.train_transform(clip_model.Preprocessing(32, interpolation="bilinear"))(image)
+    mean, std = torch.tensor(clip_model.MEAN)[:, None, None], torch.tensor(clip_model.STD)[:, None, None]
+    assert torch.allclose(ours * 0.5 + 0.5, openai * std + mean, atol=1e-6)  # the same pixels, normalised otherwise
+    assert (ours - openai).abs().max() > 0.1
 
 
 def test_read_only_dataset_folder_is_untouched(tmp_path):

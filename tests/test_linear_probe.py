@@ -148,7 +148,7 @@ def test_encode_gives_un_augmented_and_augmented_views():
     plain, labels = runner.encode_split("train")
     views, same_labels = runner.encode_split("train", views=2)
     assert plain.shape == (8, 64) and views.shape == (2, 8, 64) and torch.equal(labels, same_labels)
-    images = torch.stack([clip_model.transform(runner.n_px)(data.Image.open(p)) for p, _ in runner.task.train])
+    images = torch.stack([clip_model.transform(runner.preprocessing)(data.Image.open(p)) for p, _ in runner.task.train])
     torch.testing.assert_close(plain, runner.clip.encode_image(images), rtol=0, atol=1e-5)
     assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[0], plain)
     torch.testing.assert_close(runner.encode_split("train", views=1)[0][0], views[0], rtol=0, atol=0)

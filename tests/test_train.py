@@ -48,7 +48,7 @@ def test_every_method_runs_on_demo(tmp_path, method, monkeypatch, capsys):
     seen, evaluate = {}, train.Runner.evaluate
 
     def recording(runner, evalset):  # the trained model's logits on the first test images
-        x = torch.stack([clip_model.transform(runner.n_px)(Image.open(path)) for path, _ in test[:6]])
+        x = torch.stack([clip_model.transform(runner.preprocessing)(Image.open(path)) for path, _ in test[:6]])
         seen["logits"] = runner.model_for(evalset).eval()(x)
         return evaluate(runner, evalset)
     monkeypatch.setattr(train.Runner, "evaluate", torch.no_grad()(recording))

@@ -383,12 +383,16 @@ def analyse_run(args):
               "images": [path for path, _ in items], "labels": labels.tolist(), "targets": explained.tolist(),
               "backbone": model_cfg.backbone, "dataset": ds.name,
               "nearest_words": {name: nearest_words(clip, vectors) for name, vectors in word_context(model).items()}}
-    for name, rows in result["nearest_words"].items():  # a small table: each learned vector, its nearest tokens
-        print(f"{name}: the 3 nearest vocabulary tokens of each learned vector (Euclidean distance)")
-        for i, row in enumerate(rows):
-            print(f"  {i:3d}  " + "   ".join(f"{token} {distance:.3f}" for token, distance in row))
-    runs.write_json(result, out / "stats.json")
-    print(f"{plots(result, out)}; wrote {out / 'stats.json'} and {len(pil)} relevancy_<i>.png")
+    runs.write_json(result, out / "stats.json")  # every file written before the printing, which a `| head` can end
+    plotted = plots(result, out)
+    try:
+        for name, rows in result["nearest_words"].items():  # a small table: each learned vector, its nearest tokens
+            print(f"{name}: the 3 nearest vocabulary tokens of each learned vector (Euclidean distance)")
+            for i, row in enumerate(rows):
+                print(f"  {i:3d}  " + "   ".join(f"{token} {distance:.3f}" for token, distance in row))
+        print(f"{plotted}; wrote {out / 'stats.json'} and {len(pil)} relevancy_<i>.png", flush=True)
+    except BrokenPipeError:  # the reader took what it wanted; the files are all written
+        methods.output_closed()
     return 0
 
 if __name__ == "__main__":

@@ -281,9 +281,9 @@ class Log:
 
     def __call__(self, line):
         if self.rank == 0:
-            print(line, flush=True)
-            with open(self.path, "a") as f:
+            with open(self.path, "a") as f:  # first: log.txt keeps the line even if stdout's reader went away
                 print(line, file=f)
+            print(line, flush=True)
 
 def progress(total, what, rank=0):
     """A bar of the images this process handles (count, img/s, ETA) on a terminal, for process 0; elsewhere (a pipe,

@@ -160,6 +160,15 @@ def test_zeroshot_without_a_run_and_errors(tmp_path, capsys):
     assert "unknown method 'vpt-deep'" in capsys.readouterr().err
 
 
+def test_analysis_into_a_closed_pipe_writes_its_files_and_ends_quietly(tmp_path, closed_stdout, capsys):
+    """`python analyze.py ... | head`: stats.json is written before anything is printed, and the end is quiet."""
+    with closed_stdout:
+        assert analyze.main(["--method", "zeroshot", "--data", "demo", "--backbone", "tiny", "--images", "1",
+                             "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "stats.json").is_file() and closed_stdout.goes_to_devnull()
+    assert capsys.readouterr().err == ""
+
+
 def test_nearest_words_of_an_init_phrase_are_its_words():
     """CoOp's reading of learned context: a context that starts as "a photo of a" is nearest those four tokens
     (distance 0); MuDPT reads its first block's text prompts only, MaPLe its input context, not the deep ones."""

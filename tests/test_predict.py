@@ -60,6 +60,17 @@ def test_folders_and_unreadable_images(run, tmp_path, capsys):
     assert f"skipped {tmp_path / 'missing.png'}: no such file or folder" in err
 
 
+def test_predictions_into_a_closed_pipe_end_quietly(run, closed_stdout, capsys):
+    """`python predict.py RUN images/ | head`: the reader has what it wanted; no traceback, the usual status."""
+    folder, _ = run
+    test = data.make_task("demo", shots=4).evals[0].test
+    with closed_stdout:
+        assert predict.main([str(folder), test[0][0], test[1][0]]) == 0
+        assert predict.main([str(folder), test[0][0], "missing.png"]) == 1  # a skipped image still says so
+    assert closed_stdout.goes_to_devnull()
+    assert capsys.readouterr().err == "skipped missing.png: no such file or folder\n"
+
+
 def test_folders_that_are_not_runs(run, tmp_path, capsys):
     folder, _ = run
     assert predict.main([str(tmp_path), "x.png"]) == 2

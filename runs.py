@@ -129,7 +129,8 @@ def read_run(run_dir):
 def load_run(run_dir, device="cpu"):
     """A run of train.py, rebuilt -> (model in eval mode, preprocess, classnames): method, backbone, config and
     classes from its results.json (read_run), what it learned or fitted from its checkpoint.pt, CLIP's weights
-    from the download cache (OpenAI's; an --init random run's are made again from its seed)."""
+    from the download cache (OpenAI's; an --init random run's are made again from its seed). A run that did not
+    finish is rebuilt from its last checkpoint, with a warning on stderr naming its epoch."""
     run = Path(run_dir)
     results, module, cfg, classnames = read_run(run)
     method = results["method"]
@@ -147,6 +148,9 @@ def load_run(run_dir, device="cpu"):
             raise UserError(f"{path} holds nan or inf values ({bad[0]}): the run diverged; train it again with a "
                             "lower --lr")
         restore(model, ckpt["learned"], path, method, cfg.backbone, len(classnames))
+        if "accuracy" not in results:  # stopped by a nan loss, or killed: its last checkpoint, not a finished run
+            print(f"warning: {run}: this run did not finish (its results.json has no accuracy): its checkpoint holds "
+                  f"epoch {ckpt['epoch']} of {results.get('epochs', '?')}", file=sys.stderr)
     return model.eval(), preprocess, classnames
 
 def default_output(args, cfg):

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 import clip_model
 import coop
 import data
+import maple
 import methods
 import mudpt
 import other_weights
@@ -136,18 +137,25 @@ def nearest_words(clip, vectors, k=3):
             for row_i, row_d in zip(index.tolist(), distance.tolist())]
 
 def prompt_text(cfg, classname, template_only=False):
-    """(text, n, learned): the text prompt a model ran for one class and its n context tokens after SOT. Learned
-    context is written "X X ... X {class}." (the Config's context count), a hand-crafted template as its words."""
+    """(text, n, learned): the text prompt a model ran for one class, its n context tokens after SOT (the words before
+    the class name) and how many of those, from the first, are learned vectors. Learned context is written
+    "X X ... X {class}." (the Config's context count), a hand-crafted template as its words (none learned), and
+    MaPLe's init phrase as its words, of which the first n_ctx are learned ("a photo" of "a photo of a")."""
     name = classname.replace("_", " ")
     n = 0 if template_only else getattr(cfg, "text_ctx", 0)  # VLP's (its n_tokens are visual)
     if not template_only and isinstance(cfg, mudpt.Config):  # n_ctx prompts, whether a phrase starts them or not
         n = cfg.n_ctx
+    if not template_only and isinstance(cfg, maple.Config):
+        phrase = cfg.ctx_init.replace("_", " ")
+        if phrase and cfg.n_ctx <= 4:  # maple.py's rule: the whole phrase is in the text, its first n_ctx learned
+            return f"{phrase} {name}.", int(clip_model.tokenize(phrase).argmax()) - 1, cfg.n_ctx
+        n = cfg.n_ctx  # else random, n_ctx of them
     if not n and not template_only and getattr(cfg, "n_ctx", 0):  # CoOp: an init phrase sets the count
         n = int(clip_model.tokenize(cfg.ctx_init.replace("_", " ")).argmax()) - 1 if cfg.ctx_init else cfg.n_ctx
     if n:
-        return " ".join(["X"] * n + [name]) + ".", n, True
+        return " ".join(["X"] * n + [name]) + ".", n, n
     template = getattr(cfg, "template", "a photo of a {}.")  # the context is the words before the class name
-    return template.format(name), int(clip_model.tokenize(template.split("{}")[0]).argmax()) - 1, False
+    return template.format(name), int(clip_model.tokenize(template.split("{}")[0]).argmax()) - 1, 0
 
 def text_rows(cfg, classname, template_only=False):
     """(context rows, class-name rows, EOT row) of the text prompt a model ran for one class; SOT is row 0."""
@@ -158,12 +166,11 @@ def text_rows(cfg, classname, template_only=False):
 def prompt_tokens(cfg, classname, template_only=False):
     """The prompt's tokens before EOT, as words: SOT, the context (learned vectors as CoOp writes them, [V1]..[Vn]),
     the class name's tokens and the rest."""
-    text, n, learned = prompt_text(cfg, classname, template_only)
+    text, _, learned = prompt_text(cfg, classname, template_only)
     ids = clip_model.tokenize(text)[0]
     decode = clip_model._tokenizer().decode
     words = ["SOT"] + [decode([i]).strip() for i in ids[1:int(ids.argmax())].tolist()]
-    if learned:
-        words[1:1 + n] = [f"[V{i}]" for i in range(1, n + 1)]
+    words[1:1 + learned] = [f"[V{i}]" for i in range(1, learned + 1)]
     return words
 
 def analyse(model, clip, cfg, images, classnames, target):
@@ -384,12 +391,16 @@ def analyse_run(args):
               "images": [path for path, _ in items], "labels": labels.tolist(), "targets": explained.tolist(),
               "backbone": model_cfg.backbone, "dataset": ds.name,
               "nearest_words": {name: nearest_words(clip, vectors) for name, vectors in word_context(model).items()}}
-    for name, rows in result["nearest_words"].items():  # a small table: each learned vector, its nearest tokens
-        print(f"{name}: the 3 nearest vocabulary tokens of each learned vector (Euclidean distance)")
-        for i, row in enumerate(rows):
-            print(f"  {i:3d}  " + "   ".join(f"{token} {distance:.3f}" for token, distance in row))
-    runs.write_json(result, out / "stats.json")
-    print(f"{plots(result, out)}; wrote {out / 'stats.json'} and {len(pil)} relevancy_<i>.png")
+    runs.write_json(result, out / "stats.json")  # every file written before the printing, which a `| head` can end
+    plotted = plots(result, out)
+    try:
+        for name, rows in result["nearest_words"].items():  # a small table: each learned vector, its nearest tokens
+            print(f"{name}: the 3 nearest vocabulary tokens of each learned vector (Euclidean distance)")
+            for i, row in enumerate(rows):
+                print(f"  {i:3d}  " + "   ".join(f"{token} {distance:.3f}" for token, distance in row))
+        print(f"{plotted}; wrote {out / 'stats.json'} and {len(pil)} relevancy_<i>.png", flush=True)
+    except BrokenPipeError:  # the reader took what it wanted; the files are all written
+        methods.output_closed()
     return 0
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ Optional
 import argparse
 import dataclasses
 import math
+import os
+import sys
 import typing
 
 import torch
@@ -63,6 +65,12 @@ BACKBONES = list(clip_model.CONFIGS)
 
 class UserError(Exception):
     """Something the user can fix; printed as one message, without a traceback."""
+
+def output_closed():
+    """After a BrokenPipeError: the reader of stdout went away (`python train.py --list | head`). stdout now goes to
+    /dev/null, so that nothing more written, and not the interpreter's last flush either, meets the closed pipe again
+    (the idiom of Python's signal docs). The tool then stops without a message."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="The one training loop for every method: python train.py --method coop "

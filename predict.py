@@ -85,12 +85,16 @@ def main(argv=None):
         print(f"skipped {path}: no such file or folder", file=sys.stderr)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)  # "cannot read image ...", from data.open_image
-    if args.json:
-        print(json.dumps(predictions, indent=1))
-    else:
-        for prediction in predictions:
-            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in prediction["top"])
-            print(f"{prediction['image']}: {top}")
+    try:
+        if args.json:
+            print(json.dumps(predictions, indent=1))
+        else:
+            for prediction in predictions:
+                top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in prediction["top"])
+                print(f"{prediction['image']}: {top}")
+        sys.stdout.flush()  # a closed pipe raises here, not in the interpreter's exit
+    except BrokenPipeError:  # `| head`: the reader took what it wanted; the status is the predictions' own
+        methods.output_closed()
     return 1 if missing or skipped else 0
 
 if __name__ == "__main__":

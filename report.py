@@ -8,6 +8,7 @@ with the papers' numbers beside ours where paper_results.csv has them (each with
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -87,7 +88,10 @@ def main(argv=None):
     groups = collect(args.runs)
     if not groups:
         sys.exit(f"no results.json under {args.runs}: run train.py first")
-    print(table(groups, paper_numbers()))
+    try:
+        print(table(groups, paper_numbers()), flush=True)  # flushed here: a closed pipe raises now, not at exit
+    except BrokenPipeError:  # `| head`: the reader took what it wanted; as methods.output_closed (no torch here)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.plot:
         plot(groups, args.plot)
 

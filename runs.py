@@ -146,7 +146,8 @@ def recorded_preprocessing(record, clip, where):
 def load_run(run_dir, device="cpu"):
     """A run of train.py, rebuilt -> (model in eval mode, preprocess, classnames): method, backbone, config, classes
     and preprocessing from its results.json (read_run), what it learned or fitted from its checkpoint.pt, CLIP's
-    weights from the download cache (an --init random run's are made again from its seed)."""
+    weights from the download cache (an --init random run's are made again from its seed). A run that did not
+    finish is rebuilt from its last checkpoint, with a warning on stderr naming its epoch."""
     run = Path(run_dir)
     results, module, cfg, classnames = read_run(run)
     method = results["method"]
@@ -165,6 +166,9 @@ def load_run(run_dir, device="cpu"):
             raise UserError(f"{path} holds nan or inf values ({bad[0]}): the run diverged; train it again with a "
                             "lower --lr")
         restore(model, ckpt["learned"], path, method, cfg.backbone, len(classnames))
+        if "accuracy" not in results:  # stopped by a nan loss, or killed: its last checkpoint, not a finished run
+            print(f"warning: {run}: this run did not finish (its results.json has no accuracy): its checkpoint holds "
+                  f"epoch {ckpt['epoch']} of {results.get('epochs', '?')}", file=sys.stderr)
     return model.eval(), clip_model.transform(clip.preprocessing), classnames
 
 def default_output(args, cfg):
@@ -304,9 +308,9 @@ class Log:
 
     def __call__(self, line):
         if self.rank == 0:
-            print(line, flush=True)
-            with open(self.path, "a") as f:
+            with open(self.path, "a") as f:  # first: log.txt keeps the line even if stdout's reader went away
                 print(line, file=f)
+            print(line, flush=True)
 
 def progress(total, what, rank=0):
     """A bar of the images this process handles (count, img/s, ETA) on a terminal, for process 0; elsewhere (a pipe,

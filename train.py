@@ -8,6 +8,7 @@ methods.py, beside the command line and the Config checks. The run folder (atomi
 and load_run for predict.py and analyze.py) is runs.py; the frozen-feature cache (--cache-features) is features.py.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -355,19 +356,30 @@ def main(argv=None):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     try:
-        if args.list:
-            print(methods.method_list())
+        if args.list:  # flushed here: a closed pipe then raises below, not in the interpreter's exit
+            print(methods.method_list(), flush=True)
             return 0
         if args.help_config:
             module, cfg = methods.make_config(args)
             print(inspect.getsource(module.Config).rstrip())
-            print(f"# --method {args.method} sets: {methods.METHODS[args.method][1] or 'nothing (the defaults above)'}")
+            print(f"# --method {args.method} sets: {methods.METHODS[args.method][1] or 'nothing (the defaults above)'}",
+                  flush=True)
             return 0
         if not args.method or not args.data:
             raise UserError("--method and --data are required (python train.py --list shows the methods)")
         for seed in args.seeds:  # --seed 1 2 3: the papers' protocol, one run and folder per seed
             output = str(Path(args.output, f"seed{seed}")) if args.output and len(args.seeds) > 1 else args.output
             run(argparse.Namespace(**{**vars(args), "seed": seed, "output": output}))
+    except BrokenPipeError:  # stdout's reader went away (`| head`); an OSError, so caught before the next clause
+        methods.output_closed()
+        if args.list or args.help_config:
+            # status 0, as fetch.py --dry-run and ripgrep: the reader took what it wanted. (cat and grep die of
+            # SIGPIPE, status 141, which fails a `set -o pipefail` script whose `| head` did what it was asked.)
+            return 0
+        with contextlib.suppress(BrokenPipeError):  # stderr may go to the same closed pipe (`2>&1 | head`)
+            print("error: the output was closed (its reader ended), so the run stopped; the run folder keeps the "
+                  "checkpoint of its last finished epoch: --resume continues it", file=sys.stderr)
+        return 141  # 128 + SIGPIPE, as 130 is 128 + SIGINT below: the run did not finish
     except OSError as e:  # the run folder or a file the run writes (log.txt) cannot be written
         print(f"error: {e.strerror or e}: {e.filename or 'a file of the run'}", file=sys.stderr)
         return 2

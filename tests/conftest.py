@@ -4,6 +4,7 @@ the tiny CLIP fixture, class names and random images the method tests share; and
 import copy
 import math
 import os
+import sys
 
 import pytest
 
@@ -52,6 +53,42 @@ def clip():
     """The tiny random-weight CLIP (clip_model's `tiny`), one per test module."""
     import clip_model
     return clip_model.load("tiny")[0]
+
+
+class ClosedPipe:
+    """A stdout whose reader went away (`| head`), sys.stdout inside `with`: every write raises BrokenPipeError, as a
+    closed pipe does. Its file descriptor is a file of its own, which a tool may point at /dev/null (never the test
+    process's stdout)."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __enter__(self):
+        self.stdout, sys.stdout = sys.stdout, self  # in the test's body: capsys sets sys.stdout when the test starts
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout = self.stdout
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def goes_to_devnull(self):
+        return os.path.samestat(os.fstat(self.fileno()), os.stat(os.devnull))
+
+
+@pytest.fixture
+def closed_stdout(tmp_path):
+    """A ClosedPipe: `with closed_stdout: tool.main([...])`."""
+    with open(tmp_path / "stdout", "w") as file:
+        pipe = ClosedPipe(file)
+        yield pipe
 
 
 RANDOM_MODELS = {}  # (config, seed, options) -> the model clip_model.random_model built, for random_weights_once

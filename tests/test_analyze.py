@@ -160,6 +160,15 @@ def test_zeroshot_without_a_run_and_errors(tmp_path, capsys):
     assert "unknown method 'vpt-deep'" in capsys.readouterr().err
 
 
+def test_analysis_into_a_closed_pipe_writes_its_files_and_ends_quietly(tmp_path, closed_stdout, capsys):
+    """`python analyze.py ... | head`: stats.json is written before anything is printed, and the end is quiet."""
+    with closed_stdout:
+        assert analyze.main(["--method", "zeroshot", "--data", "demo", "--backbone", "tiny", "--images", "1",
+                             "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "stats.json").is_file() and closed_stdout.goes_to_devnull()
+    assert capsys.readouterr().err == ""
+
+
 def test_nearest_words_of_an_init_phrase_are_its_words():
     """CoOp's reading of learned context: a context that starts as "a photo of a" is nearest those four tokens
     (distance 0); MuDPT reads its first block's text prompts only, MaPLe its input context, not the deep ones."""
@@ -183,3 +192,16 @@ def test_text_context_counts_are_each_methods_own():
     assert analyze.prompt_text(vpt.Config(text_ctx=16), "red circle")[1] == 16
     assert analyze.prompt_text(mudpt.Config(n_ctx=2), "red circle")[1] == 2
     assert analyze.prompt_text(coop.Config(n_ctx=16, ctx_init="a photo of a"), "red circle")[1] == 4
+
+
+def test_maple_learns_two_tokens_of_its_four_word_context(clip):
+    """MaPLe's text is its whole init phrase, "a photo of a {class}.", of which the first n_ctx = 2 tokens are learned
+    and "of a" stay words (maple.py). analyze.py counted the phrase's 4 tokens as learned ([V1]..[V4], CoOp's rule
+    for an init phrase), and with n_ctx over 4 (random context, n_ctx placeholders) 4 again."""
+    assert analyze.prompt_text(maple.Config(), "red circle") == ("a photo of a red circle.", 4, 2)
+    assert analyze.prompt_tokens(maple.Config(), "red circle") == ["SOT", "[V1]", "[V2]", "of", "a", "red", "circle",
+                                                                   "."]
+    context, name, eot = analyze.text_rows(maple.Config(), "red circle")
+    model = maple.build(clip, ["red circle"], maple.Config())
+    assert (context, name) == ([1, 2, 3, 4], [5, 6]) and eot == int(model.eot[0]) == 8  # the model's own EOT row
+    assert len(model.ctx) == 2 and analyze.prompt_text(maple.Config(n_ctx=6), "red circle")[1:] == (6, 6)

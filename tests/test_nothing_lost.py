@@ -110,6 +110,23 @@ def test_a_diverged_epoch_is_not_kept(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_the_tools_say_when_a_run_did_not_finish(tmp_path, capsys):
+    """A run stopped by a nan loss keeps epoch 1's checkpoint and a results.json without accuracy: predict.py and
+    analyze.py use that checkpoint and say so on stderr, once (they said nothing: it passed for the finished run).
+    The quick tier checks the warning in test_predict.py."""
+    code, out = run(tmp_path, "--epochs", "5", "--lr", "1e30", "--batch-size", "128")
+    assert code == 2 and "accuracy" not in json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    warning = (f"warning: {out}: this run did not finish (its results.json has no accuracy): its checkpoint holds "
+               "epoch 1 of 5\n")
+    picture = str(next(Path(data.demo_folder()).rglob("*.png")))
+    assert predict.main([str(out), picture]) == 0
+    assert capsys.readouterr().err == warning
+    assert analyze.main([str(out), "--images", "1"]) == 0
+    assert capsys.readouterr().err == warning
+
+
+@pytest.mark.slow
 def test_a_large_seed_trains(tmp_path):
     assert run(tmp_path, "--seed", "1764633600")[0] == 0  # $(date +%s): an overflow at the first batch before
 

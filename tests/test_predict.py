@@ -60,6 +60,33 @@ def test_folders_and_unreadable_images(run, tmp_path, capsys):
     assert f"skipped {tmp_path / 'missing.png'}: no such file or folder" in err
 
 
+def test_predictions_into_a_closed_pipe_end_quietly(run, closed_stdout, capsys):
+    """`python predict.py RUN images/ | head`: the reader has what it wanted; no traceback, the usual status."""
+    folder, _ = run
+    test = data.make_task("demo", shots=4).evals[0].test
+    with closed_stdout:
+        assert predict.main([str(folder), test[0][0], test[1][0]]) == 0
+        assert predict.main([str(folder), test[0][0], "missing.png"]) == 1  # a skipped image still says so
+    assert closed_stdout.goes_to_devnull()
+    assert capsys.readouterr().err == "skipped missing.png: no such file or folder\n"
+
+
+def test_a_run_that_did_not_finish_is_named_on_stderr(run, tmp_path, capsys):
+    """A run killed while it evaluated: its last checkpoint (epoch 10 of 10) but no accuracy in results.json. It is
+    used with a warning; the finished run, without one."""
+    folder, _ = run
+    picture = data.make_task("demo", shots=4).evals[0].test[0][0]
+    assert predict.main([str(folder), picture]) == 0
+    assert capsys.readouterr().err == ""
+    killed = tmp_path / "killed"
+    shutil.copytree(folder, killed)
+    results = json.loads((killed / "results.json").read_text())
+    (killed / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "accuracy"}))
+    assert predict.main([str(killed), picture]) == 0
+    assert capsys.readouterr().err == (f"warning: {killed}: this run did not finish (its results.json has no "
+                                       "accuracy): its checkpoint holds epoch 10 of 10\n")
+
+
 def test_folders_that_are_not_runs(run, tmp_path, capsys):
     folder, _ = run
     assert predict.main([str(tmp_path), "x.png"]) == 2

@@ -70,6 +70,15 @@ def test_report_averages_seeds(tmp_path, capsys):
     assert "skipped" in out.err
 
 
+def test_report_into_a_closed_pipe_ends_quietly(tmp_path, closed_stdout, capsys):
+    """`python report.py runs/ | head`: no "Exception ignored ... BrokenPipeError" and status 120 at exit."""
+    (tmp_path / "results.json").write_text(json.dumps(dict(
+        dataset="d", method="coop", backbone="x", shots=1, protocol="fewshot", seed=1, accuracy={"test": 50.0})))
+    with closed_stdout:
+        report.main([str(tmp_path)])
+    assert closed_stdout.goes_to_devnull() and capsys.readouterr().err == ""
+
+
 def test_report_without_runs_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="run train.py first"):
         report.main([str(tmp_path)])

@@ -192,6 +192,38 @@ def test_list_and_help_config(capsys):
     assert "n_ctx: int = 16" in shown and "'conditional': True" in shown
 
 
+def test_a_listing_whose_reader_went_away_ends_quietly(closed_stdout, capsys, monkeypatch):
+    """`python train.py --list | head`: the pipe's reader is gone before the list is written. Was "error: Broken
+    pipe: a file of the run" and status 2 (the handler of the run folder's OSErrors caught it)."""
+    monkeypatch.setattr(methods, "method_list", lambda: "coop ...\n" * 1000)  # the real list takes seconds
+    with closed_stdout:
+        assert train.main(["--list"]) == 0
+    assert capsys.readouterr().err == "" and closed_stdout.goes_to_devnull()  # the exit's flush finds /dev/null
+
+
+def test_a_run_whose_output_reader_went_away_stops_with_one_line(tmp_path, closed_stdout, capsys):
+    with closed_stdout:
+        assert train.main(["--method", "coop", "--data", "demo", "--backbone", "tiny", "--epochs", "1",
+                           "--output", str(tmp_path / "run")]) == 141
+    assert capsys.readouterr().err == ("error: the output was closed (its reader ended), so the run stopped; the "
+                                       "run folder keeps the checkpoint of its last finished epoch: --resume "
+                                       "continues it\n")
+    assert (tmp_path / "run" / "log.txt").read_text().startswith("coop on demo")  # the line stdout did not take
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_list_into_a_closed_pipe_as_a_process(unbuffered):
+    """The same as a process, its stdout a pipe closed before it writes; with a buffered stdout the list waits in
+    the buffer and Python's flush at exit met the closed pipe ("Exception ignored", status 120)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--list"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader goes away while the process still imports torch
+    assert process.wait(timeout=300) == 0 and process.stderr.read() == ""
+    process.stderr.close()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--method", "vpt-deep", "--data", "demo"], "unknown method 'vpt-deep'; choose one of: zeroshot coop cocoop"),
     (["--method", "coop", "--data", "demo", "--backbone", "ViT-B/99"], "Unknown CLIP model 'ViT-B/99'"),

@@ -563,8 +563,8 @@ def test_a_model_with_its_own_mean_and_std_loads_with_them(tmp_path, tiny_hf):
     assert model.preprocessing == clip_model.Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "shortest", "bilinear")
     normalize = preprocess.transforms[-1]
     assert tuple(normalize.mean) == (0.5,) * 3 and preprocess.transforms[0].interpolation.value == "bilinear"
-    tagged = other_weights.load_backbone("ViT-L-14:laion2b_s32b_b82k", pretrained=False)[0]
-    assert tagged.preprocessing.mean == (0.5,) * 3 and tagged.preprocessing.size == 224
+    tagged = other_weights.openclip_preprocessing("ViT-L-14", "laion2b_s32b_b82k")
+    assert tagged.mean == (0.5,) * 3 and tagged.size == 224
     dfn = other_weights.openclip_preprocessing("ViT-H-14-378-quickgelu", "dfn5b")
     assert (dfn.size, dfn.resize) == (378, "squash")
 

@@ -86,6 +86,11 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of the progress lines went away (`| head`): --out keeps what was answered
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as methods.output_closed (no torch here)
+        print(f"error: the output was closed; {args.out} keeps the classes answered so far, and a rerun asks for "
+              "the rest", file=sys.stderr)
+        return 141  # 128 + SIGPIPE, as train.py's stopped run: the work did not finish
     except OSError as e:  # --out cannot be written: the answers before this one are in it
         print(f"error: cannot write {args.out} ({e.strerror or e}); a rerun asks only for the classes missing "
               "there", file=sys.stderr)

@@ -535,3 +535,17 @@ def test_describe_errors_keep_the_file(tmp_path, fake_llm, capsys):
                         "http://127.0.0.1:9/v1"]) == 2 and "cannot reach" in capsys.readouterr().err
     assert describe.main(["--classes", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
     assert "no file at --classes" in capsys.readouterr().err
+
+
+def test_describe_into_a_closed_pipe_keeps_the_answers(tmp_path, fake_llm, monkeypatch, capsys, closed_stdout):
+    """`describe.py ... | head -1`: the reader of its progress lines goes away after the first class. The answer
+    it got is in --out, the message says so (not "cannot write --out"), and a rerun asks only for the rest."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    classes, out = tmp_path / "classes.txt", tmp_path / "out.json"
+    classes.write_text("red circle\nsea_lion\n")
+    args = ["--classes", str(classes), "--out", str(out), "--api-base", fake_llm]
+    with closed_stdout:
+        assert describe.main(args) == 141
+    assert closed_stdout.goes_to_devnull()
+    assert "the output was closed; " in capsys.readouterr().err and list(json.loads(out.read_text())) == ["red circle"]
+    assert describe.main(args) == 0 and len(FakeLLM.requests) == 2

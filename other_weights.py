@@ -139,12 +139,7 @@ def hf_preprocessing(preprocessor, size):
     p = preprocessor or {}
     resize, crop = p.get("size", size), p.get("crop_size", size)
     squash = isinstance(resize, dict) and "shortest_edge" not in resize  # {"height", "width"}: both sides resized
-    if isinstance(resize, dict):
-        sides = resize.get("height"), resize.get("width")
-        resize = resize.get("shortest_edge") if not squash else sides[0] if sides[0] == sides[1] else sides
-    if isinstance(crop, dict):
-        crop = crop.get("height") if crop.get("height") == crop.get("width") else (crop.get("height"),
-                                                                                   crop.get("width"))
+    resize, crop = side(resize), side(crop)
     mean, std = p.get("image_mean", clip_model.MEAN), p.get("image_std", clip_model.STD)
     resample = p.get("resample", 3)
     steps = {step: p.get(f"do_{step}", True) for step in ("resize", "center_crop", "rescale", "normalize")}
@@ -161,6 +156,15 @@ def hf_preprocessing(preprocessor, size):
     ]
     return Preprocessing(size, tuple(mean), tuple(std), "squash" if squash else "shortest",
                          PIL_RESAMPLE.get(resample, "bicubic")), checks
+
+def side(size):
+    """A processor's size, 224, {"shortest_edge": 224} or {"height": 224, "width": 224} -> 224; a rectangle ->
+    (height, width)."""
+    if not isinstance(size, dict):
+        return size
+    if "shortest_edge" in size:
+        return size["shortest_edge"]
+    return size.get("height") if size.get("height") == size.get("width") else (size.get("height"), size.get("width"))
 
 def convert_hf(config, hf, preprocessor=None):
     """A transformers CLIPModel's config.json, weights and preprocessor_config.json -> (the 10 CLIP arguments, CLIP's

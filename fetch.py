@@ -7,9 +7,10 @@ Each dataset ends as one folder in CoOp's layout (KaiyangZhou/CoOp's DATASETS.md
 2. Each file is downloaded into <root>/.fetch/downloads/<folder>/ under a `.part` name, resumed from where it
    stopped, checked against the length the server announced and the checksum its source publishes, and only then
    given its name.
-3. The archives are unpacked and their folders moved into <root>/.fetch/<folder>/, which is read exactly as
-   `--data` reads it (every image its split file names must be there) and then renamed to <root>/<folder>.
-   So a dataset folder appears whole or not at all; a failure leaves only the downloads, for the next run.
+3. The archives are unpacked, each read by its content, not by its name (Hugging Face's .tar.gz of ImageNet-V2 is a
+   plain tar), and their folders moved into <root>/.fetch/<folder>/, which is read exactly as `--data` reads it
+   (every image its split file names must be there) and then renamed to <root>/<folder>. So a dataset folder
+   appears whole or not at all; a failure leaves only the downloads, for the next run.
 4. Once the folder is in place its archives are deleted (`--keep-archives` keeps them).
 
 ImageNet needs a login, and no source serves Stanford Cars any more without one: for those the split files are
@@ -309,21 +310,24 @@ class _Counted:
         return chunk
 
 def unpack(archive, into, url, verified):
-    """Every member of a .zip, .tar or .tar.gz archive under `into`. An archive found damaged is deleted for the
-    next run to download again, unless its checksum was verified: the same bytes would fail again."""
+    """Every member of a zip or tar archive (plain, gzip, bzip2 or xz) under `into`. The kind is read from the
+    archive's first bytes, never from its name: Hugging Face's imagenetv2-matched-frequency.tar.gz is a plain tar.
+    An archive found damaged is deleted for the next run to download again, unless its checksum was verified: the
+    same bytes would fail again."""
     if not hasattr(tarfile, "data_filter"):
         raise FetchError("unpacking archives safely needs Python 3.10.12, 3.11.4 or later (tarfile's data filter)")
     into.mkdir(parents=True)
     try:
         with open(archive, "rb") as raw, _bar(archive.stat().st_size, f"unpacking {archive.name}") as bar:
-            if archive.name.endswith(".zip"):
+            is_zip = raw.read(4) == b"PK\x03\x04"  # a zip starts with its first member's header; a tar with a name
+            raw.seek(0)
+            if is_zip:
                 with zipfile.ZipFile(raw) as z:
                     for member in z.infolist():
                         z.extract(member, into)  # names that would leave `into` are made safe
                         bar.update(member.compress_size)
-            else:  # read as a stream, which the bar follows
-                mode = "r|" if archive.name.endswith(".tar") else "r|gz"
-                with tarfile.open(fileobj=_Counted(raw, bar), mode=mode) as t:
+            else:  # read as a stream, which the bar follows; "r|*" tells the compression from the first bytes
+                with tarfile.open(fileobj=_Counted(raw, bar), mode="r|*") as t:
                     t.extractall(into, filter="data")  # refuses absolute paths, '..' and links that leave `into`
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
             OSError) as error:

@@ -347,19 +347,32 @@ CLASSNAMES = "".join(f"{wnid} class {i}\n" for i, wnid in enumerate(WNIDS)).enco
 
 def imagenet_sets():
     """{dataset: {file name: bytes}} for the four test sets; each holds images of classes 0 and 1 (ImageNet-V2's
-    folders are the labels 0..999, all there, most empty here)."""
+    folders are the labels 0..999, all there, most empty here). Each archive is compressed as the real one is:
+    ImageNet-V2's .tar.gz on Hugging Face is a plain tar, as are ImageNet-A's and -R's .tar."""
     images = {f"{WNIDS[label]}/{i}.jpg": jpeg(colour(label)) for label in (0, 1) for i in range(2)}
     v2 = {f"imagenetv2-matched-frequency-format-val/{label}": None for label in range(1000)}
     v2.update({f"imagenetv2-matched-frequency-format-val/{label}/{i}.jpeg": jpeg(colour(label))
                for label in (0, 1) for i in range(2)})
     return {
-        "imagenetv2": {"imagenetv2-matched-frequency.tar.gz": tar(v2)},
+        "imagenetv2": {"imagenetv2-matched-frequency.tar.gz": tar(v2, compress="")},
         "imagenet-sketch": {"ImageNet-Sketch.zip": zip_(under("sketch", images))},
         "imagenet-adversarial": {"imagenet-a.tar": tar({**under("imagenet-a", images), "imagenet-a/README.txt": b""},
                                                        compress="")},
         "imagenet-rendition": {"imagenet-r.tar": tar({**under("imagenet-r", images), "imagenet-r/README.txt": b""},
                                                      compress="")},
     }
+
+
+def test_a_plain_tar_named_tar_gz_is_unpacked(monkeypatch, server, tmp_path, capsys):
+    """Hugging Face's imagenetv2-matched-frequency.tar.gz is a plain tar: 1,264,079,360 bytes in TensorFlow Datasets'
+    record, a multiple of 512 as a tar's blocks are. An archive is read by its content, not by its name."""
+    archive = imagenet_sets()["imagenetv2"]["imagenetv2-matched-frequency.tar.gz"]
+    assert len(archive) % 512 == 0 and archive[:2] != b"\x1f\x8b"  # a plain tar: no gzip magic
+    serve(monkeypatch, server, "imagenetv2", {"imagenetv2-matched-frequency.tar.gz": archive,
+                                              "classnames.txt": CLASSNAMES})
+    fetch.main(["imagenetv2", "--root", str(tmp_path)])
+    assert "imagenetv2: ready at" in capsys.readouterr().out
+    assert len(data.load_dataset(str(tmp_path / "imagenetv2")).test) == 4
 
 
 @pytest.mark.slow

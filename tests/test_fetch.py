@@ -468,7 +468,9 @@ def test_corrupt_archive_fails_its_checksum(monkeypatch, server, tmp_path, capsy
         fetch.main(["dtd", "--root", str(tmp_path)])
     assert re.search(r"error: dtd: http://\S+ gave a file whose MD5 is [0-9a-f]{32}, not the published [0-9a-f]{32}; "
                      r"it was deleted: run again", capsys.readouterr().err)
-    assert not (tmp_path / "dtd").exists() and list((tmp_path / ".fetch" / "downloads" / "dtd").iterdir()) == []
+    assert not (tmp_path / "dtd").exists()
+    assert [p.name for p in (tmp_path / ".fetch" / "downloads" / "dtd").iterdir()] == [
+        "split_zhou_DescribableTextures.json"]
     server.files[archive] = good
     fetch.main(["dtd", "--root", str(tmp_path)])
     assert (tmp_path / "dtd" / "images" / "woven").is_dir()
@@ -502,7 +504,9 @@ def test_ctrl_c_keeps_the_download_and_a_complete_part_is_taken(monkeypatch, ser
     verify = fetch.verify
 
     def interrupted(path, file):
-        raise KeyboardInterrupt
+        if file.name == "dtd-r1.0.1.tar.gz":
+            raise KeyboardInterrupt
+        verify(path, file)
     monkeypatch.setattr(fetch, "verify", interrupted)
     with pytest.raises(SystemExit, match="interrupted while fetching dtd: run again to resume"):
         fetch.main(["dtd", "--root", str(tmp_path)])
@@ -556,7 +560,7 @@ def test_a_file_saved_by_hand_is_checked(monkeypatch, server, tmp_path, capsys):
     (downloads / "dtd-r1.0.1.tar.gz").write_bytes(b"an error page saved by mistake")
     line = fails("dtd", tmp_path, capsys)
     assert re.search(r"gave a file whose MD5 is [0-9a-f]{32}, not the published [0-9a-f]{32}; it was deleted", line)
-    assert not (downloads / "dtd-r1.0.1.tar.gz").exists() and server.requests == []
+    assert not (downloads / "dtd-r1.0.1.tar.gz").exists() and DTD_ARCHIVE not in [key for key, _ in server.requests]
 
 
 @pytest.mark.parametrize("status, said", [(503, "answered HTTP 503 Service Unavailable: the server is busy or down; "
@@ -569,22 +573,54 @@ def test_busy_servers_and_a_quota_sent_as_an_error(monkeypatch, server, tmp_path
     assert said in fails("dtd", tmp_path, capsys)
 
 
+QUOTA_PAGE = ("<html><head><title>Google Drive - Quota exceeded</title></head><body><p>Sorry, you can't view or "
+              "download this file at this time.</p><p>Too many users have viewed or downloaded this file recently."
+              "</p></body></html>")  # Drive's page in place of a file downloaded too often
+
+
 def test_drive_quota_and_web_pages_are_named(monkeypatch, server, tmp_path, capsys):
     serve(monkeypatch, server, "dtd", dtd())
-    server.pages[DTD_SPLIT] = ("<html><head><title>Google Drive - Quota exceeded</title></head><body><p>Sorry, you "
-                               "can't view or download this file at this time.</p><p>Too many users have viewed or "
-                               "downloaded this file recently.</p></body></html>")
+    server.pages[DTD_SPLIT] = QUOTA_PAGE
     line = fails("dtd", tmp_path, capsys)
     saved = tmp_path / ".fetch" / "downloads" / "dtd" / "split_zhou_DescribableTextures.json"
     assert re.search(rf"Google Drive refuses http://\S+id=1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x for now .* run again "
                      rf"tomorrow, or download it in a browser and save it as {re.escape(str(saved))}$", line)
-    assert not (tmp_path / "dtd").exists() and (saved.parent / "dtd-r1.0.1.tar.gz").is_file()  # kept for the next run
+    assert not (tmp_path / "dtd").exists() and DTD_ARCHIVE not in [key for key, _ in server.requests]  # small first
     saved.write_bytes(server.files[DTD_SPLIT])  # saved by hand, as the message says: the next run takes it
     fetch.main(["dtd", "--root", str(tmp_path)])
     assert (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").read_bytes() == server.files[DTD_SPLIT]
+    del server.pages[DTD_SPLIT]
     server.pages[DTD_ARCHIVE] = "<html><body>Our site has moved.</body></html>"
     line = fails("dtd", tmp_path / "elsewhere", capsys)
     assert re.search(r"http://\S+dtd-r1.0.1.tar.gz answered with a web page, not the file: open it in a browser", line)
+
+
+def test_a_refused_split_file_costs_no_check_or_unpacking_of_the_archive(monkeypatch, server, tmp_path, capsys):
+    """SUN397.tar.gz is 39 GB: while Drive refuses SUN397's split file, each run stops before the archive is
+    downloaded, checked or unpacked; once the split file is saved by hand, the archive is checked and unpacked once."""
+    archive, split = (key_of(file.url) for file in fetch.RECIPES["sun397"].files)
+    serve(monkeypatch, server, "sun397", sun())
+    server.pages[split] = QUOTA_PAGE
+    verify, unpack = fetch.verify, fetch.unpack
+    checked, unpacked = [], []
+
+    def counted_verify(path, file):
+        checked.append(file.name)
+        verify(path, file)
+
+    def counted_unpack(path, *args):
+        unpacked.append(path.name)
+        unpack(path, *args)
+    monkeypatch.setattr(fetch, "verify", counted_verify)
+    monkeypatch.setattr(fetch, "unpack", counted_unpack)
+    for _ in range(3):
+        assert "Google Drive refuses" in fails("sun397", tmp_path, capsys)
+    assert "SUN397.tar.gz" not in checked and unpacked == [] and archive not in [key for key, _ in server.requests]
+    downloads = tmp_path / ".fetch" / "downloads" / "sun397"
+    (downloads / "split_zhou_SUN397.json").write_bytes(server.files[split])  # saved from a browser, as said
+    fetch.main(["sun397", "--root", str(tmp_path)])
+    assert checked.count("SUN397.tar.gz") == 1 and unpacked == ["SUN397.tar.gz"]
+    assert len(data.load_dataset(str(tmp_path / "sun397")).train) == 6
 
 
 def test_too_little_space_is_said_before_downloading(monkeypatch, server, tmp_path, capsys):
@@ -608,7 +644,8 @@ def test_disk_full_while_downloading(monkeypatch, server, tmp_path, capsys):
     monkeypatch.setattr(fetch, "open", lambda path, mode="r": Full(io.BytesIO()) if "b" in mode and mode != "rb"
                         else open(path, mode), raising=False)
     line = fails("dtd", tmp_path, capsys)
-    assert re.search(r"the disk is full while writing \S+dtd-r1.0.1.tar.gz.part from http://\S+: free some space", line)
+    assert re.search(r"the disk is full while writing \S+split_zhou_DescribableTextures.json.part from http://\S+: "
+                     r"free some space", line)
     assert not (tmp_path / "dtd").exists()
 
 
@@ -618,7 +655,8 @@ def test_damaged_archive_without_a_checksum_is_deleted(monkeypatch, server, tmp_
     serve(monkeypatch, server, "ucf101", contents)
     line = fails("ucf101", tmp_path, capsys)
     assert re.search(r"UCF-101-midframes.zip from http://\S+ is damaged .*it was deleted: run again", line)
-    assert sorted(p.name for p in (tmp_path / ".fetch").rglob("*")) == ["downloads", "ucf101"]  # nothing else
+    assert sorted(p.name for p in (tmp_path / ".fetch").rglob("*")) == [
+        "downloads", "split_zhou_UCF101.json", "ucf101"]  # the split file, fetched first, for the next run
 
 
 def test_archive_members_outside_the_folder_are_refused(monkeypatch, server, tmp_path, capsys):
@@ -647,8 +685,8 @@ def test_interrupted_unpacking_leaves_no_folder(monkeypatch, server, tmp_path):
     assert sorted(p.name for p in (tmp_path / ".fetch").iterdir()) == ["downloads"]
     monkeypatch.setattr(fetch, "unpack", unpack)
     server.requests.clear()
-    fetch.main(["dtd", "--root", str(tmp_path)])  # the verified archive is not downloaded again
-    assert (tmp_path / "dtd" / "images").is_dir() and [key for key, _ in server.requests] == ["drive.google.com/uc"]
+    fetch.main(["dtd", "--root", str(tmp_path)])  # the verified archive is not downloaded again, nor the split file
+    assert (tmp_path / "dtd" / "images").is_dir() and server.requests == []
 
 
 def test_a_folder_that_does_not_read_is_left_alone(monkeypatch, server, tmp_path, capsys):

@@ -236,8 +236,15 @@ def _bar(total, what, initial=0):
                 mininterval=0.1 if terminal else 60, leave=terminal)
 
 def verify(path, file):
-    """Delete `path` and raise if its checksum is not the published one (a file without one passes)."""
+    """Delete `path` and raise if its checksum is not the published one. A file without one (a split file) must at
+    least not be a web page: one sent under a file's type, or saved from a browser by mistake."""
     if file.checksum is None:
+        with open(path, "rb") as f:
+            start = f.read(100).lstrip().lower()
+        if start.startswith((b"<!doctype html", b"<html")):
+            path.unlink()
+            raise FetchError(f"{file.url} sent a web page, not the file; it was deleted: open it in a browser; if it "
+                             f"gives the file, save it as {path.parent / file.name} and run again")
         return
     algorithm, expected = file.checksum.split(":")
     digest = hashlib.new(algorithm)

@@ -595,6 +595,24 @@ def test_drive_quota_and_web_pages_are_named(monkeypatch, server, tmp_path, caps
     assert re.search(r"http://\S+dtd-r1.0.1.tar.gz answered with a web page, not the file: open it in a browser", line)
 
 
+def test_a_split_file_that_is_a_web_page(monkeypatch, server, tmp_path, capsys):
+    """A web page sent in place of DTD's split file, under a file's content type (as a page saved by mistake would
+    be): one instruction, to save the real file where the next run takes it, in a folder that is there."""
+    serve(monkeypatch, server, "dtd", dtd())
+    split = server.files[DTD_SPLIT]
+    server.files[DTD_SPLIT] = QUOTA_PAGE.replace("<html>", "<!DOCTYPE html>\n<html>").encode()
+    line = fails("dtd", tmp_path, capsys)
+    saved = tmp_path / ".fetch" / "downloads" / "dtd" / "split_zhou_DescribableTextures.json"
+    assert re.search(rf"http://\S+id=1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x sent a web page, not the file; it was deleted: "
+                     rf"open it in a browser; if it gives the file, save it as {re.escape(str(saved))} and run again$",
+                     line)
+    assert line.count(str(tmp_path)) == 1 and saved.parent.is_dir() and not saved.exists()  # no other path named
+    assert DTD_ARCHIVE not in [key for key, _ in server.requests]
+    saved.write_bytes(split)
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    assert len(data.load_dataset(str(tmp_path / "dtd")).train) == 6
+
+
 def test_a_refused_split_file_costs_no_check_or_unpacking_of_the_archive(monkeypatch, server, tmp_path, capsys):
     """SUN397.tar.gz is 39 GB: while Drive refuses SUN397's split file, each run stops before the archive is
     downloaded, checked or unpacked; once the split file is saved by hand, the archive is checked and unpacked once."""

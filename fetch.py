@@ -450,34 +450,36 @@ def fetch(name, root, keep_archives=False):
     work = root / ".fetch"
     downloads = work / "downloads" / recipe.folder
     stage, scratch = work / recipe.folder, work / (recipe.folder + ".unpacked")
-    with locked(work / (recipe.folder + ".lock")):
-        if recipe.manual is None and target.is_dir():  # made by a fetch that held the lock before this one
-            raise FetchError(f"{target} appeared while this fetch started: run again to check it")
-        for path in (stage, scratch):
-            shutil.rmtree(path, ignore_errors=True)  # a run that was killed may have left them (and their space)
-        check_space(recipe, root, downloads)
-        try:
-            assemble(name, recipe, downloads, stage, scratch)
-            if recipe.manual is not None:
-                add_missing(recipe, stage, target)
-            elif problem := unreadable(stage):
-                unchecked = [file.name for file in recipe.files if file.checksum is None]
-                for file_name in unchecked:  # the suspects: nothing vouched for their bytes
-                    (downloads / file_name).unlink(missing_ok=True)
-                deleted = f"the downloads without a checksum ({', '.join(unchecked)}) were deleted: run again, and "
-                raise FetchError(f"the fetched files do not make a readable {name} folder ({problem}); "
-                                 f"{deleted if unchecked else ''}if this repeats please report it")
-            else:
-                os.rename(stage, target)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-            shutil.rmtree(scratch, ignore_errors=True)
-        if not keep_archives:
-            shutil.rmtree(downloads, ignore_errors=True)
+    try:
+        with locked(work / (recipe.folder + ".lock")):
+            if recipe.manual is None and target.is_dir():  # made by a fetch that held the lock before this one
+                raise FetchError(f"{target} appeared while this fetch started: run again to check it")
+            for path in (stage, scratch):
+                shutil.rmtree(path, ignore_errors=True)  # a run that was killed may have left them (and their space)
+            check_space(recipe, root, downloads)
+            try:
+                assemble(name, recipe, downloads, stage, scratch)
+                if recipe.manual is not None:
+                    add_missing(recipe, stage, target)
+                elif problem := unreadable(stage):
+                    unchecked = [file.name for file in recipe.files if file.checksum is None]
+                    for file_name in unchecked:  # the suspects: nothing vouched for their bytes
+                        (downloads / file_name).unlink(missing_ok=True)
+                    deleted = f"the downloads without a checksum ({', '.join(unchecked)}) were deleted: run again, and "
+                    raise FetchError(f"the fetched files do not make a readable {name} folder ({problem}); "
+                                     f"{deleted if unchecked else ''}if this repeats please report it")
+                else:
+                    os.rename(stage, target)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+                shutil.rmtree(scratch, ignore_errors=True)
+            if not keep_archives:
+                shutil.rmtree(downloads, ignore_errors=True)
+    finally:
+        if recipe.manual is not None:  # the steps by hand, also when the small files could not be fetched
+            print(f"{name}: {recipe.manual.format(target=target)}")
     remove_empty(downloads, root)
-    if recipe.manual is not None:
-        print(f"{name}: {recipe.manual.format(target=target)}")
-    else:
+    if recipe.manual is None:
         print(f"{name}: ready at {target}")
     return target
 

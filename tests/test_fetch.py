@@ -375,6 +375,33 @@ def test_a_plain_tar_named_tar_gz_is_unpacked(monkeypatch, server, tmp_path, cap
     assert len(data.load_dataset(str(tmp_path / "imagenetv2")).test) == 4
 
 
+def closed_port():
+    """A port on 127.0.0.1 where nothing listens: a source that cannot be reached."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_imagenet_steps_again_and_when_drive_is_unreachable(monkeypatch, server, tmp_path, capsys):
+    """`fetch.py imagenet` run again before the images are in place prints the steps again, without an error; and
+    so it does when Google Drive, which serves classnames.txt, cannot be reached."""
+    serve(monkeypatch, server, "imagenet", {"classnames.txt": CLASSNAMES})
+    steps = "ILSVRC2012_img_train.tar"
+    for _ in range(2):
+        fetch.main(["imagenet", "--root", str(tmp_path)])
+        out, err = capsys.readouterr()
+        assert steps in out and str(tmp_path / "imagenet") in out and err == ""
+    with pytest.raises(data.DataError, match=r"imagenet/images/train is missing: ImageNet's images go there by hand"):
+        data.load_dataset(str(tmp_path / "imagenet"))
+    recipe = fetch.RECIPES["imagenet"]
+    offline = re.sub(r"127.0.0.1:\d+", f"127.0.0.1:{closed_port()}", recipe.files[0].url)
+    monkeypatch.setitem(fetch.RECIPES, "imagenet", recipe._replace(files=(recipe.files[0]._replace(url=offline),)))
+    with pytest.raises(SystemExit, match="not fetched: imagenet"):
+        fetch.main(["imagenet", "--root", str(tmp_path / "offline")])
+    out, err = capsys.readouterr()
+    assert steps in out and str(tmp_path / "offline" / "imagenet") in out and "error: imagenet: cannot reach" in err
+
+
 @pytest.mark.slow
 def test_imagenet_by_hand_and_its_test_sets(monkeypatch, server, tmp_path, capsys):
     """ImageNet: classnames.txt is fetched and the steps by hand are printed; with its images in place, a run

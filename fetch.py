@@ -470,15 +470,20 @@ def fetch(name, root, keep_archives=False):
                                      f"{deleted if unchecked else ''}if this repeats please report it")
                 else:
                     os.rename(stage, target)
+            except FetchError as error:
+                if str(downloads) not in str(error):  # a folder that the error says to save a file in stays
+                    remove_empty(downloads, work)
+                raise
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
                 shutil.rmtree(scratch, ignore_errors=True)
             if not keep_archives:
                 shutil.rmtree(downloads, ignore_errors=True)
+            remove_empty(downloads, work)
     finally:
+        remove_empty(work, root)  # once no lock or download is left in it
         if recipe.manual is not None:  # the steps by hand, also when the small files could not be fetched
             print(f"{name}: {recipe.manual.format(target=target)}")
-    remove_empty(downloads, root)
     if recipe.manual is None:
         print(f"{name}: ready at {target}")
     return target

@@ -751,6 +751,23 @@ def test_another_fetch_of_the_same_dataset_is_refused(monkeypatch, server, tmp_p
     assert "another fetch holds" in line and "wait for it to finish" in line
 
 
+def test_an_offline_fetch_of_all_leaves_no_folder(monkeypatch, tmp_path, capsys):
+    """`fetch.py all` without a network (every source a closed port): each dataset fails with one line, and no empty
+    folder is left behind (there were 15 under .fetch/downloads/)."""
+    port = closed_port()
+    for name, recipe in fetch.RECIPES.items():
+        files = tuple(file._replace(url=re.sub(r"^https?://", f"http://127.0.0.1:{port}/", file.url))
+                      for file in recipe.files)
+        monkeypatch.setitem(fetch.RECIPES, name, recipe._replace(files=files))
+    disk_usage = shutil.disk_usage  # room for SUN397 and the rest, so that each gets as far as its first download
+    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=10 ** 14))
+    with pytest.raises(SystemExit, match="not fetched: eurosat, caltech-101, .*, imagenet-rendition"):
+        fetch.main(["all", "--root", str(tmp_path)])
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == len(fetch.RECIPES) == 15 and all("cannot reach http://127.0.0.1" in e for e in errors)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_root_that_cannot_be_made(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     line = fails("dtd", tmp_path / "file" / "data", capsys)

@@ -289,7 +289,8 @@ def download(file, folder, name):
             total = start + int(length) if length else file.size
             try:
                 with open(part, "ab" if start else "wb") as out, _bar(total, file.name, start) as bar:
-                    while chunk := response.read(1 << 20):
+                    while chunk := response.read1(1 << 16):  # what has arrived, up to 64 KiB: on a slow link
+                        # the bar moves, and a kill loses no more than that
                         out.write(chunk)
                         bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as error:

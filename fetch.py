@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -42,6 +43,7 @@ import data
 
 DRIVE = "https://drive.google.com/uc?export=download&id="  # a file on Google Drive, by its id
 HF = "https://huggingface.co/datasets/"
+LOG_EVERY = 60  # seconds between two progress lines off a terminal
 
 class File(NamedTuple):
     """One download. `unpack` maps a path inside the archive to where it goes in the dataset folder ("" is the folder
@@ -227,13 +229,37 @@ def _http_error(error, url, path):
     return (f"{url} answered HTTP {error.code} {error.reason}: the source may have moved; check the URL in a "
             f"browser, and if you find the file elsewhere save it as {path}")
 
+class _Lines:
+    """Progress off a terminal: a plain line on stdout (the log) every LOG_EVERY seconds, so that stderr holds only
+    the errors; tqdm's bar would leave its carriage returns in the log."""
+    def __init__(self, total, what, initial):
+        self.total = total
+        self.what = what
+        self.initial = initial  # bytes a resumed download had already: not counted in the rate
+        self.n = initial
+        self.start = time.monotonic()
+        self.printed = self.start
+
+    def update(self, n):
+        self.n += n
+        now = time.monotonic()
+        if now - self.printed >= LOG_EVERY:
+            self.printed = now
+            print(tqdm.format_meter(self.n, self.total, now - self.start, ncols=0, prefix=self.what, unit="B",
+                                    unit_scale=True, unit_divisor=1000, initial=self.initial), flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
 def _bar(total, what, initial=0):
-    """A progress bar of bytes (size, rate, ETA) on the terminal's stderr; off a terminal, an update a minute on
-    stdout (the log), so that stderr holds only the errors."""
-    terminal = sys.stderr.isatty()
+    """A progress bar of bytes (size, rate, ETA) on the terminal's stderr; off a terminal, a line a minute."""
+    if not sys.stderr.isatty():
+        return _Lines(total, what, initial)
     return tqdm(total=total, initial=initial, desc=what, unit="B", unit_scale=True, unit_divisor=1000,
-                file=sys.stderr if terminal else sys.stdout, dynamic_ncols=terminal,
-                mininterval=0.1 if terminal else 60, leave=terminal)
+                file=sys.stderr, dynamic_ncols=True, mininterval=0.1)
 
 def verify(path, file):
     """Delete `path` and raise if its checksum is not the published one. A file without one (a split file) must at

@@ -520,6 +520,20 @@ def test_bytes_reach_the_disk_as_they_arrive(monkeypatch, server, tmp_path):
     assert 0 < seen[0] <= len(server.files[DTD_ARCHIVE]) // 2 and (tmp_path / "dtd" / "images").is_dir()
 
 
+def test_progress_off_a_terminal_is_plain_lines(monkeypatch, server, tmp_path, capsys):
+    """In a log (stdout and stderr not terminals, as under capsys), progress is whole lines, no carriage returns;
+    here a line at every read, DTD's archive being downloaded, checked and unpacked."""
+    serve(monkeypatch, server, "dtd", dtd())
+    monkeypatch.setattr(fetch, "LOG_EVERY", 0)
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "\r" not in out and err == ""
+    size = len(server.files[DTD_ARCHIVE])
+    assert size < 1000  # tqdm writes it in bytes
+    for what in ("dtd-r1.0.1.tar.gz", "checking dtd-r1.0.1.tar.gz", "unpacking dtd-r1.0.1.tar.gz"):
+        assert re.search(rf"^{what}: 100% {size}/{size} \[", out, re.MULTILINE), what
+
+
 def test_corrupt_archive_fails_its_checksum(monkeypatch, server, tmp_path, capsys):
     serve(monkeypatch, server, "dtd", dtd())
     archive = "www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"

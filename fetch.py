@@ -39,8 +39,6 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-import data
-
 DRIVE = "https://drive.google.com/uc?export=download&id="  # a file on Google Drive, by its id
 HF = "https://huggingface.co/datasets/"
 LOG_EVERY = 60  # seconds between two progress lines off a terminal
@@ -456,6 +454,7 @@ def assemble(name, recipe, downloads, stage, scratch):
 def unreadable(folder):
     """Why `folder` does not read as `--data` reads it (every class with training images, a test split, every image
     its splits name on disk); None when it does."""
+    import data  # here, not at the top: data.py imports torch, seconds that `fetch.py --help` need not wait
     try:
         data.make_task(str(folder), shots=0)  # shots=0: the whole dataset, each image of it checked
     except data.DataError as error:
@@ -546,6 +545,7 @@ def dry_run(names, root):
                                                     if unknown else ""))
 
 def dataset_names(asked):
+    import data  # as in unreadable()
     aliases = {name.lower(): name for name in RECIPES}
     for folder, (name, _) in {**data.SPLITS, **data.VARIANTS}.items():
         aliases[name.lower()] = folder

@@ -13,6 +13,8 @@ import random
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -821,6 +823,15 @@ def test_a_root_that_cannot_be_made(tmp_path, capsys):
     line = fails("dtd", tmp_path / "file" / "data", capsys)
     assert line == f"error: dtd: Not a directory: {tmp_path / 'file' / 'data'}: choose another --root or fix its " \
                    "permissions"
+
+
+def test_help_does_not_import_torch():
+    """`fetch.py --help` took 4.6 s, all of it importing torch through data.py; data is imported where it is used."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "fetch.py", "--help"], capture_output=True,
+                            text=True, cwd=os.path.dirname(fetch.__file__), timeout=60)
+    assert result.returncode == 0 and "docs/datasets.md" in result.stdout
+    imported = re.findall(r"^import time: .*\|\s+(\S+)$", result.stderr, re.MULTILINE)  # one line per module
+    assert "tqdm" in imported and "torch" not in imported and "data" not in imported
 
 
 def test_unknown_name(tmp_path):

@@ -135,9 +135,15 @@ RECIPES = {
              {"imagenetv2-matched-frequency-format-val": "imagenetv2-matched-frequency-format-val"}),
         CLASSNAMES,
     )),
-    "imagenet-sketch": Recipe("imagenet-sketch", (  # ImageNet-Sketch's README: 7.8 GB; no checksum is published
+    # ImageNet-Sketch: its authors publish no checksum. Size and SHA256 as two records give them, which agree: Hugging
+    # Face datasets' of this file, under the repository's old name (huggingface/datasets,
+    # datasets/imagenet_sketch/dataset_infos.json, download_checksums of .../imagenet_sketch/resolve/main/data/
+    # ImageNet-Sketch.zip) and TFDS's of the authors' Google Drive file (tensorflow_datasets/datasets/imagenet_sketch/
+    # checksums.tsv). No record gives a revision of the repository: `main`, whose bytes the SHA256 pins.
+    "imagenet-sketch": Recipe("imagenet-sketch", (
         File("ImageNet-Sketch.zip", HF + "songweig/imagenet_sketch/resolve/main/data/ImageNet-Sketch.zip",
-             7_800_000_000, None, {"sketch": "images"}),
+             7_593_573_012, "sha256:4d3ce6b82a7c48aabf14aeac105eb533e75707f152cc858f55bfc022031a72ed",
+             {"sketch": "images"}),
         CLASSNAMES,
     )),
     "imagenet-adversarial": Recipe("imagenet-adversarial", (  # Hendrycks' page; TFDS's size and SHA256

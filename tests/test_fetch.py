@@ -412,6 +412,20 @@ def test_imagenet_steps_again_and_when_drive_is_unreachable(monkeypatch, server,
     assert steps in out and str(tmp_path / "offline" / "imagenet") in out and "error: imagenet: cannot reach" in err
 
 
+def test_imagenet_sketch_is_checked(monkeypatch, server, tmp_path, capsys):
+    """ImageNet-Sketch.zip has a recorded SHA256 now: a zip with other contents at its URL (the source changed) is
+    refused and deleted, where it used to be unpacked as ImageNet-Sketch."""
+    sketch = key_of(fetch.RECIPES["imagenet-sketch"].files[0].url)
+    contents = {**imagenet_sets()["imagenet-sketch"], "classnames.txt": CLASSNAMES}
+    serve(monkeypatch, server, "imagenet-sketch", contents)
+    server.files[sketch] = zip_(under("sketch", {f"{WNIDS[0]}/other.jpg": jpeg(colour(0))}))
+    line = fails("imagenet-sketch", tmp_path, capsys)
+    assert re.search(r"ImageNet-Sketch.zip gave a file whose SHA256 is [0-9a-f]{64}, not the published [0-9a-f]{64}; "
+                     r"it was deleted", line)
+    assert not (tmp_path / "imagenet-sketch").exists()
+    assert not (tmp_path / ".fetch" / "downloads" / "imagenet-sketch" / "ImageNet-Sketch.zip").exists()
+
+
 @pytest.mark.slow
 def test_imagenet_by_hand_and_its_test_sets(monkeypatch, server, tmp_path, capsys):
     """ImageNet: classnames.txt is fetched and the steps by hand are printed; with its images in place, a run

@@ -270,8 +270,8 @@ def verify(path, file):
     least not be a web page: one sent under a file's type, or saved from a browser by mistake."""
     if file.checksum is None:
         with open(path, "rb") as f:
-            start = f.read(100).lstrip().lower()
-        if start.startswith((b"<!doctype html", b"<html")):
+            head = f.read(100).lstrip().lower()
+        if head.startswith((b"<!doctype html", b"<html")):
             path.unlink()
             raise FetchError(f"{file.url} sent a web page, not the file; it was deleted: open it in a browser; if it "
                              f"gives the file, save it as {path.parent / file.name} and run again")
@@ -319,8 +319,8 @@ def download(file, folder, name):
             total = start + int(length) if length else file.size
             try:
                 with open(part, "ab" if start else "wb") as out, _bar(total, file.name, start) as bar:
-                    while chunk := response.read1(1 << 16):  # what has arrived, up to 64 KiB: on a slow link
-                        # the bar moves, and a kill loses no more than that
+                    # what has arrived, up to 64 KiB: on a slow link the bar moves, and a kill loses little
+                    while chunk := response.read1(1 << 16):
                         out.write(chunk)
                         bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as error:

@@ -118,6 +118,9 @@ def _class_folders(folder):
 
 def _read_imagenet(root):
     names = _imagenet_classnames(root)
+    if not (root / "images" / "train").is_dir():  # classnames.txt alone: the images by hand are still to come
+        raise DataError(f"{root / 'images' / 'train'} is missing: ImageNet's images go there by hand, as "
+                        f"`python fetch.py imagenet` says ({HELP})")
     wnids = _class_folders(root / "images" / "train")  # label = index of the sorted WordNet ids, as in CoOp
 
     def read(split):

@@ -7,9 +7,10 @@ Each dataset ends as one folder in CoOp's layout (KaiyangZhou/CoOp's DATASETS.md
 2. Each file is downloaded into <root>/.fetch/downloads/<folder>/ under a `.part` name, resumed from where it
    stopped, checked against the length the server announced and the checksum its source publishes, and only then
    given its name.
-3. The archives are unpacked and their folders moved into <root>/.fetch/<folder>/, which is read exactly as
-   `--data` reads it (every image its split file names must be there) and then renamed to <root>/<folder>.
-   So a dataset folder appears whole or not at all; a failure leaves only the downloads, for the next run.
+3. The archives are unpacked, each read by its content, not by its name (Hugging Face's .tar.gz of ImageNet-V2 is a
+   plain tar), and their folders moved into <root>/.fetch/<folder>/, which is read exactly as `--data` reads it
+   (every image its split file names must be there) and then renamed to <root>/<folder>. So a dataset folder
+   appears whole or not at all; a failure leaves only the downloads, for the next run.
 4. Once the folder is in place its archives are deleted (`--keep-archives` keeps them).
 
 ImageNet needs a login, and no source serves Stanford Cars any more without one: for those the split files are
@@ -27,6 +28,7 @@ import os
 import shutil
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,10 +39,9 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-import data
-
 DRIVE = "https://drive.google.com/uc?export=download&id="  # a file on Google Drive, by its id
 HF = "https://huggingface.co/datasets/"
+LOG_EVERY = 60  # seconds between two progress lines off a terminal
 
 class File(NamedTuple):
     """One download. `unpack` maps a path inside the archive to where it goes in the dataset folder ("" is the folder
@@ -134,9 +135,15 @@ RECIPES = {
              {"imagenetv2-matched-frequency-format-val": "imagenetv2-matched-frequency-format-val"}),
         CLASSNAMES,
     )),
-    "imagenet-sketch": Recipe("imagenet-sketch", (  # ImageNet-Sketch's README: 7.8 GB; no checksum is published
+    # ImageNet-Sketch: its authors publish no checksum. Size and SHA256 as two records give them, which agree: Hugging
+    # Face datasets' of this file, under the repository's old name (huggingface/datasets,
+    # datasets/imagenet_sketch/dataset_infos.json, download_checksums of .../imagenet_sketch/resolve/main/data/
+    # ImageNet-Sketch.zip) and TFDS's of the authors' Google Drive file (tensorflow_datasets/datasets/imagenet_sketch/
+    # checksums.tsv). No record gives a revision of the repository: `main`, whose bytes the SHA256 pins.
+    "imagenet-sketch": Recipe("imagenet-sketch", (
         File("ImageNet-Sketch.zip", HF + "songweig/imagenet_sketch/resolve/main/data/ImageNet-Sketch.zip",
-             7_800_000_000, None, {"sketch": "images"}),
+             7_593_573_012, "sha256:4d3ce6b82a7c48aabf14aeac105eb533e75707f152cc858f55bfc022031a72ed",
+             {"sketch": "images"}),
         CLASSNAMES,
     )),
     "imagenet-adversarial": Recipe("imagenet-adversarial", (  # Hendrycks' page; TFDS's size and SHA256
@@ -226,17 +233,48 @@ def _http_error(error, url, path):
     return (f"{url} answered HTTP {error.code} {error.reason}: the source may have moved; check the URL in a "
             f"browser, and if you find the file elsewhere save it as {path}")
 
+class _Lines:
+    """Progress off a terminal: a plain line on stdout (the log) every LOG_EVERY seconds, so that stderr holds only
+    the errors; tqdm's bar would leave its carriage returns in the log."""
+    def __init__(self, total, what, initial):
+        self.total = total
+        self.what = what
+        self.initial = initial  # bytes a resumed download had already: not counted in the rate
+        self.n = initial
+        self.start = time.monotonic()
+        self.printed = self.start
+
+    def update(self, n):
+        self.n += n
+        now = time.monotonic()
+        if now - self.printed >= LOG_EVERY:
+            self.printed = now
+            print(tqdm.format_meter(self.n, self.total, now - self.start, ncols=0, prefix=self.what, unit="B",
+                                    unit_scale=True, unit_divisor=1000, initial=self.initial), flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
 def _bar(total, what, initial=0):
-    """A progress bar of bytes (size, rate, ETA) on the terminal's stderr; off a terminal, an update a minute on
-    stdout (the log), so that stderr holds only the errors."""
-    terminal = sys.stderr.isatty()
+    """A progress bar of bytes (size, rate, ETA) on the terminal's stderr; off a terminal, a line a minute."""
+    if not sys.stderr.isatty():
+        return _Lines(total, what, initial)
     return tqdm(total=total, initial=initial, desc=what, unit="B", unit_scale=True, unit_divisor=1000,
-                file=sys.stderr if terminal else sys.stdout, dynamic_ncols=terminal,
-                mininterval=0.1 if terminal else 60, leave=terminal)
+                file=sys.stderr, dynamic_ncols=True, mininterval=0.1)
 
 def verify(path, file):
-    """Delete `path` and raise if its checksum is not the published one (a file without one passes)."""
+    """Delete `path` and raise if its checksum is not the published one. A file without one (a split file) must at
+    least not be a web page: one sent under a file's type, or saved from a browser by mistake."""
     if file.checksum is None:
+        with open(path, "rb") as f:
+            head = f.read(100).lstrip().lower()
+        if head.startswith((b"<!doctype html", b"<html")):
+            path.unlink()
+            raise FetchError(f"{file.url} sent a web page, not the file; it was deleted: open it in a browser; if it "
+                             f"gives the file, save it as {path.parent / file.name} and run again")
         return
     algorithm, expected = file.checksum.split(":")
     digest = hashlib.new(algorithm)
@@ -281,7 +319,8 @@ def download(file, folder, name):
             total = start + int(length) if length else file.size
             try:
                 with open(part, "ab" if start else "wb") as out, _bar(total, file.name, start) as bar:
-                    while chunk := response.read(1 << 20):
+                    # what has arrived, up to 64 KiB: on a slow link the bar moves, and a kill loses little
+                    while chunk := response.read1(1 << 16):
                         out.write(chunk)
                         bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as error:
@@ -309,21 +348,24 @@ class _Counted:
         return chunk
 
 def unpack(archive, into, url, verified):
-    """Every member of a .zip, .tar or .tar.gz archive under `into`. An archive found damaged is deleted for the
-    next run to download again, unless its checksum was verified: the same bytes would fail again."""
+    """Every member of a zip or tar archive (plain, gzip, bzip2 or xz) under `into`. The kind is read from the
+    archive's first bytes, never from its name: Hugging Face's imagenetv2-matched-frequency.tar.gz is a plain tar.
+    An archive found damaged is deleted for the next run to download again, unless its checksum was verified: the
+    same bytes would fail again."""
     if not hasattr(tarfile, "data_filter"):
         raise FetchError("unpacking archives safely needs Python 3.10.12, 3.11.4 or later (tarfile's data filter)")
     into.mkdir(parents=True)
     try:
         with open(archive, "rb") as raw, _bar(archive.stat().st_size, f"unpacking {archive.name}") as bar:
-            if archive.name.endswith(".zip"):
+            is_zip = raw.read(4) == b"PK\x03\x04"  # a zip starts with its first member's header; a tar with a name
+            raw.seek(0)
+            if is_zip:
                 with zipfile.ZipFile(raw) as z:
                     for member in z.infolist():
                         z.extract(member, into)  # names that would leave `into` are made safe
                         bar.update(member.compress_size)
-            else:  # read as a stream, which the bar follows
-                mode = "r|" if archive.name.endswith(".tar") else "r|gz"
-                with tarfile.open(fileobj=_Counted(raw, bar), mode=mode) as t:
+            else:  # read as a stream, which the bar follows; "r|*" tells the compression from the first bytes
+                with tarfile.open(fileobj=_Counted(raw, bar), mode="r|*") as t:
                     t.extractall(into, filter="data")  # refuses absolute paths, '..' and links that leave `into`
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
             OSError) as error:
@@ -392,9 +434,13 @@ def place(source, destination):
         os.rename(source, destination)
 
 def assemble(name, recipe, downloads, stage, scratch):
-    """Download the recipe's files and lay them out in `stage` as CoOp does."""
+    """Download the recipe's files and lay them out in `stage` as CoOp does. The small files come first: Google
+    Drive may refuse a split file for a day, and each run until then would otherwise check and unpack the archive
+    again (39 GB for SUN397)."""
     stage.mkdir()
-    for file in recipe.files:
+    small = [file for file in recipe.files if file.unpack is None]
+    archives = [file for file in recipe.files if file.unpack is not None]
+    for file in small + archives:
         path = download(file, downloads, name)
         if file.unpack is None:
             shutil.copyfile(path, stage / file.name)
@@ -414,6 +460,7 @@ def assemble(name, recipe, downloads, stage, scratch):
 def unreadable(folder):
     """Why `folder` does not read as `--data` reads it (every class with training images, a test split, every image
     its splits name on disk); None when it does."""
+    import data  # here, not at the top: data.py imports torch, seconds that `fetch.py --help` need not wait
     try:
         data.make_task(str(folder), shots=0)  # shots=0: the whole dataset, each image of it checked
     except data.DataError as error:
@@ -435,34 +482,41 @@ def fetch(name, root, keep_archives=False):
     work = root / ".fetch"
     downloads = work / "downloads" / recipe.folder
     stage, scratch = work / recipe.folder, work / (recipe.folder + ".unpacked")
-    with locked(work / (recipe.folder + ".lock")):
-        if recipe.manual is None and target.is_dir():  # made by a fetch that held the lock before this one
-            raise FetchError(f"{target} appeared while this fetch started: run again to check it")
-        for path in (stage, scratch):
-            shutil.rmtree(path, ignore_errors=True)  # a run that was killed may have left them (and their space)
-        check_space(recipe, root, downloads)
-        try:
-            assemble(name, recipe, downloads, stage, scratch)
-            if recipe.manual is not None:
-                add_missing(recipe, stage, target)
-            elif problem := unreadable(stage):
-                unchecked = [file.name for file in recipe.files if file.checksum is None]
-                for file_name in unchecked:  # the suspects: nothing vouched for their bytes
-                    (downloads / file_name).unlink(missing_ok=True)
-                deleted = f"the downloads without a checksum ({', '.join(unchecked)}) were deleted: run again, and "
-                raise FetchError(f"the fetched files do not make a readable {name} folder ({problem}); "
-                                 f"{deleted if unchecked else ''}if this repeats please report it")
-            else:
-                os.rename(stage, target)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-            shutil.rmtree(scratch, ignore_errors=True)
-        if not keep_archives:
-            shutil.rmtree(downloads, ignore_errors=True)
-    remove_empty(downloads, root)
-    if recipe.manual is not None:
-        print(f"{name}: {recipe.manual.format(target=target)}")
-    else:
+    try:
+        with locked(work / (recipe.folder + ".lock")):
+            if recipe.manual is None and target.is_dir():  # made by a fetch that held the lock before this one
+                raise FetchError(f"{target} appeared while this fetch started: run again to check it")
+            for path in (stage, scratch):
+                shutil.rmtree(path, ignore_errors=True)  # a run that was killed may have left them (and their space)
+            check_space(recipe, root, downloads)
+            try:
+                assemble(name, recipe, downloads, stage, scratch)
+                if recipe.manual is not None:
+                    add_missing(recipe, stage, target)
+                elif problem := unreadable(stage):
+                    unchecked = [file.name for file in recipe.files if file.checksum is None]
+                    for file_name in unchecked:  # the suspects: nothing vouched for their bytes
+                        (downloads / file_name).unlink(missing_ok=True)
+                    deleted = f"the downloads without a checksum ({', '.join(unchecked)}) were deleted: run again, and "
+                    raise FetchError(f"the fetched files do not make a readable {name} folder ({problem}); "
+                                     f"{deleted if unchecked else ''}if this repeats please report it")
+                else:
+                    os.rename(stage, target)
+            except FetchError as error:
+                if str(downloads) not in str(error):  # a folder that the error says to save a file in stays
+                    remove_empty(downloads, work)
+                raise
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+                shutil.rmtree(scratch, ignore_errors=True)
+            if not keep_archives:
+                shutil.rmtree(downloads, ignore_errors=True)
+            remove_empty(downloads, work)
+    finally:
+        remove_empty(work, root)  # once no lock or download is left in it
+        if recipe.manual is not None:  # the steps by hand, also when the small files could not be fetched
+            print(f"{name}: {recipe.manual.format(target=target)}")
+    if recipe.manual is None:
         print(f"{name}: ready at {target}")
     return target
 
@@ -497,6 +551,7 @@ def dry_run(names, root):
                                                     if unknown else ""))
 
 def dataset_names(asked):
+    import data  # as in unreadable()
     aliases = {name.lower(): name for name in RECIPES}
     for folder, (name, _) in {**data.SPLITS, **data.VARIANTS}.items():
         aliases[name.lower()] = folder

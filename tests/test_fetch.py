@@ -9,11 +9,15 @@ import http.server
 import io
 import json
 import os
+import random
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 import urllib.parse
 import zipfile
 
@@ -33,7 +37,8 @@ class Source(http.server.BaseHTTPRequestHandler):
     /drive.google.com/uc?id=X serves files["drive/X"] at once, or, for an id in `large`, a confirmation page whose
     form leads to /drive.usercontent.google.com/download. A key in `cut` is sent half, once, then the connection
     closes; a key in `pages` gets that HTML instead of the file, with the status in `status` (200 by default); a key
-    in `unsized` is sent without a Content-Length."""
+    in `unsized` is sent without a Content-Length; a key in `stalls` is sent half, then the rest once its event is
+    set."""
 
     def log_message(self, *args):
         pass
@@ -74,6 +79,11 @@ class Source(http.server.BaseHTTPRequestHandler):
             server.cut.discard(key)
             self.wfile.write(body[start:start + (len(body) - start) // 2])
             return
+        if key in server.stalls:
+            half = start + (len(body) - start) // 2
+            self.wfile.write(body[start:half])
+            server.stalls[key].wait(timeout=30)
+            start = half
         self.wfile.write(body[start:])
 
     def send(self, body, content_type, status=200):
@@ -104,7 +114,7 @@ def confirmation_page(server, drive_id, old_form=False):
 def server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Source)
     server.files, server.large, server.cut, server.pages, server.requests = {}, set(), set(), {}, []
-    server.status, server.unsized, server.old_forms = {}, set(), set()
+    server.status, server.unsized, server.old_forms, server.stalls = {}, set(), set(), {}
     # shutdown() waits for serve_forever's next poll: every 0.5 s by default, half a second per test
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
@@ -347,19 +357,73 @@ CLASSNAMES = "".join(f"{wnid} class {i}\n" for i, wnid in enumerate(WNIDS)).enco
 
 def imagenet_sets():
     """{dataset: {file name: bytes}} for the four test sets; each holds images of classes 0 and 1 (ImageNet-V2's
-    folders are the labels 0..999, all there, most empty here)."""
+    folders are the labels 0..999, all there, most empty here). Each archive is compressed as the real one is:
+    ImageNet-V2's .tar.gz on Hugging Face is a plain tar, as are ImageNet-A's and -R's .tar."""
     images = {f"{WNIDS[label]}/{i}.jpg": jpeg(colour(label)) for label in (0, 1) for i in range(2)}
     v2 = {f"imagenetv2-matched-frequency-format-val/{label}": None for label in range(1000)}
     v2.update({f"imagenetv2-matched-frequency-format-val/{label}/{i}.jpeg": jpeg(colour(label))
                for label in (0, 1) for i in range(2)})
     return {
-        "imagenetv2": {"imagenetv2-matched-frequency.tar.gz": tar(v2)},
+        "imagenetv2": {"imagenetv2-matched-frequency.tar.gz": tar(v2, compress="")},
         "imagenet-sketch": {"ImageNet-Sketch.zip": zip_(under("sketch", images))},
         "imagenet-adversarial": {"imagenet-a.tar": tar({**under("imagenet-a", images), "imagenet-a/README.txt": b""},
                                                        compress="")},
         "imagenet-rendition": {"imagenet-r.tar": tar({**under("imagenet-r", images), "imagenet-r/README.txt": b""},
                                                      compress="")},
     }
+
+
+def test_a_plain_tar_named_tar_gz_is_unpacked(monkeypatch, server, tmp_path, capsys):
+    """Hugging Face's imagenetv2-matched-frequency.tar.gz is a plain tar: 1,264,079,360 bytes in TensorFlow Datasets'
+    record, a multiple of 512 as a tar's blocks are. An archive is read by its content, not by its name."""
+    archive = imagenet_sets()["imagenetv2"]["imagenetv2-matched-frequency.tar.gz"]
+    assert len(archive) % 512 == 0 and archive[:2] != b"\x1f\x8b"  # a plain tar: no gzip magic
+    serve(monkeypatch, server, "imagenetv2", {"imagenetv2-matched-frequency.tar.gz": archive,
+                                              "classnames.txt": CLASSNAMES})
+    fetch.main(["imagenetv2", "--root", str(tmp_path)])
+    assert "imagenetv2: ready at" in capsys.readouterr().out
+    assert len(data.load_dataset(str(tmp_path / "imagenetv2")).test) == 4
+
+
+def closed_port():
+    """A port on 127.0.0.1 where nothing listens: a source that cannot be reached."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_imagenet_steps_again_and_when_drive_is_unreachable(monkeypatch, server, tmp_path, capsys):
+    """`fetch.py imagenet` run again before the images are in place prints the steps again, without an error; and
+    so it does when Google Drive, which serves classnames.txt, cannot be reached."""
+    serve(monkeypatch, server, "imagenet", {"classnames.txt": CLASSNAMES})
+    steps = "ILSVRC2012_img_train.tar"
+    for _ in range(2):
+        fetch.main(["imagenet", "--root", str(tmp_path)])
+        out, err = capsys.readouterr()
+        assert steps in out and str(tmp_path / "imagenet") in out and err == ""
+    with pytest.raises(data.DataError, match=r"imagenet/images/train is missing: ImageNet's images go there by hand"):
+        data.load_dataset(str(tmp_path / "imagenet"))
+    recipe = fetch.RECIPES["imagenet"]
+    offline = re.sub(r"127.0.0.1:\d+", f"127.0.0.1:{closed_port()}", recipe.files[0].url)
+    monkeypatch.setitem(fetch.RECIPES, "imagenet", recipe._replace(files=(recipe.files[0]._replace(url=offline),)))
+    with pytest.raises(SystemExit, match="not fetched: imagenet"):
+        fetch.main(["imagenet", "--root", str(tmp_path / "offline")])
+    out, err = capsys.readouterr()
+    assert steps in out and str(tmp_path / "offline" / "imagenet") in out and "error: imagenet: cannot reach" in err
+
+
+def test_imagenet_sketch_is_checked(monkeypatch, server, tmp_path, capsys):
+    """ImageNet-Sketch.zip has a recorded SHA256 now: a zip with other contents at its URL (the source changed) is
+    refused and deleted, where it used to be unpacked as ImageNet-Sketch."""
+    sketch = key_of(fetch.RECIPES["imagenet-sketch"].files[0].url)
+    contents = {**imagenet_sets()["imagenet-sketch"], "classnames.txt": CLASSNAMES}
+    serve(monkeypatch, server, "imagenet-sketch", contents)
+    server.files[sketch] = zip_(under("sketch", {f"{WNIDS[0]}/other.jpg": jpeg(colour(0))}))
+    line = fails("imagenet-sketch", tmp_path, capsys)
+    assert re.search(r"ImageNet-Sketch.zip gave a file whose SHA256 is [0-9a-f]{64}, not the published [0-9a-f]{64}; "
+                     r"it was deleted", line)
+    assert not (tmp_path / "imagenet-sketch").exists()
+    assert not (tmp_path / ".fetch" / "downloads" / "imagenet-sketch" / "ImageNet-Sketch.zip").exists()
 
 
 @pytest.mark.slow
@@ -446,6 +510,46 @@ def test_interrupted_download_resumes(monkeypatch, server, tmp_path, capsys):
     assert len(data.load_dataset(str(tmp_path / "dtd")).train) == 6
 
 
+def test_bytes_reach_the_disk_as_they_arrive(monkeypatch, server, tmp_path):
+    """On a slow link the .part grows with what has arrived (reads of at most 64 KiB, not 1 MiB), so that the bar
+    moves and a kill loses little: DTD's archive, 1.5 MiB here (its imdb.mat made of random bytes), stalls half way
+    until its .part holds bytes."""
+    contents = dtd()
+    members = tarfile.open(fileobj=io.BytesIO(contents["dtd-r1.0.1.tar.gz"]))
+    members = {m.name: members.extractfile(m).read() if m.isfile() else None for m in members}
+    members["dtd/imdb/imdb.mat"] = random.Random(0).randbytes(3 << 19)
+    contents["dtd-r1.0.1.tar.gz"] = tar(members)
+    serve(monkeypatch, server, "dtd", contents)
+    part = tmp_path / ".fetch" / "downloads" / "dtd" / "dtd-r1.0.1.tar.gz.part"
+    release, seen = server.stalls.setdefault(DTD_ARCHIVE, threading.Event()), []
+
+    def watch():  # the .part's size while the server waits, then the rest is sent
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (part.is_file() and part.stat().st_size):
+            time.sleep(0.01)
+        seen.append(part.stat().st_size if part.is_file() else 0)
+        release.set()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    watcher.join()
+    assert 0 < seen[0] <= len(server.files[DTD_ARCHIVE]) // 2 and (tmp_path / "dtd" / "images").is_dir()
+
+
+def test_progress_off_a_terminal_is_plain_lines(monkeypatch, server, tmp_path, capsys):
+    """In a log (stdout and stderr not terminals, as under capsys), progress is whole lines, no carriage returns;
+    here a line at every read, DTD's archive being downloaded, checked and unpacked."""
+    serve(monkeypatch, server, "dtd", dtd())
+    monkeypatch.setattr(fetch, "LOG_EVERY", 0)
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "\r" not in out and err == ""
+    size = len(server.files[DTD_ARCHIVE])
+    assert size < 1000  # tqdm writes it in bytes
+    for what in ("dtd-r1.0.1.tar.gz", "checking dtd-r1.0.1.tar.gz", "unpacking dtd-r1.0.1.tar.gz"):
+        assert re.search(rf"^{what}: 100% {size}/{size} \[", out, re.MULTILINE), what
+
+
 def test_corrupt_archive_fails_its_checksum(monkeypatch, server, tmp_path, capsys):
     serve(monkeypatch, server, "dtd", dtd())
     archive = "www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
@@ -455,7 +559,9 @@ def test_corrupt_archive_fails_its_checksum(monkeypatch, server, tmp_path, capsy
         fetch.main(["dtd", "--root", str(tmp_path)])
     assert re.search(r"error: dtd: http://\S+ gave a file whose MD5 is [0-9a-f]{32}, not the published [0-9a-f]{32}; "
                      r"it was deleted: run again", capsys.readouterr().err)
-    assert not (tmp_path / "dtd").exists() and list((tmp_path / ".fetch" / "downloads" / "dtd").iterdir()) == []
+    assert not (tmp_path / "dtd").exists()
+    assert [p.name for p in (tmp_path / ".fetch" / "downloads" / "dtd").iterdir()] == [
+        "split_zhou_DescribableTextures.json"]
     server.files[archive] = good
     fetch.main(["dtd", "--root", str(tmp_path)])
     assert (tmp_path / "dtd" / "images" / "woven").is_dir()
@@ -489,7 +595,9 @@ def test_ctrl_c_keeps_the_download_and_a_complete_part_is_taken(monkeypatch, ser
     verify = fetch.verify
 
     def interrupted(path, file):
-        raise KeyboardInterrupt
+        if file.name == "dtd-r1.0.1.tar.gz":
+            raise KeyboardInterrupt
+        verify(path, file)
     monkeypatch.setattr(fetch, "verify", interrupted)
     with pytest.raises(SystemExit, match="interrupted while fetching dtd: run again to resume"):
         fetch.main(["dtd", "--root", str(tmp_path)])
@@ -543,7 +651,7 @@ def test_a_file_saved_by_hand_is_checked(monkeypatch, server, tmp_path, capsys):
     (downloads / "dtd-r1.0.1.tar.gz").write_bytes(b"an error page saved by mistake")
     line = fails("dtd", tmp_path, capsys)
     assert re.search(r"gave a file whose MD5 is [0-9a-f]{32}, not the published [0-9a-f]{32}; it was deleted", line)
-    assert not (downloads / "dtd-r1.0.1.tar.gz").exists() and server.requests == []
+    assert not (downloads / "dtd-r1.0.1.tar.gz").exists() and DTD_ARCHIVE not in [key for key, _ in server.requests]
 
 
 @pytest.mark.parametrize("status, said", [(503, "answered HTTP 503 Service Unavailable: the server is busy or down; "
@@ -556,22 +664,72 @@ def test_busy_servers_and_a_quota_sent_as_an_error(monkeypatch, server, tmp_path
     assert said in fails("dtd", tmp_path, capsys)
 
 
+QUOTA_PAGE = ("<html><head><title>Google Drive - Quota exceeded</title></head><body><p>Sorry, you can't view or "
+              "download this file at this time.</p><p>Too many users have viewed or downloaded this file recently."
+              "</p></body></html>")  # Drive's page in place of a file downloaded too often
+
+
 def test_drive_quota_and_web_pages_are_named(monkeypatch, server, tmp_path, capsys):
     serve(monkeypatch, server, "dtd", dtd())
-    server.pages[DTD_SPLIT] = ("<html><head><title>Google Drive - Quota exceeded</title></head><body><p>Sorry, you "
-                               "can't view or download this file at this time.</p><p>Too many users have viewed or "
-                               "downloaded this file recently.</p></body></html>")
+    server.pages[DTD_SPLIT] = QUOTA_PAGE
     line = fails("dtd", tmp_path, capsys)
     saved = tmp_path / ".fetch" / "downloads" / "dtd" / "split_zhou_DescribableTextures.json"
     assert re.search(rf"Google Drive refuses http://\S+id=1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x for now .* run again "
                      rf"tomorrow, or download it in a browser and save it as {re.escape(str(saved))}$", line)
-    assert not (tmp_path / "dtd").exists() and (saved.parent / "dtd-r1.0.1.tar.gz").is_file()  # kept for the next run
+    assert not (tmp_path / "dtd").exists() and DTD_ARCHIVE not in [key for key, _ in server.requests]  # small first
     saved.write_bytes(server.files[DTD_SPLIT])  # saved by hand, as the message says: the next run takes it
     fetch.main(["dtd", "--root", str(tmp_path)])
     assert (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").read_bytes() == server.files[DTD_SPLIT]
+    del server.pages[DTD_SPLIT]
     server.pages[DTD_ARCHIVE] = "<html><body>Our site has moved.</body></html>"
     line = fails("dtd", tmp_path / "elsewhere", capsys)
     assert re.search(r"http://\S+dtd-r1.0.1.tar.gz answered with a web page, not the file: open it in a browser", line)
+
+
+def test_a_split_file_that_is_a_web_page(monkeypatch, server, tmp_path, capsys):
+    """A web page sent in place of DTD's split file, under a file's content type (as a page saved by mistake would
+    be): one instruction, to save the real file where the next run takes it, in a folder that is there."""
+    serve(monkeypatch, server, "dtd", dtd())
+    split = server.files[DTD_SPLIT]
+    server.files[DTD_SPLIT] = QUOTA_PAGE.replace("<html>", "<!DOCTYPE html>\n<html>").encode()
+    line = fails("dtd", tmp_path, capsys)
+    saved = tmp_path / ".fetch" / "downloads" / "dtd" / "split_zhou_DescribableTextures.json"
+    assert re.search(rf"http://\S+id=1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x sent a web page, not the file; it was deleted: "
+                     rf"open it in a browser; if it gives the file, save it as {re.escape(str(saved))} and run again$",
+                     line)
+    assert line.count(str(tmp_path)) == 1 and saved.parent.is_dir() and not saved.exists()  # no other path named
+    assert DTD_ARCHIVE not in [key for key, _ in server.requests]
+    saved.write_bytes(split)
+    fetch.main(["dtd", "--root", str(tmp_path)])
+    assert len(data.load_dataset(str(tmp_path / "dtd")).train) == 6
+
+
+def test_a_refused_split_file_costs_no_check_or_unpacking_of_the_archive(monkeypatch, server, tmp_path, capsys):
+    """SUN397.tar.gz is 39 GB: while Drive refuses SUN397's split file, each run stops before the archive is
+    downloaded, checked or unpacked; once the split file is saved by hand, the archive is checked and unpacked once."""
+    archive, split = (key_of(file.url) for file in fetch.RECIPES["sun397"].files)
+    serve(monkeypatch, server, "sun397", sun())
+    server.pages[split] = QUOTA_PAGE
+    verify, unpack = fetch.verify, fetch.unpack
+    checked, unpacked = [], []
+
+    def counted_verify(path, file):
+        checked.append(file.name)
+        verify(path, file)
+
+    def counted_unpack(path, *args):
+        unpacked.append(path.name)
+        unpack(path, *args)
+    monkeypatch.setattr(fetch, "verify", counted_verify)
+    monkeypatch.setattr(fetch, "unpack", counted_unpack)
+    for _ in range(3):
+        assert "Google Drive refuses" in fails("sun397", tmp_path, capsys)
+    assert "SUN397.tar.gz" not in checked and unpacked == [] and archive not in [key for key, _ in server.requests]
+    downloads = tmp_path / ".fetch" / "downloads" / "sun397"
+    (downloads / "split_zhou_SUN397.json").write_bytes(server.files[split])  # saved from a browser, as said
+    fetch.main(["sun397", "--root", str(tmp_path)])
+    assert checked.count("SUN397.tar.gz") == 1 and unpacked == ["SUN397.tar.gz"]
+    assert len(data.load_dataset(str(tmp_path / "sun397")).train) == 6
 
 
 def test_too_little_space_is_said_before_downloading(monkeypatch, server, tmp_path, capsys):
@@ -595,7 +753,8 @@ def test_disk_full_while_downloading(monkeypatch, server, tmp_path, capsys):
     monkeypatch.setattr(fetch, "open", lambda path, mode="r": Full(io.BytesIO()) if "b" in mode and mode != "rb"
                         else open(path, mode), raising=False)
     line = fails("dtd", tmp_path, capsys)
-    assert re.search(r"the disk is full while writing \S+dtd-r1.0.1.tar.gz.part from http://\S+: free some space", line)
+    assert re.search(r"the disk is full while writing \S+split_zhou_DescribableTextures.json.part from http://\S+: "
+                     r"free some space", line)
     assert not (tmp_path / "dtd").exists()
 
 
@@ -605,7 +764,8 @@ def test_damaged_archive_without_a_checksum_is_deleted(monkeypatch, server, tmp_
     serve(monkeypatch, server, "ucf101", contents)
     line = fails("ucf101", tmp_path, capsys)
     assert re.search(r"UCF-101-midframes.zip from http://\S+ is damaged .*it was deleted: run again", line)
-    assert sorted(p.name for p in (tmp_path / ".fetch").rglob("*")) == ["downloads", "ucf101"]  # nothing else
+    assert sorted(p.name for p in (tmp_path / ".fetch").rglob("*")) == [
+        "downloads", "split_zhou_UCF101.json", "ucf101"]  # the split file, fetched first, for the next run
 
 
 def test_archive_members_outside_the_folder_are_refused(monkeypatch, server, tmp_path, capsys):
@@ -634,8 +794,8 @@ def test_interrupted_unpacking_leaves_no_folder(monkeypatch, server, tmp_path):
     assert sorted(p.name for p in (tmp_path / ".fetch").iterdir()) == ["downloads"]
     monkeypatch.setattr(fetch, "unpack", unpack)
     server.requests.clear()
-    fetch.main(["dtd", "--root", str(tmp_path)])  # the verified archive is not downloaded again
-    assert (tmp_path / "dtd" / "images").is_dir() and [key for key, _ in server.requests] == ["drive.google.com/uc"]
+    fetch.main(["dtd", "--root", str(tmp_path)])  # the verified archive is not downloaded again, nor the split file
+    assert (tmp_path / "dtd" / "images").is_dir() and server.requests == []
 
 
 def test_a_folder_that_does_not_read_is_left_alone(monkeypatch, server, tmp_path, capsys):
@@ -655,11 +815,37 @@ def test_another_fetch_of_the_same_dataset_is_refused(monkeypatch, server, tmp_p
     assert "another fetch holds" in line and "wait for it to finish" in line
 
 
+def test_an_offline_fetch_of_all_leaves_no_folder(monkeypatch, tmp_path, capsys):
+    """`fetch.py all` without a network (every source a closed port): each dataset fails with one line, and no empty
+    folder is left behind (there were 15 under .fetch/downloads/)."""
+    port = closed_port()
+    for name, recipe in fetch.RECIPES.items():
+        files = tuple(file._replace(url=re.sub(r"^https?://", f"http://127.0.0.1:{port}/", file.url))
+                      for file in recipe.files)
+        monkeypatch.setitem(fetch.RECIPES, name, recipe._replace(files=files))
+    disk_usage = shutil.disk_usage  # room for SUN397 and the rest, so that each gets as far as its first download
+    monkeypatch.setattr(fetch.shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=10 ** 14))
+    with pytest.raises(SystemExit, match="not fetched: eurosat, caltech-101, .*, imagenet-rendition"):
+        fetch.main(["all", "--root", str(tmp_path)])
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == len(fetch.RECIPES) == 15 and all("cannot reach http://127.0.0.1" in e for e in errors)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_root_that_cannot_be_made(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     line = fails("dtd", tmp_path / "file" / "data", capsys)
     assert line == f"error: dtd: Not a directory: {tmp_path / 'file' / 'data'}: choose another --root or fix its " \
                    "permissions"
+
+
+def test_help_does_not_import_torch():
+    """`fetch.py --help` took 4.6 s, all of it importing torch through data.py; data is imported where it is used."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "fetch.py", "--help"], capture_output=True,
+                            text=True, cwd=os.path.dirname(fetch.__file__), timeout=60)
+    assert result.returncode == 0 and "docs/datasets.md" in result.stdout
+    imported = re.findall(r"^import time: .*\|\s+(\S+)$", result.stderr, re.MULTILINE)  # one line per module
+    assert "tqdm" in imported and "torch" not in imported and "data" not in imported
 
 
 def test_unknown_name(tmp_path):

@@ -17,9 +17,13 @@ from pathlib import Path
 PAPER = Path(__file__).with_name("paper_results.csv")
 
 def collect(root):
-    """{(dataset, method, backbone, shots, protocol, metric): [accuracy of each seed]}"""
+    """{(dataset, method, backbone, shots, protocol, metric): [accuracy of each seed]} of the runs below `root`."""
+    return collect_files(sorted(Path(root).rglob("results.json")))
+
+def collect_files(paths):
+    """collect() of these results.json files (sweep.py's: exactly its experiment's runs)."""
     groups = defaultdict(list)
-    for path in sorted(Path(root).rglob("results.json")):
+    for path in paths:
         try:
             result = json.loads(path.read_text())
             key = tuple(result[k] for k in ("dataset", "method", "backbone", "shots", "protocol"))

@@ -1,0 +1,407 @@
+"""A paper's table in one command: every point of a grid is one train.py command, run one per GPU of this machine (or
+as a SLURM job array); run again, it skips the finished runs, resumes the interrupted ones and retries the failed.
+
+    python sweep.py experiments/coop_fewshot.toml                 # a table, as a file (experiments/README.md)
+    python sweep.py --method coop cocoop --data ./data/dtd --shots 1 2 4 --seed 1 2 3 -- --epochs 50   # inline
+    python sweep.py experiments/coop_fewshot.toml --dry-run       # the commands, copy-pasteable; starts nothing
+    python sweep.py experiments/coop_fewshot.toml --status        # what is done, running, failed, left
+
+A run started here is the same run as its command typed by hand: the same folder (runs.default_output), the same
+results.json. The sweep adds `--resume` to a run that has a checkpoint but no accuracy, and never `--overwrite`
+unless it is given after `--`. Each run's output goes to sweep.log in its folder; a failure also leaves
+sweep.json there (its one-line error), until the run is tried again. A run folder locked by another process (a
+train.py typed by hand, another sweep) is "running elsewhere", not a failure.
+"""
+import argparse
+import contextlib
+import ctypes
+import fcntl
+import io
+import itertools
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+import methods
+import report
+import runs
+
+TRAIN = Path(__file__).with_name("train.py")
+AXES = ("method", "data", "shots", "seed", "backbone", "protocol")  # the inline grid's flags
+NOT_IN_A_SWEEP = {"--output": "every run has its own folder", "--resume": "the sweep adds it where a run stopped",
+                  "--eval-only": "a sweep trains"}
+
+class Run(NamedTuple):
+    argv: list  # train.py's arguments
+    folder: Path  # where train.py writes it (runs.default_output)
+
+def folder_of(argv):
+    """The run folder train.py would write for `argv`, and a UserError naming what train.py's parser refuses."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = methods.parse_args(argv)
+    except SystemExit:
+        raise methods.UserError(f"train.py {shlex.join(argv)}: {stderr.getvalue().strip().splitlines()[-1]}") from None
+    if len(args.seeds) > 1 or argv.count("--seed") > 1:
+        raise methods.UserError("one seed per run: make the seeds an axis of the grid (--seed 1 2 3, seed = [1, 2, 3])")
+    methods.check_flags(args)
+    return runs.default_output(args, methods.make_config(args)[1])
+
+def make_runs(points):
+    """[train.py argv] -> [Run], each checked by train.py's own parser and config checks; a UserError names the first
+    command refused, or two points that would write one folder."""
+    made, seen = [], {}
+    for argv in points:
+        if clash := next((flag for flag in NOT_IN_A_SWEEP if flag in argv), None):
+            raise methods.UserError(f"{clash} is not for a sweep ({NOT_IN_A_SWEEP[clash]}): drop it")
+        try:
+            folder = folder_of(argv)
+        except methods.UserError as e:
+            raise methods.UserError(f"{shlex.join(argv)}: {e}") from None
+        if folder in seen:
+            raise methods.UserError(f"two points of the grid are one run ({folder}): {shlex.join(seen[folder])} "
+                                    f"and {shlex.join(argv)}")
+        seen[folder] = argv
+        made.append(Run(argv, folder))
+    return made
+
+def flag(key, value):
+    """A grid's key and value as train.py's flag: shots = 4 -> --shots 4; compile = true -> --compile."""
+    name = f"--{key.replace('_', '-')}"
+    return [name] if value is True else [] if value is False else [name, str(value)]
+
+def expand(grid, data_root=None):
+    """One [[grid]] table (or the inline grid) -> (point, train.py argv) per point of the product of its list values.
+    With a data_root, `data` values are dataset folder names under it (`demo`, and paths holding a "/", as they
+    are); `args` are flags for every point, where {method}, {data}, {shots}, ... are the point's values."""
+    grid = dict(grid)
+    extra = grid.pop("args", [])
+    axes = {key: value if isinstance(value, list) else [value] for key, value in grid.items()}
+    for values in itertools.product(*axes.values()):
+        point = dict(zip(axes, values))
+        argv = []
+        for key, value in point.items():
+            if data_root and key == "data" and value != "demo" and "/" not in str(value):
+                value = Path(data_root, value)
+            argv += flag(key, value)
+        yield point, argv + [str(arg).format_map(point) for arg in extra]
+
+def matches(point, where):
+    return all(point.get(key) in (value if isinstance(value, list) else [value]) for key, value in where.items())
+
+def read_experiment(path, data_root):
+    """An experiment file (TOML: [[grid]] tables and [[rule]] tables, experiments/README.md) -> [train.py argv]."""
+    try:
+        spec = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise methods.UserError(f"no experiment file at {path}: see experiments/ for the papers' tables") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise methods.UserError(f"{path} is not valid TOML: {e}") from None
+    if unknown := set(spec) - {"title", "paper", "data_root", "grid", "rule"}:
+        raise methods.UserError(f"{path}: unknown key {sorted(unknown)[0]!r}: an experiment has title, paper, "
+                                "data_root, [[grid]] and [[rule]] tables")
+    if not spec.get("grid"):
+        raise methods.UserError(f"{path} has no [[grid]] table: nothing to run")
+    for rule in spec.get("rule", []):
+        if set(rule) != {"where", "args"}:
+            raise methods.UserError(f"{path}: a [[rule]] has a `where` table and an `args` list, not {sorted(rule)}")
+    points = []
+    for grid in spec["grid"]:
+        for point, argv in expand(grid, data_root or spec.get("data_root", "data")):
+            for rule in spec.get("rule", []):
+                if matches(point, rule["where"]):
+                    argv += [str(arg).format_map(point) for arg in rule["args"]]
+            points.append(argv)
+    return points
+
+# The state of a run folder, read from the folder alone: what --status prints and what a sweep does next.
+DONE, ELSEWHERE, FAILED, STOPPED, TODO = "done", "running elsewhere", "failed", "interrupted", "to run"
+
+def locked(path):
+    """Whether another process holds the lock on `path` (train.py's on its run folder, a sweep's on sweep.lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+def finished(folder):
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return "accuracy" in json.loads((folder / "results.json").read_text())
+    return False
+
+def started(folder):  # a checkpoint, or results.json without accuracy: --resume continues it
+    return any((folder / name).exists() for name in runs.RUN_FILES)
+
+def state(folder):
+    if finished(folder):
+        return DONE
+    if locked(folder) or locked(folder / "sweep.lock"):
+        return ELSEWHERE
+    if (folder / "sweep.json").exists():
+        return FAILED
+    return STOPPED if started(folder) else TODO
+
+def failure(folder):
+    """A failed run's one-line error, from its sweep.json."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return json.loads((folder / "sweep.json").read_text())["error"]
+    return "?"
+
+# Running them here: one run per slot, a slot being the GPUs a run sees (CUDA_VISIBLE_DEVICES), or none on a CPU.
+
+def slots(gpus, per_gpu, gpus_per_run, jobs):
+    if gpus is None and jobs is None:
+        import torch  # only to count the GPUs
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    if not gpus:  # no GPU: --jobs processes (default 1)
+        return [None] * (jobs or 1)
+    if len(gpus) < gpus_per_run:
+        raise methods.UserError(f"--gpus-per-run {gpus_per_run}: only {len(gpus)} GPUs ({','.join(gpus)})")
+    groups = [gpus[i:i + gpus_per_run] for i in range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)]
+    return [",".join(group) for group in groups for _ in range(per_gpu)]
+
+def die_with_parent():
+    """In the child, before it runs: the kernel sends it SIGTERM when the sweep dies, even by kill -9, so no run
+    outlives the sweep holding a GPU (Linux; elsewhere the sweep's own handlers stop the children)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def command(run, gpus_per_run):
+    """The process for `run`: train.py, or torchrun with one process per GPU of its slot; --resume where it stopped."""
+    argv = run.argv + ["--resume"] * started(run.folder)
+    if gpus_per_run > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus_per_run}",
+                str(TRAIN), *argv]
+    return [sys.executable, str(TRAIN), *argv]
+
+class Local:
+    """The runs in flight on this machine: at most one per slot."""
+
+    def __init__(self, slots, gpus_per_run):
+        self.free, self.gpus_per_run = list(slots), gpus_per_run
+        self.running = {}  # Popen -> (run, slot, its sweep.lock's fd, start time)
+
+    def start(self, run):
+        """Start `run` in a free slot -> whether it started (False: another process holds it, or it is done)."""
+        run.folder.mkdir(parents=True, exist_ok=True)
+        lock = os.open(run.folder / "sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # first come: two sweeps never start one run twice
+        except BlockingIOError:
+            os.close(lock)
+            return False
+        if finished(run.folder) or locked(run.folder):  # done, or typed by hand, since the list was made
+            os.close(lock)
+            return False
+        (run.folder / "sweep.json").unlink(missing_ok=True)
+        slot, process = self.free.pop(0), command(run, self.gpus_per_run)
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
+        with open(run.folder / "sweep.log", "a") as log:
+            print(f"$ {shlex.join(process)}", file=log, flush=True)
+            child = subprocess.Popen(process, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=die_with_parent)
+        self.running[child] = (run, slot, lock, time.monotonic())
+        return True
+
+    def ended(self):
+        """The runs that ended since the last call -> [(run, what: DONE, FAILED or ELSEWHERE, error, seconds)]."""
+        ended = []
+        for child in [c for c in self.running if c.poll() is not None]:
+            run, slot, lock, start = self.running.pop(child)
+            self.free.append(slot)
+            what, error = DONE, None
+            if child.returncode != 0 and locked(run.folder):  # a train.py typed by hand got there first
+                what = ELSEWHERE
+            elif child.returncode != 0:
+                what, error = FAILED, last_error(run.folder / "sweep.log", child.returncode)
+                runs.write_json({"error": error, "returncode": child.returncode, "argv": run.argv},
+                                run.folder / "sweep.json")
+            os.close(lock)
+            ended.append((run, what, error, time.monotonic() - start))
+        return ended
+
+    def stop(self):
+        """SIGTERM to every run in flight (and to its processes: torchrun's, the data loaders'), then SIGKILL to
+        any still alive after 10 s; each keeps the checkpoint of its last finished epoch."""
+        for child in self.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for child in self.running:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+
+def last_error(log, returncode):
+    """A failed run's one line: train.py's `error: ...`, else the last line it printed."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or [f"exit status {returncode}"])[-1]
+
+def run_local(todo, slots, gpus_per_run, say):
+    """Run `todo` over the slots -> [(run, error)] of the failed runs, [run] of those running elsewhere."""
+    pool, waiting, failed, elsewhere = Local(slots, gpus_per_run), list(todo), [], []
+    with progress(len(todo)) as bar:
+        try:
+            while waiting or pool.running:
+                while waiting and pool.free:
+                    run = waiting.pop(0)
+                    if pool.start(run):
+                        say(f"started {run.folder}")
+                    elif finished(run.folder):
+                        bar.update(1)
+                    else:
+                        elsewhere.append(run)
+                        say(f"running elsewhere: {run.folder}")
+                        bar.update(1)
+                time.sleep(0.2)
+                for run, what, error, seconds in pool.ended():
+                    if what == FAILED:
+                        failed.append((run, error))
+                    elif what == ELSEWHERE:
+                        elsewhere.append(run)
+                    say(f"{what} after {seconds:.0f} s: {run.folder}{f': {error}' if error else ''}")
+                    bar.update(1)
+                bar.set_postfix_str(f"{len(pool.running)} running, {len(failed)} failed", refresh=False)
+        except KeyboardInterrupt:
+            pool.stop()
+            raise
+    return failed, elsewhere
+
+def progress(total):
+    """A bar over runs (done, rate, ETA from the finished runs) on a terminal; off one, a bar that draws nothing (the
+    sweep's lines say what happens)."""
+    return tqdm(total=total, unit="run", desc="sweep", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+def sigterm_as_interrupt(*_):
+    raise KeyboardInterrupt  # SIGTERM (a cluster's, a `kill`) stops the runs in flight as Ctrl-C does
+
+def parse_args(argv):
+    argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog="What follows -- goes to every run: sweep.py ... -- --epochs 50")
+    p.add_argument("experiment", nargs="?", help="an experiment file (experiments/*.toml); or the flags below")
+    for axis in AXES:
+        p.add_argument(f"--{axis}", nargs="+", help=f"inline grid: one run per {axis} (with the other axes)")
+    p.add_argument("--data-root", help="where the datasets of an experiment file are (default: its data_root, "
+                   "else ./data)")
+    p.add_argument("--only", nargs="+", default=[], metavar="KEY=VALUE", help="the runs whose train.py flag KEY has "
+                   "VALUE (data=dtd matches ./data/dtd)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and their folders; start nothing")
+    p.add_argument("--status", action="store_true", help="print each run's state; start nothing")
+    p.add_argument("--gpus", help="GPUs to use, e.g. 0,1,2,3 (default: every visible GPU)")
+    p.add_argument("--per-gpu", type=int, default=1, metavar="K", help="runs sharing one GPU")
+    p.add_argument("--gpus-per-run", type=int, default=1, metavar="K", help="GPUs per run (torchrun, K processes)")
+    p.add_argument("--jobs", type=int, metavar="N", help="runs at once on a machine without GPUs (default 1)")
+    p.add_argument("--plot", metavar="FILE.png", help="at the end, also report.py's plot of accuracy against shots")
+    args = p.parse_args(argv)
+    args.extra = extra
+    return args
+
+def selected(points, only):
+    """The points whose train.py flags have the --only values."""
+    wanted = []
+    for item in only:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise methods.UserError(f"--only {item}: write KEY=VALUE, e.g. data=dtd or method=coop")
+        wanted.append((f"--{key.replace('_', '-')}", value))
+    def keeps(argv):
+        given = dict(zip(argv, argv[1:]))
+        return all(k in given and (given[k] == v or Path(given[k]).name == v) for k, v in wanted)
+    return [argv for argv in points if keeps(argv)]
+
+def grid_points(args):
+    if args.experiment and any(getattr(args, axis) for axis in AXES):
+        raise methods.UserError("pass an experiment file or the inline grid's flags, not both")
+    if args.experiment:
+        points = read_experiment(args.experiment, args.data_root)
+    elif args.method and args.data:
+        grid = {axis: getattr(args, axis) for axis in AXES if getattr(args, axis)}
+        points = [argv for _, argv in expand(grid)]  # --data as train.py takes it
+    else:
+        raise methods.UserError("pass an experiment file (experiments/*.toml), or --method and --data (and --shots, "
+                                "--seed, ...) for an inline grid")
+    points = [argv + args.extra for argv in selected(points, args.only)]
+    if not points:
+        raise methods.UserError(f"no run matches --only {' '.join(args.only)}")
+    return points
+
+def print_status(all_runs):
+    states = {run: state(run.folder) for run in all_runs}
+    counts = {s: sum(v == s for v in states.values()) for s in (DONE, ELSEWHERE, FAILED, STOPPED, TODO)}
+    print(f"{len(all_runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    for run, s in states.items():
+        if s != DONE:
+            detail = f": {failure(run.folder)} (log: {run.folder / 'sweep.log'})" if s == FAILED else ""
+            print(f"  {s}: {run.folder}{detail}")
+
+def print_report(all_runs, plot):
+    """report.py's table (mean ± std over seeds, the papers' numbers beside) of this sweep's finished runs."""
+    groups = report.collect_files([run.folder / "results.json" for run in all_runs if finished(run.folder)])
+    if groups:
+        print(report.table(groups, report.paper_numbers()), flush=True)
+    if groups and plot:
+        report.plot(groups, plot)
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        all_runs = make_runs(grid_points(args))
+        train = os.path.relpath(TRAIN)
+        if args.dry_run:
+            for run in all_runs:
+                print(f"python {train} {shlex.join(run.argv)}  # {run.folder}")
+            print(f"# {len(all_runs)} runs")
+            return 0
+        if args.status:
+            print_status(all_runs)
+            return 0
+        for name in ("per_gpu", "gpus_per_run", "jobs"):
+            if (getattr(args, name) or 1) < 1:
+                raise methods.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 1 or more")
+        gpus = None if args.gpus is None else [g for g in args.gpus.split(",") if g]
+        places = slots(gpus, args.per_gpu, args.gpus_per_run, args.jobs)
+        todo = [run for run in all_runs if not finished(run.folder)]
+        print(f"{len(all_runs)} runs: {len(all_runs) - len(todo)} done, {len(todo)} to run, {len(places)} at once",
+              flush=True)
+        signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+        failed, elsewhere = run_local(todo, places, args.gpus_per_run, lambda line: print(line, flush=True))
+    except methods.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the runs in flight keep the checkpoint of their last finished epoch, and the same "
+              "command continues them", file=sys.stderr)
+        return 130
+    print_report(all_runs, args.plot)
+    for run in elsewhere:
+        print(f"running elsewhere (not started here): {run.folder}")
+    for run, error in failed:
+        print(f"FAILED {run.folder}: {error} (log: {run.folder / 'sweep.log'})", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(all_runs)} runs failed; the same command retries them", file=sys.stderr)
+    return 1 if failed else 0
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -51,7 +51,7 @@ def folder_of(argv):
         with contextlib.redirect_stderr(stderr):
             args = methods.parse_args(argv)
     except SystemExit:
-        raise methods.UserError(f"train.py {shlex.join(argv)}: {stderr.getvalue().strip().splitlines()[-1]}") from None
+        raise methods.UserError(f"train.py says {stderr.getvalue().strip().splitlines()[-1]}") from None
     if len(args.seeds) > 1 or argv.count("--seed") > 1:
         raise methods.UserError("one seed per run: make the seeds an axis of the grid (--seed 1 2 3, seed = [1, 2, 3])")
     methods.check_flags(args)
@@ -94,7 +94,15 @@ def expand(grid, data_root=None):
             if data_root and key == "data" and value != "demo" and "/" not in str(value):
                 value = Path(data_root, value)
             argv += flag(key, value)
-        yield point, argv + [str(arg).format_map(point) for arg in extra]
+        yield point, argv + fill(extra, point)
+
+def fill(args, point):
+    """Flags with the point's values in place of {method}, {data}, ..."""
+    try:
+        return [str(arg).format_map(point) for arg in args]
+    except KeyError as e:
+        raise methods.UserError(f"the flags {args} name {{{e.args[0]}}}, which is not a key of the grid "
+                                f"({', '.join(point)})") from None
 
 def matches(point, where):
     return all(point.get(key) in (value if isinstance(value, list) else [value]) for key, value in where.items())
@@ -120,7 +128,7 @@ def read_experiment(path, data_root):
         for point, argv in expand(grid, data_root or spec.get("data_root", "data")):
             for rule in spec.get("rule", []):
                 if matches(point, rule["where"]):
-                    argv += [str(arg).format_map(point) for arg in rule["args"]]
+                    argv += fill(rule["args"], point)
             points.append(argv)
     return points
 

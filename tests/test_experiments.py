@@ -138,13 +138,17 @@ def test_dry_run_prints_the_files_commands_and_their_count(capsys):
 @pytest.mark.skipif((ROOT / "descriptions" / "imagenet.json").exists(), reason="describe.py's files are here")
 def test_dualpt_waits_for_its_descriptions_but_its_baselines_run_meanwhile(tmp_path, monkeypatch, capsys):
     """docs/reproducing.md: until describe.py has written them the sweep refuses dualpt.toml, naming the file;
-    --only method=proda expands the rest."""
+    --dry-run prints every command and marks the refused ones; --only method=proda method=cocoop runs the rest."""
     monkeypatch.chdir(tmp_path)
     file = str(EXPERIMENTS / "dualpt.toml")
-    assert sweep.main([file, "--dry-run"]) == 2
+    assert sweep.main([file]) == 2
     assert "descriptions=descriptions/imagenet.json: no such file (python describe.py" in capsys.readouterr().err
-    assert sweep.main([file, "--dry-run", "--only", "method=proda"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "# 165 runs"
+    assert sweep.main([file, "--dry-run"]) == 0
+    *lines, count = capsys.readouterr().out.splitlines()
+    assert count == "# 396 runs; 198 refused now, as said" and len(lines) == 396
+    assert "# refused now: dualpt: descriptions=descriptions/imagenet.json: no such file" in lines[0]
+    assert sweep.main([file, "--dry-run", "--only", "method=proda", "method=cocoop"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "# 198 runs"
 
 
 def test_the_readmes_example_expands(tmp_path, monkeypatch, capsys):

@@ -103,6 +103,8 @@ def parse_args(argv):
     p.add_argument("--cache-features", type=int, default=0, metavar="V", help="frozen image tower only: encode V "
                    "augmented views of the training images once; epoch e trains on view e mod V")
     p.add_argument("--compile", action="store_true", help="torch.compile the frozen blocks of both towers")
+    p.add_argument("--tensorboard", action="store_true", help="also log each epoch's loss, training accuracy and lr, "
+                   "and the final accuracies, as TensorBoard scalars in the run folder (pip install tensorboard)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a field of the method's Config")
     p.add_argument("--list", action="store_true", help="list the methods")
     p.add_argument("--help-config", action="store_true", help="show the method's Config fields and defaults")
@@ -133,6 +135,13 @@ def check_flags(args):
     if args.eval_data and args.protocol not in ("cross", "dg"):
         raise UserError(f"--eval-data names the target datasets of --protocol cross or dg; with --protocol "
                         f"{args.protocol} it would be ignored: add --protocol cross (or dg), or drop --eval-data")
+    if args.tensorboard and args.eval_only:
+        raise UserError("--tensorboard logs the epochs of a training run; --eval-only trains none: drop --tensorboard")
+    if args.tensorboard:
+        try:  # an optional extra: imported only for this flag, before anything is written (runs.Log writes with it)
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise UserError("--tensorboard needs tensorboard: pip install tensorboard") from None
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in the output folder, --overwrite replaces it: pass one of them")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -240,6 +240,8 @@ def lock_run(out, lock, args, device):
     if args.overwrite and first:
         for name in (*RUN_FILES, "log.txt"):
             (out / name).unlink(missing_ok=True)
+        for events in out.glob("events.out.tfevents.*"):  # --tensorboard's curves of the run replaced
+            events.unlink()
 
 def checkpoint_config(args, cfg, ckpt):
     """--eval-only: the Config the checkpoint was trained with (its model is rebuilt as it was); a UserError when
@@ -301,16 +303,39 @@ def headline(runner, results):
             f"{len(runner.task.train)} train images, {schedule}{cached}")
 
 class Log:
-    """log(line): printed, and appended to the run's log.txt; one process speaks and writes for a torchrun job."""
+    """log(line): printed, and appended to the run's log.txt; log.scalars(step, values): with --tensorboard, TensorBoard
+    scalars in the run folder. One process speaks and writes for a torchrun job. `with` closes the event file."""
 
-    def __init__(self, out, rank):
+    def __init__(self, out, rank, tensorboard=False):
         self.path, self.rank = Path(out) / "log.txt", rank
+        self.out, self.tensorboard, self.writer = Path(out), tensorboard and rank == 0, None
 
     def __call__(self, line):
         if self.rank == 0:
             with open(self.path, "a") as f:  # first: log.txt keeps the line even if stdout's reader went away
                 print(line, file=f)
             print(line, flush=True)
+
+    def scalars(self, step, values, purge=False):
+        """values ({tag: number}) at `step`, an epoch. The event files go into the run folder itself (not a subfolder),
+        so that `tensorboard --logdir runs/` lists each run by its folder's path, <data>/<method>/.../seed<S>. The first
+        call opens this process's file; with purge, TensorBoard hides what an earlier process logged here from `step`
+        on (an epoch that a killed run logged before its checkpoint was written, which --resume trains again)."""
+        if not self.tensorboard:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # optional: methods.check_flags made sure it imports
+            self.writer = SummaryWriter(str(self.out), purge_step=step if purge else None)
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()  # on disk each epoch: a killed run keeps what it logged
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer is not None:
+            self.writer.close()
 
 def progress(total, what, rank=0):
     """A bar of the images this process handles (count, img/s, ETA) on a terminal, for process 0; elsewhere (a pipe,

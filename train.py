@@ -283,6 +283,7 @@ def train(runner, results, epochs, out, log):
             seen, loss_sum, correct = runner.train_epoch(trainer, optimizer, inputs_and_labels, epoch, out, bar)
         history.append(dict(epoch=epoch + 1, loss=loss_sum / seen, acc=100 * correct / seen,
                             lr=optimizer.param_groups[0]["lr"], seconds=time.time() - tic))
+        log.scalars(epoch + 1, {f"train/{key}": history[-1][key] for key in ("loss", "acc", "lr")}, purge=True)
         this_run = time.time() - started
         elapsed = previous + this_run
         eta = this_run / (epoch + 1 - start) * (epochs - epoch - 1)
@@ -324,8 +325,8 @@ def run(args):
     epochs = planned_epochs(args, cfg, module, runner.model)
     methods.check_task(runner, task)
 
-    with runs.claim_folder(runs.output_folder(args, cfg), args, runner.device) as out:  # 3. the run folder
-        log = runs.Log(out, runner.rank)
+    out = runs.output_folder(args, cfg)  # 3. the run folder; the log closes --tensorboard's event file
+    with runs.claim_folder(out, args, runner.device), runs.Log(out, runner.rank, args.tensorboard) as log:
         results = runs.start_results(runner, epochs)
         log(runs.headline(runner, results))
         results_file = out / (f"eval_{task.dataset}_{args.protocol}.json" if args.eval_only else "results.json")
@@ -341,6 +342,7 @@ def run(args):
         if args.protocol == "base2new":
             base, new = accuracy["base"], accuracy["new"]
             accuracy["hm"] = 2 * base * new / (base + new) if base + new else 0.0
+        log.scalars(epochs, {f"accuracy/{name}": acc for name, acc in accuracy.items()})
         results.update(accuracy=accuracy, history=history, time_s=previous + time.time() - started)
         runs.write_json(results, results_file)
         log("  ".join(f"{name} {acc:.2f}" for name, acc in accuracy.items()) + f"  -> {results_file}")

@@ -165,6 +165,7 @@ def failure(folder):
     return "?"
 
 # Running them here: one run per slot, a slot being the GPUs a run sees (CUDA_VISIBLE_DEVICES), or none on a CPU.
+# A SLURM task (below) runs its one run with the same pieces: command, claim, launch, outcome, stop.
 
 def slots(gpus, per_gpu, gpus_per_run, jobs):
     if gpus is None and jobs is None:
@@ -191,6 +192,56 @@ def command(run, gpus_per_run):
                 str(TRAIN), *argv]
     return [sys.executable, str(TRAIN), *argv]
 
+def claim(run):
+    """Take `run`'s sweep.lock -> its file descriptor (the lock is held until it is closed), or None: another process
+    holds it, or the run finished or was typed by hand since the list was made. A claimed run's last failure
+    (sweep.json) is cleared: it is tried again."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    lock = os.open(run.folder / "sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # first come: two sweeps never start one run twice
+    except BlockingIOError:
+        os.close(lock)
+        return None
+    if finished(run.folder) or locked(run.folder):  # done, or typed by hand, since the list was made
+        os.close(lock)
+        return None
+    (run.folder / "sweep.json").unlink(missing_ok=True)
+    return lock
+
+def launch(run, process, env, preexec_fn):
+    """Start `process` (command(run, ...)) in a session of its own, its output appended to the run's sweep.log."""
+    with open(run.folder / "sweep.log", "a") as log:
+        print(f"$ {shlex.join(process)}", file=log, flush=True)
+        return subprocess.Popen(process, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=preexec_fn)
+
+def outcome(run, returncode):
+    """What became of `run`, its process ended with `returncode` -> (DONE, None), (ELSEWHERE, None), or (FAILED,
+    its one-line error), which the run's sweep.json records."""
+    if returncode == 0:
+        return DONE, None
+    if locked(run.folder):  # a train.py typed by hand got there first
+        return ELSEWHERE, None
+    error = last_error(run.folder / "sweep.log", returncode)
+    runs.write_json({"error": error, "returncode": returncode, "argv": run.argv}, run.folder / "sweep.json")
+    return FAILED, error
+
+def stop(children, grace=10):
+    """SIGTERM to each child's process group (torchrun's processes, the data loaders'), then SIGKILL to those still
+    alive after `grace` seconds; each run keeps the checkpoint of its last finished epoch (train.py writes a
+    checkpoint whole or not at all). A killed child is not waited for: the kernel ends it at once."""
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(max(0.1, deadline - time.monotonic()))
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+
 class Local:
     """The runs in flight on this machine: at most one per slot."""
 
@@ -200,23 +251,12 @@ class Local:
 
     def start(self, run):
         """Start `run` in a free slot -> whether it started (False: another process holds it, or it is done)."""
-        run.folder.mkdir(parents=True, exist_ok=True)
-        lock = os.open(run.folder / "sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # first come: two sweeps never start one run twice
-        except BlockingIOError:
-            os.close(lock)
+        lock = claim(run)
+        if lock is None:
             return False
-        if finished(run.folder) or locked(run.folder):  # done, or typed by hand, since the list was made
-            os.close(lock)
-            return False
-        (run.folder / "sweep.json").unlink(missing_ok=True)
-        slot, process = self.free.pop(0), command(run, self.gpus_per_run)
+        slot = self.free.pop(0)
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
-        with open(run.folder / "sweep.log", "a") as log:
-            print(f"$ {shlex.join(process)}", file=log, flush=True)
-            child = subprocess.Popen(process, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                     preexec_fn=die_with_parent)
+        child = launch(run, command(run, self.gpus_per_run), env, die_with_parent)
         self.running[child] = (run, slot, lock, time.monotonic())
         return True
 
@@ -226,31 +266,10 @@ class Local:
         for child in [c for c in self.running if c.poll() is not None]:
             run, slot, lock, start = self.running.pop(child)
             self.free.append(slot)
-            what, error = DONE, None
-            if child.returncode != 0 and locked(run.folder):  # a train.py typed by hand got there first
-                what = ELSEWHERE
-            elif child.returncode != 0:
-                what, error = FAILED, last_error(run.folder / "sweep.log", child.returncode)
-                runs.write_json({"error": error, "returncode": child.returncode, "argv": run.argv},
-                                run.folder / "sweep.json")
+            what, error = outcome(run, child.returncode)
             os.close(lock)
             ended.append((run, what, error, time.monotonic() - start))
         return ended
-
-    def stop(self):
-        """SIGTERM to every run in flight (and to its processes: torchrun's, the data loaders'), then SIGKILL to
-        any still alive after 10 s; each keeps the checkpoint of its last finished epoch."""
-        for child in self.running:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for child in self.running:
-            try:
-                child.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
 
 def last_error(log, returncode):
     """A failed run's one line: train.py's `error: ...`, else the last line it printed."""
@@ -284,7 +303,7 @@ def run_local(todo, slots, gpus_per_run, say):
                     bar.update(1)
                 bar.set_postfix_str(f"{len(pool.running)} running, {len(failed)} failed", refresh=False)
         except KeyboardInterrupt:
-            pool.stop()
+            stop(pool.running)
             raise
     return failed, elsewhere
 

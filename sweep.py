@@ -367,10 +367,10 @@ def grid_points(args):
     return points
 
 def print_status(all_runs):
-    states = {run: state(run.folder) for run in all_runs}
-    counts = {s: sum(v == s for v in states.values()) for s in (DONE, ELSEWHERE, FAILED, STOPPED, TODO)}
+    states = [state(run.folder) for run in all_runs]  # a list: a Run (its argv a list) is no dict key
+    counts = {s: states.count(s) for s in (DONE, ELSEWHERE, FAILED, STOPPED, TODO)}
     print(f"{len(all_runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    for run, s in states.items():
+    for run, s in zip(all_runs, states):
         if s != DONE:
             detail = f": {failure(run.folder)} (log: {run.folder / 'sweep.log'})" if s == FAILED else ""
             print(f"  {s}: {run.folder}{detail}")

@@ -397,7 +397,7 @@ def main(argv=None):
             print_status(all_runs)
             return 0
         for name in ("per_gpu", "gpus_per_run", "jobs"):
-            if (getattr(args, name) or 1) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise methods.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 1 or more")
         gpus = None if args.gpus is None else [g for g in args.gpus.split(",") if g]
         places = slots(gpus, args.per_gpu, args.gpus_per_run, args.jobs)

@@ -21,9 +21,9 @@ GRID = ["--method", "coop", "--data", "demo"]
 TINY = ["--backbone", "tiny", "--batch-size", "8"]  # after --: for every run
 
 
-def run_folder(epochs, seed):
-    """The folder of `train.py GRID --seed SEED TINY --epochs EPOCHS` (runs.default_output)."""
-    return Path(f"runs/demo/coop/tiny/shots16,epochs={epochs},batch_size=8/seed{seed}")
+def run_folder(epochs, seed, shots=16):
+    """The folder of `train.py GRID --seed SEED TINY --epochs EPOCHS [--shots SHOTS]` (runs.default_output)."""
+    return Path(f"runs/demo/coop/tiny/shots{shots},epochs={epochs},batch_size=8/seed{seed}")
 
 
 def stand_in(folder, name, script):
@@ -214,11 +214,12 @@ def local_cluster(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_local_executor_runs_each_run_as_by_hand(tmp_path, local_cluster, capsys):
-    argv = [*GRID, "--seed", "1", "2", "--slurm", "--time", "30", "--", *TINY, "--epochs", "1"]
-    hand = [by_hand([*GRID, "--seed", str(seed), *TINY, "--epochs", "1"], tmp_path / f"hand{seed}") for seed in (1, 2)]
+    every_run = [*TINY, "--epochs", "1", "--shots", "4"]  # 32 images: half the time of 16 shots
+    hand = [by_hand([*GRID, "--seed", str(seed), *every_run], tmp_path / f"hand{seed}") for seed in (1, 2)]
+    argv = [*GRID, "--seed", "1", "2", "--slurm", "--time", "30", "--", *every_run]
     assert sweep.main(argv) == 0
     [jobs] = local_cluster
-    folders = [run_folder(1, seed) for seed in (1, 2)]
+    folders = [run_folder(1, seed, shots=4) for seed in (1, 2)]
     assert [job.result() for job in jobs] == [f"done: {folder}" for folder in folders]
     assert [process.wait(300) for process in hand] == [0, 0]
     for seed, folder in zip((1, 2), folders):
@@ -228,7 +229,7 @@ def test_local_executor_runs_each_run_as_by_hand(tmp_path, local_cluster, capsys
     assert sweep.main(argv) == 0  # again: both done, nothing submitted
     out = capsys.readouterr().out
     assert len(local_cluster) == 1 and out.startswith("2 runs: 2 done, 0 to submit\n")
-    assert "| demo | coop | tiny | 16 | fewshot | test |" in out  # report.py's table of the finished runs
+    assert "| demo | coop | tiny | 4 | fewshot | test |" in out  # report.py's table of the finished runs
 
 
 def task_process(job_id):

@@ -416,8 +416,8 @@ def run_slurm(args, all_runs, todo):
     if not todo:
         print_report(all_runs, args.plot)
         return
-    folder = Path(args.slurm_folder or Path("runs", ".slurm", Path(args.experiment).stem if args.experiment
-                                             else "inline"))
+    name = Path(args.experiment).stem if args.experiment else "inline"
+    folder = Path(args.slurm_folder or Path("runs", ".slurm", name))
     try:
         jobs = submit(slurm_executor(args, folder), todo, args.gpus_per_run)
     except submitit.core.utils.FailedJobError as e:  # sbatch's own message is printed above

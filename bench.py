@@ -6,7 +6,8 @@ path against all 77 positions, CoCoOp batched against one image at a time, each 
 against the frozen CLIP forward it adds to, evaluation with text features computed once against per
 batch, train.py's epoch against bare SGD steps, the frozen image forward's FLOP/s against the GPU's peak, and
 two real train.py runs per scaling row: CoOp from 10 cached views against images every epoch, and torchrun DDP
-with 2 processes against 1 at the same global batch. Models have random weights (no download). --quick
+with 2 processes against 1 at the same global batch; and sweep.py running demo runs two at a time against one after
+another. Models have random weights (no download). --quick
 (default) fits a 2-core CPU in a few minutes; --full trains on ViT-B/16 at each method's paper batch size, in
 the precision train.py picks, and adds the 1,000-class memory rows of CoCoOp and CoDUAL-PT, text checkpointing
 on against off (for a GPU); --memory measures one 1,000-class step for every method (each in its own process);
@@ -457,6 +458,25 @@ def scaling_rows(backbone, shots, device):
     return rows
 
 
+def sweep_row(backbone, n, epochs, device):
+    """sweep.py: n demo runs (CoOp, seeds 1..n) two at a time (--jobs 2 on a CPU; --per-gpu 2 on one GPU) against
+    the same runs one after another, each sweep a fresh process in its own folder: the wall time of the whole."""
+    grid = ["--method", "coop", "--data", "demo", "--seed", *map(str, range(1, n + 1)), "--", "--backbone", backbone,
+            "--init", "random", "--shots", "4", "--epochs", str(epochs), "--batch-size", "8", "--device", device]
+    one, two = (["--jobs", "1"], ["--jobs", "2"]) if device == "cpu" else (["--gpus", "0"], ["--gpus", "0",
+                                                                                            "--per-gpu", "2"])
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, places in [("serial", one), ("two", two)]:
+            os.mkdir(os.path.join(tmp, name))
+            start = time.perf_counter()
+            subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep.py"),
+                            *places, *grid], cwd=os.path.join(tmp, name), check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+    return [(f"sweep.py, {n} CoOp runs ({backbone}, {epochs} epochs): 2 at a time vs one after another", times[1],
+             times[0], times[0] / times[1], None)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--full", action="store_true", help="ViT-B/16 at the papers' batch sizes (for a GPU)")
@@ -490,6 +510,8 @@ def main(argv=None):
     rows += loop_row(clip, batch if args.smoke else 32, 4 if args.smoke else 10, repeats, device)
     rows += scaling_rows("tiny" if args.smoke else "ViT-B/16" if args.full else "ViT-B/32",
                          2 if args.smoke else 16 if args.full else 4, device)
+    rows += sweep_row("tiny" if args.smoke or not args.full else "ViT-B/16", 2 if args.smoke else 8,
+                      1 if args.smoke else 10, device)
     if args.smoke:
         rows += memory_rows([("cocoop", "tiny")], 20, device)  # each row: two processes of a few seconds
     elif args.full:

@@ -55,6 +55,7 @@ NOT_IN_A_SWEEP = {"--output": "every run has its own folder", "--resume": "the s
 class Run(NamedTuple):
     argv: list  # train.py's arguments
     folder: Path  # where train.py writes it (runs.default_output)
+    refused: str = None  # --dry-run: why train.py would refuse the command now (a file it needs is missing, say)
 
 def folder_of(argv):
     """The run folder train.py would write for `argv`, and a UserError naming what train.py's parser refuses."""
@@ -63,15 +64,15 @@ def folder_of(argv):
         with contextlib.redirect_stderr(stderr):
             args = methods.parse_args(argv)
     except SystemExit:
-        raise methods.UserError(f"train.py {shlex.join(argv)}: {stderr.getvalue().strip().splitlines()[-1]}") from None
+        raise methods.UserError(f"train.py says {stderr.getvalue().strip().splitlines()[-1]}") from None
     if len(args.seeds) > 1 or argv.count("--seed") > 1:
         raise methods.UserError("one seed per run: make the seeds an axis of the grid (--seed 1 2 3, seed = [1, 2, 3])")
     methods.check_flags(args)
     return runs.default_output(args, methods.make_config(args)[1])
 
-def make_runs(points):
+def make_runs(points, dry_run=False):
     """[train.py argv] -> [Run], each checked by train.py's own parser and config checks; a UserError names the first
-    command refused, or two points that would write one folder."""
+    command refused (--dry-run: each refused command says why), or two points that would write one folder."""
     made, seen = [], {}
     for argv in points:
         if clash := next((flag for flag in NOT_IN_A_SWEEP if flag in argv), None):
@@ -79,6 +80,9 @@ def make_runs(points):
         try:
             folder = folder_of(argv)
         except methods.UserError as e:
+            if dry_run:
+                made.append(Run(argv, None, str(e)))
+                continue
             raise methods.UserError(f"{shlex.join(argv)}: {e}") from None
         if folder in seen:
             raise methods.UserError(f"two points of the grid are one run ({folder}): {shlex.join(seen[folder])} "
@@ -106,7 +110,15 @@ def expand(grid, data_root=None):
             if data_root and key == "data" and value != "demo" and "/" not in str(value):
                 value = Path(data_root, value)
             argv += flag(key, value)
-        yield point, argv + [str(arg).format_map(point) for arg in extra]
+        yield point, argv + fill(extra, point)
+
+def fill(args, point):
+    """Flags with the point's values in place of {method}, {data}, ..."""
+    try:
+        return [str(arg).format_map(point) for arg in args]
+    except KeyError as e:
+        raise methods.UserError(f"the flags {args} name {{{e.args[0]}}}, which is not a key of the grid "
+                                f"({', '.join(point)})") from None
 
 def matches(point, where):
     return all(point.get(key) in (value if isinstance(value, list) else [value]) for key, value in where.items())
@@ -132,7 +144,7 @@ def read_experiment(path, data_root):
         for point, argv in expand(grid, data_root or spec.get("data_root", "data")):
             for rule in spec.get("rule", []):
                 if matches(point, rule["where"]):
-                    argv += [str(arg).format_map(point) for arg in rule["args"]]
+                    argv += fill(rule["args"], point)
             points.append(argv)
     return points
 
@@ -454,7 +466,7 @@ def parse_args(argv):
     p.add_argument("--data-root", help="where the datasets of an experiment file are (default: its data_root, "
                    "else ./data)")
     p.add_argument("--only", nargs="+", default=[], metavar="KEY=VALUE", help="the runs whose train.py flag KEY has "
-                   "VALUE (data=dtd matches ./data/dtd)")
+                   "VALUE (data=dtd matches ./data/dtd; method=coop method=vpt: either)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and their folders; start nothing")
     p.add_argument("--status", action="store_true", help="print each run's state; start nothing")
     p.add_argument("--gpus", help="GPUs to use, e.g. 0,1,2,3 (default: every visible GPU)")
@@ -485,16 +497,18 @@ def parse_args(argv):
     return args
 
 def selected(points, only):
-    """The points whose train.py flags have the --only values."""
-    wanted = []
+    """The points whose train.py flags have the --only values (one of them, where a key has several)."""
+    wanted = {}
     for item in only:
         key, sep, value = item.partition("=")
         if not sep:
             raise methods.UserError(f"--only {item}: write KEY=VALUE, e.g. data=dtd or method=coop")
-        wanted.append((f"--{key.replace('_', '-')}", value))
+        wanted.setdefault(f"--{key.replace('_', '-')}", []).append(value)
+
     def keeps(argv):
         given = dict(zip(argv, argv[1:]))
-        return all(k in given and (given[k] == v or Path(given[k]).name == v) for k, v in wanted)
+        return all(key in given and (given[key] in values or Path(given[key]).name in values)
+                   for key, values in wanted.items())
     return [argv for argv in points if keeps(argv)]
 
 def grid_points(args):
@@ -534,12 +548,13 @@ def print_report(all_runs, plot):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        all_runs = make_runs(grid_points(args))
+        all_runs = make_runs(grid_points(args), args.dry_run)
         train = os.path.relpath(TRAIN)
         if args.dry_run:
             for run in all_runs:
-                print(f"python {train} {shlex.join(run.argv)}  # {run.folder}")
-            print(f"# {len(all_runs)} runs")
+                print(f"python {train} {shlex.join(run.argv)}  # {run.folder or f'refused now: {run.refused}'}")
+            refused = sum(run.refused is not None for run in all_runs)
+            print(f"# {len(all_runs)} runs" + (f"; {refused} refused now, as said" if refused else ""))
             return 0
         if args.status:
             print_status(all_runs)
@@ -560,6 +575,9 @@ def main(argv=None):
     except methods.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `--dry-run | head`: the reader took what it wanted
+        methods.output_closed()
+        return 0
     except KeyboardInterrupt:
         print("error: interrupted; the runs in flight keep the checkpoint of their last finished epoch, and the same "
               "command continues them", file=sys.stderr)

@@ -16,6 +16,7 @@ def test_smoke_prints_every_row(capsys):
     assert sum("(GELU, same weights)" in n for n in names) == 4  # transformers' and open_clip's, both towers
     assert any(n.startswith("CoOp epoch: 10 cached views") for n in names)
     assert any(n.startswith("DDP, 2 processes vs 1") for n in names)
+    assert any(n.startswith("sweep.py, 2 CoOp runs (tiny, 1 epochs): 2 at a time") for n in names)
     measured = {n.split(": ")[1].split(" (")[0] for n in names if n.startswith("train step")}
     assert measured == set(methods.TRAINED)  # every method trained by SGD runs on tiny
     assert any(n.startswith("train.py's epoch vs bare SGD steps") for n in names)

@@ -11,6 +11,17 @@ results.json. The sweep adds `--resume` to a run that has a checkpoint but no ac
 unless it is given after `--`. Each run's output goes to sweep.log in its folder; a failure also leaves
 sweep.json there (its one-line error), until the run is tried again. A run folder locked by another process (a
 train.py typed by hand, another sweep) is "running elsewhere", not a failure.
+
+On a SLURM cluster, --slurm submits the runs not done as one job array through submitit (pip install submitit), a
+task per run on one node with --gpus-per-run GPUs, and returns with the job's id; --status then adds each run's job
+and SLURM's state of it (sacct):
+
+    python sweep.py experiments/coop_fewshot.toml --slurm --partition gpu --time 240   # 4 h per task at most
+
+A task runs its run as a sweep here does: the same lock, --resume, sweep.json. 90 s before its time limit (and at a
+preemption, where the cluster sends the signal then) the task stops train.py, which keeps its last finished epoch,
+and requeues itself to continue the run with --resume. submitit's scripts, pickles and logs go to
+runs/.slurm/<experiment file's name>/ (--slurm-folder).
 """
 import argparse
 import contextlib
@@ -21,6 +32,7 @@ import itertools
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,6 +189,7 @@ def failure(folder):
     return "?"
 
 # Running them here: one run per slot, a slot being the GPUs a run sees (CUDA_VISIBLE_DEVICES), or none on a CPU.
+# A SLURM task (below) runs its one run with the same pieces: command, claim, launch, outcome, stop.
 
 def slots(gpus, per_gpu, gpus_per_run, jobs):
     if gpus is None and jobs is None:
@@ -203,6 +216,56 @@ def command(run, gpus_per_run):
                 str(TRAIN), *argv]
     return [sys.executable, str(TRAIN), *argv]
 
+def claim(run):
+    """Take `run`'s sweep.lock -> its file descriptor (the lock is held until it is closed), or None: another process
+    holds it, or the run finished or was typed by hand since the list was made. A claimed run's last failure
+    (sweep.json) is cleared: it is tried again."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    lock = os.open(run.folder / "sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # first come: two sweeps never start one run twice
+    except BlockingIOError:
+        os.close(lock)
+        return None
+    if finished(run.folder) or locked(run.folder):  # done, or typed by hand, since the list was made
+        os.close(lock)
+        return None
+    (run.folder / "sweep.json").unlink(missing_ok=True)
+    return lock
+
+def launch(run, process, env, preexec_fn):
+    """Start `process` (command(run, ...)) in a session of its own, its output appended to the run's sweep.log."""
+    with open(run.folder / "sweep.log", "a") as log:
+        print(f"$ {shlex.join(process)}", file=log, flush=True)
+        return subprocess.Popen(process, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=preexec_fn)
+
+def outcome(run, returncode):
+    """What became of `run`, its process ended with `returncode` -> (DONE, None), (ELSEWHERE, None), or (FAILED,
+    its one-line error), which the run's sweep.json records."""
+    if returncode == 0:
+        return DONE, None
+    if locked(run.folder):  # a train.py typed by hand got there first
+        return ELSEWHERE, None
+    error = last_error(run.folder / "sweep.log", returncode)
+    runs.write_json({"error": error, "returncode": returncode, "argv": run.argv}, run.folder / "sweep.json")
+    return FAILED, error
+
+def stop(children, grace=10):
+    """SIGTERM to each child's process group (torchrun's processes, the data loaders'), then SIGKILL to those still
+    alive after `grace` seconds; each run keeps the checkpoint of its last finished epoch (train.py writes a
+    checkpoint whole or not at all). A killed child is not waited for: the kernel ends it at once."""
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(max(0.1, deadline - time.monotonic()))
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+
 class Local:
     """The runs in flight on this machine: at most one per slot."""
 
@@ -212,23 +275,12 @@ class Local:
 
     def start(self, run):
         """Start `run` in a free slot -> whether it started (False: another process holds it, or it is done)."""
-        run.folder.mkdir(parents=True, exist_ok=True)
-        lock = os.open(run.folder / "sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # first come: two sweeps never start one run twice
-        except BlockingIOError:
-            os.close(lock)
+        lock = claim(run)
+        if lock is None:
             return False
-        if finished(run.folder) or locked(run.folder):  # done, or typed by hand, since the list was made
-            os.close(lock)
-            return False
-        (run.folder / "sweep.json").unlink(missing_ok=True)
-        slot, process = self.free.pop(0), command(run, self.gpus_per_run)
+        slot = self.free.pop(0)
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
-        with open(run.folder / "sweep.log", "a") as log:
-            print(f"$ {shlex.join(process)}", file=log, flush=True)
-            child = subprocess.Popen(process, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                     preexec_fn=die_with_parent)
+        child = launch(run, command(run, self.gpus_per_run), env, die_with_parent)
         self.running[child] = (run, slot, lock, time.monotonic())
         return True
 
@@ -238,31 +290,10 @@ class Local:
         for child in [c for c in self.running if c.poll() is not None]:
             run, slot, lock, start = self.running.pop(child)
             self.free.append(slot)
-            what, error = DONE, None
-            if child.returncode != 0 and locked(run.folder):  # a train.py typed by hand got there first
-                what = ELSEWHERE
-            elif child.returncode != 0:
-                what, error = FAILED, last_error(run.folder / "sweep.log", child.returncode)
-                runs.write_json({"error": error, "returncode": child.returncode, "argv": run.argv},
-                                run.folder / "sweep.json")
+            what, error = outcome(run, child.returncode)
             os.close(lock)
             ended.append((run, what, error, time.monotonic() - start))
         return ended
-
-    def stop(self):
-        """SIGTERM to every run in flight (and to its processes: torchrun's, the data loaders'), then SIGKILL to
-        any still alive after 10 s; each keeps the checkpoint of its last finished epoch."""
-        for child in self.running:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for child in self.running:
-            try:
-                child.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
 
 def last_error(log, returncode):
     """A failed run's one line: train.py's `error: ...`, else the last line it printed."""
@@ -296,7 +327,7 @@ def run_local(todo, slots, gpus_per_run, say):
                     bar.update(1)
                 bar.set_postfix_str(f"{len(pool.running)} running, {len(failed)} failed", refresh=False)
         except KeyboardInterrupt:
-            pool.stop()
+            stop(pool.running)
             raise
     return failed, elsewhere
 
@@ -307,6 +338,123 @@ def progress(total):
 
 def sigterm_as_interrupt(*_):
     raise KeyboardInterrupt  # SIGTERM (a cluster's, a `kill`) stops the runs in flight as Ctrl-C does
+
+# Or as one SLURM job array (--slurm): a task per run, which submitit starts on a node with the run's GPUs.
+
+class SlurmTask:
+    """One run as one task of the job array: submitit pickles it at submission and calls it on the task's node. It
+    runs the run as a local sweep does (sweep.lock, --resume where the folder has a checkpoint, a failure in
+    sweep.json), and submitit can requeue it: on SIGUSR2, which SLURM sends 90 s before the time limit (and at a
+    preemption, where the cluster says so), submitit calls `checkpoint` in this process, requeues the task it returns
+    and exits. (SIGTERM, submitit only logs in this process.)"""
+
+    def __init__(self, run, gpus_per_run):
+        self.run, self.gpus_per_run = run, gpus_per_run
+        self.child = None  # train.py (or torchrun) while it runs
+
+    def __call__(self):
+        """Run the run -> a line saying what became of it; a failed run raises, so that SLURM counts the task failed."""
+        import submitit  # this runs in a task that submitit started
+        self.requeue_signal = getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}")  # SIGUSR2 unless changed
+        run = self.run
+        lock = claim(run)
+        if lock is None:
+            return f"{DONE if finished(run.folder) else ELSEWHERE}: {run.folder}"
+        try:
+            self.child = launch(run, command(run, self.gpus_per_run), os.environ, self.child_setup)
+            while self.child.poll() is None:  # not wait(): checkpoint() may run meanwhile (a signal handler) and wait
+                time.sleep(1)
+            if self.child.returncode < 0:  # killed from outside (scancel, a preemption's SIGTERM): not a failure
+                return f"{STOPPED} by {signal.Signals(-self.child.returncode).name}: {run.folder}"
+            what, error = outcome(run, self.child.returncode)
+        finally:
+            os.close(lock)
+        if what == FAILED:
+            raise RuntimeError(f"{run.folder}: {error} (log: {run.folder / 'sweep.log'})")
+        return f"{what}: {run.folder}"
+
+    def child_setup(self):
+        """In train.py's process before it starts: it dies with the task, and ignores the requeue signal, which SLURM
+        sends to every process of the task (where its cgroup tracks them), so that checkpoint() alone stops it."""
+        die_with_parent()
+        signal.signal(self.requeue_signal, signal.SIG_IGN)
+
+    def checkpoint(self):
+        """submitit's Checkpointable protocol: called on the requeue signal -> the submission to requeue, this run as
+        a new task (a running train.py does not pickle). train.py is stopped first, keeping the checkpoint of its
+        last finished epoch; the requeued task finds it and continues the run with --resume."""
+        import submitit
+        if self.child is not None:
+            stop([self.child])
+        return submitit.helpers.DelayedSubmission(SlurmTask(self.run, self.gpus_per_run))
+
+def slurm_executor(args, folder):
+    """submitit's SlurmExecutor, each task asking for the flags' resources: one node, one task of --gpus-per-run
+    GPUs (torchrun inside starts a process per GPU), requeueable."""
+    import submitit
+    try:
+        executor = submitit.SlurmExecutor(folder)
+    except RuntimeError:  # submitit's check that srun is here
+        raise methods.UserError("--slurm: no SLURM here (srun is not on PATH): submit from a login node of the "
+                                "cluster") from None
+    asked = {"partition": args.partition, "account": args.account, "constraint": args.constraint, "mem": args.mem,
+             "cpus_per_task": args.cpus_per_task, "array_parallelism": args.array_parallelism}
+    executor.update_parameters(job_name=f"sweep-{folder.name}", time=args.time, nodes=1, ntasks_per_node=1,
+                               gres=f"gpu:{args.gpus_per_run}", additional_parameters={"requeue": True},
+                               **{key: value for key, value in asked.items() if value is not None})
+    return executor
+
+def submit(executor, todo, gpus_per_run):
+    """A task per run of `todo`, in one job array -> the jobs, one per run; each run's slurm.json records its job,
+    for --status."""
+    # a task unpickles its SlurmTask by importing this folder's modules, whichever folder the sweep started in
+    here = shlex.quote(str(TRAIN.parent))
+    executor.update_parameters(setup=[f"export PYTHONPATH={here}${{PYTHONPATH:+:$PYTHONPATH}}"])
+    jobs = executor.submit_array([SlurmTask(run, gpus_per_run) for run in todo])
+    for run, job in zip(todo, jobs):
+        run.folder.mkdir(parents=True, exist_ok=True)
+        runs.write_json({"job": job.job_id, "folder": str(executor.folder)}, run.folder / "slurm.json")
+    return jobs
+
+def run_slurm(args, all_runs, todo):
+    """--slurm: submit the runs not done; print the job's id and how to follow it."""
+    try:
+        import submitit
+    except ImportError:
+        raise methods.UserError("--slurm needs submitit: pip install submitit") from None
+    if args.time is None:
+        raise methods.UserError("--slurm needs --time MINUTES: each task's time limit")
+    print(f"{len(all_runs)} runs: {len(all_runs) - len(todo)} done, {len(todo)} to submit", flush=True)
+    if not todo:
+        print_report(all_runs, args.plot)
+        return
+    name = Path(args.experiment).stem if args.experiment else "inline"
+    folder = Path(args.slurm_folder or Path("runs", ".slurm", name))
+    try:
+        jobs = submit(slurm_executor(args, folder), todo, args.gpus_per_run)
+    except submitit.core.utils.FailedJobError as e:  # sbatch's own message is printed above
+        raise methods.UserError(f"sbatch refused the job array: {str(e).strip().splitlines()[-1]}") from None
+    array = jobs[0].job_id.split("_")[0]
+    print(f"submitted SLURM job {array}, a task per run; submitit's scripts and logs in {folder}")
+    for run, job in zip(todo, jobs):
+        print(f"  {job.job_id}: {run.folder}")
+    print(f"follow it: squeue -j {array}; this command with --status in place of --slurm (each run's state and "
+          "SLURM's); a run's output in its sweep.log")
+
+def slurm_jobs(folders):
+    """{run folder: ' (SLURM job 4242_3: RUNNING)'} for the runs submitted to SLURM (their slurm.json), with SLURM's
+    state as submitit reads it from sacct where both are here (one sacct call for all)."""
+    recorded = {}
+    for folder in folders:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            recorded[folder] = json.loads((folder / "slurm.json").read_text())
+    states = {}
+    if recorded and shutil.which("sacct"):
+        with contextlib.suppress(ImportError):
+            import submitit
+            jobs = {folder: submitit.SlurmJob(record["folder"], record["job"]) for folder, record in recorded.items()}
+            states = {folder: f": {job.state}" for folder, job in jobs.items()}
+    return {folder: f" (SLURM job {record['job']}{states.get(folder, '')})" for folder, record in recorded.items()}
 
 def parse_args(argv):
     argv, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -326,6 +474,24 @@ def parse_args(argv):
     p.add_argument("--gpus-per-run", type=int, default=1, metavar="K", help="GPUs per run (torchrun, K processes)")
     p.add_argument("--jobs", type=int, metavar="N", help="runs at once on a machine without GPUs (default 1)")
     p.add_argument("--plot", metavar="FILE.png", help="at the end, also report.py's plot of accuracy against shots")
+    slurm = p.add_argument_group("SLURM", "--slurm submits the runs not done as one job array through submitit "
+                                 "(pip install submitit),\na task per run: one node, --gpus-per-run GPUs (torchrun "
+                                 "inside for several), requeued to go on\nwith --resume at the time limit (SIGUSR2 "
+                                 "90 s before it; 3 times at most) or a preemption")
+    slurm.add_argument("--slurm", action="store_true", help="submit, print the job's id and return; --status then "
+                       "adds SLURM's state")
+    slurm.add_argument("--time", type=int, metavar="MINUTES", help="each task's time limit, in minutes (required; "
+                       "sbatch --time)")
+    slurm.add_argument("--partition", help="sbatch --partition (default: the cluster's)")
+    slurm.add_argument("--account", help="sbatch --account")
+    slurm.add_argument("--constraint", help="sbatch --constraint, e.g. a100 (node features: a GPU model)")
+    slurm.add_argument("--mem", help="memory per task, as sbatch --mem takes it: 64G")
+    slurm.add_argument("--cpus-per-task", type=int, metavar="N", help="sbatch --cpus-per-task (data loading)")
+    slurm.add_argument("--array-parallelism", type=int, metavar="N", help="tasks running at once at most (default "
+                       "256): --array=0-K%%N")
+    slurm.add_argument("--slurm-folder", metavar="DIR", help="submitit's scripts, pickles and logs (default "
+                       "runs/.slurm/<experiment file's name,\nor inline>: beside the runs, on the file system the "
+                       "nodes share)")
     args = p.parse_args(argv)
     args.extra = extra
     return args
@@ -362,13 +528,14 @@ def grid_points(args):
     return points
 
 def print_status(all_runs):
-    states = [(run, state(run.folder)) for run in all_runs]
-    counts = {s: sum(v == s for _, v in states) for s in (DONE, ELSEWHERE, FAILED, STOPPED, TODO)}
+    states = [state(run.folder) for run in all_runs]  # a list: a Run (its argv a list) is no dict key
+    counts = {s: states.count(s) for s in (DONE, ELSEWHERE, FAILED, STOPPED, TODO)}
     print(f"{len(all_runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    for run, s in states:
+    jobs = slurm_jobs([run.folder for run, s in zip(all_runs, states) if s != DONE])
+    for run, s in zip(all_runs, states):
         if s != DONE:
             detail = f": {failure(run.folder)} (log: {run.folder / 'sweep.log'})" if s == FAILED else ""
-            print(f"  {s}: {run.folder}{detail}")
+            print(f"  {s}: {run.folder}{detail}{jobs.get(run.folder, '')}")
 
 def print_report(all_runs, plot):
     """report.py's table (mean ± std over seeds, the papers' numbers beside) of this sweep's finished runs."""
@@ -392,9 +559,12 @@ def main(argv=None):
         if args.status:
             print_status(all_runs)
             return 0
-        for name in ("per_gpu", "gpus_per_run", "jobs"):
-            if (getattr(args, name) or 1) < 1:
+        for name in ("per_gpu", "gpus_per_run", "jobs", "time", "cpus_per_task", "array_parallelism"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise methods.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 1 or more")
+        if args.slurm:
+            run_slurm(args, all_runs, [run for run in all_runs if not finished(run.folder)])
+            return 0
         gpus = None if args.gpus is None else [g for g in args.gpus.split(",") if g]
         places = slots(gpus, args.per_gpu, args.gpus_per_run, args.jobs)
         todo = [run for run in all_runs if not finished(run.folder)]

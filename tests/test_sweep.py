@@ -49,8 +49,10 @@ def test_the_grid_is_train_pys_commands(tmp_path, monkeypatch, capsys):
     assert Path(folder) == runs.default_output(args, methods.make_config(args)[1])
     for extra, message in [(["--output", "x"], "--output is not for a sweep"), (["--seed", "4"], "one seed per run"),
                            (["--epochs", "-1"], "--epochs -1: must be 0 or more"), (["--bogus"], "unrecognized")]:
-        assert sweep.main(["--method", "coop", "--data", "demo", "--seed", "1", "--dry-run", "--", *extra]) == 2
+        assert sweep.main(["--method", "coop", "--data", "demo", "--seed", "1", "--status", "--", *extra]) == 2
         assert message in capsys.readouterr().err
+    assert sweep.main(["--method", "coop", "--data", "demo", "--seed", "1", "--dry-run", "--", "--epochs", "-1"]) == 0
+    assert "--epochs -1  # refused now: --epochs -1: must be 0 or more" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -156,12 +158,16 @@ def test_two_sweeps_over_one_grid_run_each_run_once(tmp_path):
 def test_stopping_sends_sigterm_to_each_run_in_flight(tmp_path, monkeypatch):
     """Ctrl-C or SIGTERM of the sweep: each run in flight gets SIGTERM (its process group), and is killed after
     10 s if it is still there."""
-    pool = sweep.Local([None], 1)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-    pool.running[child] = (None, None, None, time.monotonic())
     started = time.monotonic()
-    pool.stop()
+    sweep.stop([child])
     assert child.returncode == -signal.SIGTERM and time.monotonic() - started < 5
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print(flush=True); time.sleep(60)"], start_new_session=True,
+                                stdout=subprocess.PIPE)
+    stubborn.stdout.readline()  # its handler is in place
+    sweep.stop([stubborn], grace=0.5)
+    assert stubborn.wait(5) == -signal.SIGKILL
     if sys.platform == "linux":  # the kernel's SIGTERM when the sweep dies
         orphan = subprocess.run([sys.executable, "-c", (
             "import subprocess, sys, sweep; sleep = [sys.executable, '-c', 'import time; time.sleep(60)']; "

@@ -3,6 +3,7 @@ hand; skipped when done, resumed when stopped (kill -9 of the sweep included), f
 sweeps over one grid never running one run twice. Each run here is a train.py process of a few seconds."""
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -184,3 +185,24 @@ def alive(pid):
         return "zombie" not in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
+
+
+def test_runs_on_the_cpu_share_its_cores(tmp_path, monkeypatch):
+    """--jobs N without GPUs: each run gets its share of the cores as OMP_NUM_THREADS (unless the user set it), so
+    N runs do not oversubscribe them; a GPU slot gets its CUDA_VISIBLE_DEVICES."""
+    launched = []
+    monkeypatch.setattr(sweep, "launch", lambda run, process, env, setup: launched.append(env) or subprocess.Popen(
+        ["true"]))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    folders = [tmp_path / str(i) for i in range(3)]
+    pool = sweep.Local([None, None], 1)
+    assert all(pool.start(sweep.Run(["--method", "coop"], folder)) for folder in folders[:2])
+    assert [env["OMP_NUM_THREADS"] for env in launched] == ["4", "4"] and not pool.free
+    gpus = sweep.Local(["0", "1"], 1)
+    gpus.start(sweep.Run(["--method", "coop"], folders[2]))
+    assert launched[-1]["CUDA_VISIBLE_DEVICES"] == "0" and "OMP_NUM_THREADS" not in launched[-1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    pool = sweep.Local([None], 1)
+    pool.start(sweep.Run(["--method", "coop"], tmp_path / "mine"))
+    assert launched[-1]["OMP_NUM_THREADS"] == "3"

@@ -131,13 +131,16 @@ def preprocessing_record(preprocessing):
     """A clip_model.Preprocessing as results.json and checkpoints keep it: plain values, equal after a JSON trip."""
     return {**preprocessing._asdict(), "mean": list(preprocessing.mean), "std": list(preprocessing.std)}
 
+def preprocessing_of(record, size):
+    """The preprocessing a run's `record` (results.json, a checkpoint's run) holds; in one from before records kept
+    it, OpenAI's at `size`, which every model then got."""
+    saved = record.get("preprocessing") or preprocessing_record(clip_model.Preprocessing(size))
+    return clip_model.Preprocessing(**{**saved, "mean": tuple(saved["mean"]), "std": tuple(saved["std"])})
+
 def recorded_preprocessing(record, clip, where):
-    """The preprocessing a run was trained with, from its results.json or checkpoint's `record` (one from before
-    they kept it: OpenAI's, which every model then got), said on stderr when `clip`'s backbone now gives another."""
-    recorded = clip_model.Preprocessing(clip.preprocessing.size)
-    if "preprocessing" in record:
-        saved = record["preprocessing"]
-        recorded = clip_model.Preprocessing(**{**saved, "mean": tuple(saved["mean"]), "std": tuple(saved["std"])})
+    """The preprocessing a run was trained with (preprocessing_of its results.json or checkpoint's `record`), said
+    on stderr when `clip`'s backbone now gives another."""
+    recorded = preprocessing_of(record, clip.preprocessing.size)
     if recorded != clip.preprocessing:
         print(f"{where}: the run was trained with preprocessing {preprocessing_record(recorded)}; its backbone "
               f"now gives {preprocessing_record(clip.preprocessing)}: using the run's", file=sys.stderr)
@@ -263,9 +266,8 @@ def check_resume(ckpt, identity, path):
         raise UserError(f"{path} was trained in {ckpt['precision']}, this run would use {identity['precision']}: "
                         f"pass --precision {ckpt['precision']} to resume it exactly")
     saved = ckpt.get("run", dict(config=ckpt["config"]))  # a checkpoint from before it kept the task
-    if "preprocessing" not in saved:  # from before it kept the preprocessing: OpenAI's, which every model then got
-        size = identity["preprocessing"]["size"]
-        saved = {**saved, "preprocessing": preprocessing_record(clip_model.Preprocessing(size))}
+    preprocessing = preprocessing_of(saved, identity["preprocessing"]["size"])
+    saved = {**saved, "preprocessing": preprocessing_record(preprocessing)}
     differences = []
     for key in [key for key in saved if saved[key] != identity[key]]:
         if key == "config":  # the fields that differ

@@ -280,9 +280,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def train_transform(preprocessing):
     """CoOp's augmentation (a random crop resized to the model's size, with its interpolation; a flip), then the
-    model's preprocess from its RGB conversion on (its mean and std). `preprocessing`: the model's, or an int:
-    OpenAI's at that size."""
-    p = clip_model.Preprocessing(preprocessing) if isinstance(preprocessing, int) else preprocessing
+    model's preprocess from its RGB conversion on (its mean and std). `preprocessing`: a clip_model.Preprocessing,
+    the model's (`model.preprocessing`)."""
+    p = preprocessing
     crop = T.RandomResizedCrop(p.size, scale=(0.08, 1.0), interpolation=T.InterpolationMode(p.interpolation))
     return T.Compose([crop, T.RandomHorizontalFlip(), *clip_model.transform(p).transforms[-3:]])
 

@@ -16,6 +16,8 @@ import tip_adapter
 import train
 from conftest import NAMES, assert_learns, random_images, train_steps
 
+OPENAI_32 = clip_model.Preprocessing(32)  # the tiny models' preprocessing: OpenAI's at 32 px
+
 
 def zero_shot(clip, template="a photo of a {}."):
     return coop.build(clip, NAMES, coop.Config(n_ctx=0, template=template)).eval()
@@ -130,7 +132,7 @@ def test_cache_is_the_mean_of_the_augmented_views(tmp_path):
     runner.model.fit(runner.encode_split)
     views = []
     for v in range(3):
-        dataset = data.ImageDataset(task.train, data.train_transform(32), seed=train.epoch_seed(1, v))
+        dataset = data.ImageDataset(task.train, data.train_transform(OPENAI_32), seed=train.epoch_seed(1, v))
         batch = torch.stack([dataset[i][0] for i in range(len(dataset))])
         with torch.no_grad():
             views.append(runner.clip.encode_image(batch))  # raw: the official code averages, then normalises

@@ -12,6 +12,8 @@ from torchvision import transforms as T
 import clip_model
 import data
 
+OPENAI_32 = clip_model.Preprocessing(32)  # the tiny models' preprocessing: OpenAI's at 32 px
+
 WNIDS = [f"n{i:08d}" for i in range(1000)]
 
 
@@ -204,7 +206,7 @@ def test_demo_is_deterministic_and_learnable_looking():
     distances = torch.cdist(means, means) + torch.eye(8) * 1e3
     assert distances.min() > 10  # every pair of classes differs in mean colour by > 10 (of 255)
     task = data.make_task("demo", shots=16)
-    images, labels = next(iter(data.loader(task.train, data.train_transform(32), 16, train=True)))
+    images, labels = next(iter(data.loader(task.train, data.train_transform(OPENAI_32), 16, train=True)))
     assert images.shape == (16, 3, 32, 32) and labels.dtype == torch.long
 
 
@@ -238,7 +240,7 @@ def test_ranks_batches_together_are_the_one_process_batches(monkeypatch, n, batc
 
 def test_augmentation_depends_on_seed_and_index_only():
     task = data.make_task("demo", shots=4)
-    dataset = data.ImageDataset(task.train, data.train_transform(32), seed=5)
+    dataset = data.ImageDataset(task.train, data.train_transform(OPENAI_32), seed=5)
     first = dataset[3][0]
     torch.manual_seed(123)  # the global generator does not matter, nor the order
     for i in (7, 1):
@@ -247,7 +249,7 @@ def test_augmentation_depends_on_seed_and_index_only():
     dataset.seed = 6
     assert not torch.equal(dataset[3][0], first)
     # the same image in a loader with workers, another batch size and order: the same pixels
-    dataset_loader = data.loader(task.train, data.train_transform(32), 8, train=True, workers=2)
+    dataset_loader = data.loader(task.train, data.train_transform(OPENAI_32), 8, train=True, workers=2)
     dataset_loader.dataset.seed = 5
     dataset_loader.sampler.set_epoch(9)
     order = list(dataset_loader.sampler)
@@ -280,7 +282,7 @@ def test_read_only_dataset_folder_is_untouched(tmp_path):
         p.chmod(0o555 if p.is_dir() else 0o444)
     try:
         task = data.make_task(str(base), shots=2)
-        next(iter(data.loader(task.train, data.train_transform(32), 4, train=True)))
+        next(iter(data.loader(task.train, data.train_transform(OPENAI_32), 4, train=True)))
     finally:
         for p in [base, *base.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
@@ -333,7 +335,7 @@ def test_corrupt_image_is_named(tmp_path):
     (base / "images" / "cat" / "train_0.jpg").write_bytes(b"not an image")
     task = data.make_task(str(base), shots=0)
     with pytest.raises(data.DataError, match="cannot read image .*cat/train_0.jpg.*replace or remove it"):
-        list(data.loader(task.train, data.train_transform(32), 64, train=False))
+        list(data.loader(task.train, data.train_transform(OPENAI_32), 64, train=False))
 
 
 def test_unknown_protocol(tmp_path):

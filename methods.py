@@ -171,6 +171,9 @@ def make_config(args):
         key, sep, value = item.partition("=")
         if key == "epochs" and fitted_only(cfg):
             raise UserError(f"--set {item}: {args.method} is fitted on the frozen features, not trained in SGD epochs")
+        if key in ("template", "dataset") and hasattr(cfg, key):  # for_data sets them: a --set would be overwritten
+            raise UserError(f"--set {item}: train.py gives {args.method} the {key} of the data it runs on (data.py's "
+                            "TEMPLATES); drop it")
         if not sep or key not in {f.name for f in dataclasses.fields(cfg)}:
             raise UserError(f"--set {item}: {args.method} has no field {key!r}; its fields are "
                             f"{', '.join(f.name for f in dataclasses.fields(cfg))} (see --help-config)")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 import clip_model
 import data
 import other_weights
+import released
 from methods import METHODS, UserError, for_data
 
 RUN_FILES = ("results.json", "checkpoint.pt")  # a folder holding either holds a run
@@ -52,16 +53,20 @@ def save_atomic(write, path):
 def write_json(obj, path):
     save_atomic(lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)), path)
 
-def load_checkpoint(path, method=None):
-    """A checkpoint of this project (of `method`, when given), read without running code."""
+def load_checkpoint(path, method=None, released_too=False):
+    """A checkpoint of this project (of `method`, when given), read without running code; with released_too, also
+    one the authors of a method released (a Dassl file, converted by released.py)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a downloaded file cannot run code
         assert isinstance(ckpt, dict) and {"method", "learned", "config", "epoch"} <= ckpt.keys()
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}: train first (without --resume), or pass the right path") from None
     except Exception:
-        raise UserError(f"{path} is not a readable checkpoint of this project (truncated or another file): "
-                        "delete it and train again") from None
+        ckpt = released.load(path, method) if released_too else None
+        if ckpt is None:
+            kind = "of this project or a Dassl checkpoint" if released_too else "of this project"
+            raise UserError(f"{path} is not a readable checkpoint {kind} (truncated or another file): delete it "
+                            "and train again") from None
     if method and ckpt["method"] != method:
         raise UserError(f"{path} holds a {ckpt['method']} run, not {method}: pass --method {ckpt['method']}")
     ckpt["config"] = current_names(ckpt["method"], ckpt["config"])

@@ -28,6 +28,7 @@ import data
 import features
 import methods
 import other_weights
+import released
 import runs
 from methods import UserError
 
@@ -314,12 +315,14 @@ def run(args):
     if args.eval_only:  # the model rebuilt as its checkpoint was trained
         if not args.checkpoint:
             raise UserError("--eval-only needs --checkpoint PATH (the checkpoint.pt of a finished run)")
-        ckpt = runs.load_checkpoint(args.checkpoint, args.method)
+        ckpt = runs.load_checkpoint(args.checkpoint, args.method, released_too=True)  # or the authors' file
         cfg = runs.checkpoint_config(args, cfg, ckpt)
     task = data.make_task(args.data, args.protocol, 0 if args.eval_only else args.shots, args.seed, args.eval_data)
 
     runner = Runner(args, module, cfg, task)  # 2. CLIP and the method; a bad backbone leaves nothing behind
     if args.eval_only:  # with the preprocessing it was trained with
+        if "released" in ckpt:  # the authors' file: the model built here must be the one it was trained as
+            released.check(ckpt, runner.model, cfg.backbone, task, args.checkpoint)
         runner.load_learned(runner.model, ckpt["learned"], args.checkpoint)
         runner.preprocessing = runs.recorded_preprocessing(ckpt.get("run", {}), runner.clip, args.checkpoint)
     epochs = planned_epochs(args, cfg, module, runner.model)
@@ -328,6 +331,9 @@ def run(args):
     out = runs.output_folder(args, cfg)  # 3. the run folder; the log closes --tensorboard's event file
     with runs.claim_folder(out, args, runner.device), runs.Log(out, runner.rank, args.tensorboard) as log:
         results = runs.start_results(runner, epochs)
+        if args.eval_only:  # what was evaluated
+            results["checkpoint"] = dict(path=str(args.checkpoint), epoch=ckpt["epoch"],
+                                         released=ckpt.get("released", {}).get("format"))
         log(runs.headline(runner, results))
         results_file = out / (f"eval_{task.dataset}_{args.protocol}.json" if args.eval_only else "results.json")
         if args.dry_run:

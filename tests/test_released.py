@@ -118,7 +118,8 @@ def build_from(path, method, clip, classnames, template="a photo of a {}."):
     fields = {k: v for k, v in ckpt["config"].items() if k != "backbone"}
     cfg = methods.for_data(dataclasses.replace(module.Config(), **{**variant, **fields}), template, "test")
     model = module.build(clip, classnames, cfg).eval()
-    task = types.SimpleNamespace(template=template, dataset="test", classnames=classnames)
+    evalset = types.SimpleNamespace(template=template, name="test")
+    task = types.SimpleNamespace(template=template, dataset="test", classnames=classnames, evals=[evalset])
     released.check(ckpt, model, "tiny", task, path)
     runs.restore(model, ckpt["learned"], path, method, "tiny", len(classnames))
     return model

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 import clip_model
+import coop
 import runs
 import train
 from test_data import WNIDS, image, make_imagenet, make_split_dataset, make_variant
+from test_released import coop_state, save_dassl
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--backbone", "tiny", "--epochs", "1"]
@@ -197,6 +199,16 @@ def scenario(name, tmp_path, monkeypatch):
     if name == "`--eval-only` with a `--backbone` or `--set` the checkpoint was not trained with":
         return ["--method", "coop", "--data", "demo", "--eval-only", "--checkpoint",
                 str(trained(tmp_path) / "checkpoint.pt"), "--set", "n_ctx=4", *out]
+    if name == "`--set template=...` (or `dataset`)":
+        return demo + ["--set", "template=a {}."]
+    if name.startswith("an authors' checkpoint"):  # CoOp's file layout, as test_released.py writes it
+        clip = clip_model.load("tiny", seed=2 if "backbone" in name else 1)[0]
+        names = [f"class {i}" for i in range(8)]
+        model = coop.build(clip, names, coop.Config(n_ctx=4))
+        path = save_dassl(tmp_path / "prompt_learner" / "model.pth.tar-50", coop_state(clip, model, names, 4))
+        method = "maple" if "another method" in name else "coop"
+        return ["--method", method, "--data", "demo", "--backbone", "tiny", "--eval-only", "--checkpoint",
+                str(path), *out]
     raise KeyError(f"docs/troubleshooting.md row {name!r} has no scenario in tests/test_faults.py")
 
 
@@ -206,7 +218,9 @@ NOTHING_WRITTEN = {"`--resume` and `--overwrite` together", "`--device cuda` wit
                    "a class without training images in the split", "an empty test split", "base-to-new on one class",
                    "`--eval-data` without `--protocol cross` or `dg`",
                    "a learned context too long for the 77 text tokens",
-                   "`--eval-only` with a `--backbone` or `--set` the checkpoint was not trained with"}
+                   "`--eval-only` with a `--backbone` or `--set` the checkpoint was not trained with",
+                   "`--set template=...` (or `dataset`)", "an authors' checkpoint (Dassl's `model.pth.tar-N`) of "
+                   "another method", "an authors' checkpoint with another backbone than the run's"}
 
 
 def test_the_fault_table_is_complete():

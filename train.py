@@ -1,11 +1,15 @@
-"""The one training loop for every method: python train.py --method coop --data ./data/dtd --shots 16
+"""The one training loop for every method:
 
-Read from the top: the optimizers and CoOp's learning-rate schedule, the precision, then `Runner`, one run's model:
-`train_epoch` (the SGD steps of an epoch) and `evaluate` (top-1 accuracy), then `train` (fitting, then the epochs,
-each ending with a checkpoint), `run` (a run's phases in order) and `main` (one run per seed, on one device or on N
-GPUs under torchrun). Every method trains here the same way; what a method file must and may define is listed in
-methods.py, beside the command line and the Config checks. The run folder (atomic writes, checkpoints, resume checks,
-and load_run for predict.py and analyze.py) is runs.py; the frozen-feature cache (--cache-features) is features.py.
+    python train.py --method coop --data ./data/dtd --shots 16
+
+Read from the top, in the order it runs: `main` (one run per seed, on one device or on N GPUs under
+torchrun), `run` (a run's phases in order), `train` (fitting, then the epochs, each ending with a
+checkpoint), then `Runner`, one run's model: `train_epoch` (the SGD steps of an epoch) and
+`evaluate` (top-1 accuracy); last the learning-rate schedule and the precision. Every method trains
+here the same way; what a method file must and may define is listed in methods.py, beside the
+command line and the Config checks. The run folder (atomic writes, checkpoints, resume checks, and
+load_run for predict.py and analyze.py) is runs.py; the frozen-feature cache (--cache-features) is
+features.py; the authors' released checkpoints, read by --eval-only, are released.py.
 """
 import argparse
 import contextlib
@@ -32,41 +36,230 @@ import released
 import runs
 from methods import UserError
 
-OPTIMIZERS = {  # Config.optimizer -> the optimizer: Dassl's sgd and adam (weight decay 5e-4, L2 added to the
-    "sgd": functools.partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4),  # gradient), Tip-Adapter-F's adamw
+OPTIMIZERS = {  # Config.optimizer -> the optimizer
+    # Dassl's sgd and adam: weight decay 5e-4, an L2 term added to the gradient
+    "sgd": functools.partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4),
     "adam": functools.partial(torch.optim.Adam, betas=(0.9, 0.999), weight_decay=5e-4),
+    # Tip-Adapter-F's
     "adamw": functools.partial(torch.optim.AdamW, eps=1e-4, weight_decay=0.01),
 }
 WARMUP_LR = 1e-5  # Dassl's WARMUP_CONS_LR, in every CoOp-family config
-COMPILED = (clip_model.ResidualAttentionBlock, clip_model.Bottleneck, clip_model.AttentionPool2d)  # --compile
+# what --compile compiles, block by block
+COMPILED = (clip_model.ResidualAttentionBlock, clip_model.Bottleneck, clip_model.AttentionPool2d)
 
-def lr_at(epoch, base_lr, epochs, warmup_epochs):
-    """Dassl's constant warm-up then cosine (WARMUP_RECOUNT): the cosine restarts at 0 after warm-up, over
-    `epochs` steps, so the last epoch's lr is cos at (epochs - 1 - warmup) / epochs, not 0."""
-    if epoch < warmup_epochs:
-        return WARMUP_LR
-    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+def main(argv=None):
+    args = methods.parse_args(argv)
+    # one of the processes of a torchrun job (of 1 process too: its sums then still go through
+    # NCCL or gloo)
+    launched = int(os.environ.get("WORLD_SIZE", 1)) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    torchrun = launched and not dist.is_initialized()
+    if torchrun:
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    try:
+        if args.list:  # flushed: a closed pipe raises below, not in the interpreter's exit
+            print(methods.method_list(), flush=True)
+            return 0
+        if args.help_config:
+            module, cfg = methods.make_config(args)
+            print(inspect.getsource(module.Config).rstrip())
+            sets = methods.METHODS[args.method][1] or "nothing (the defaults above)"
+            print(f"# --method {args.method} sets: {sets}", flush=True)
+            return 0
+        if not args.method or not args.data:
+            raise UserError("--method and --data are required (python train.py --list shows the "
+                            "methods)")
+        for seed in args.seeds:  # --seed 1 2 3: the papers' protocol, one run and folder per seed
+            output = args.output
+            if args.output and len(args.seeds) > 1:
+                output = str(Path(args.output, f"seed{seed}"))
+            run(argparse.Namespace(**{**vars(args), "seed": seed, "output": output}))
+    except BrokenPipeError:  # stdout's reader went away (`| head`); an OSError, so caught first
+        methods.output_closed()
+        if args.list or args.help_config:
+            # status 0, as fetch.py --dry-run and ripgrep: the reader took what it wanted. (cat and
+            # grep die of SIGPIPE, status 141, which fails a `set -o pipefail` script whose `| head`
+            # did what it was asked.)
+            return 0
+        # stderr may go to the same closed pipe (`2>&1 | head`)
+        with contextlib.suppress(BrokenPipeError):
+            print("error: the output was closed (its reader ended), so the run stopped; the run "
+                  "folder keeps the checkpoint of its last finished epoch: --resume continues it",
+                  file=sys.stderr)
+        return 141  # 128 + SIGPIPE, as 130 is 128 + SIGINT below: the run did not finish
+    except OSError as e:  # the run folder or a file the run writes (log.txt) cannot be written
+        print(f"error: {e.strerror or e}: {e.filename or 'a file of the run'}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the run folder keeps the checkpoint of its last finished epoch: "
+              "--resume continues it", file=sys.stderr)
+        return 130
+    except (UserError, data.DataError, clip_model.LoadError) as e:
+        message = str(e).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its error's own line
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        if not dist.is_initialized() or dist.get_rank() == 0:  # every process meets the same error
+            print(f"error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        if torchrun:
+            dist.destroy_process_group()
+    return 0
 
-def epoch_seed(seed, epoch):
-    """The seed of an epoch's data order and augmentation (and of --cache-features' and fit()'s view `epoch`)."""
-    return seed * 100_003 + epoch
+def run(args):
+    """One run, its phases in order -> its results. Nothing is written before the run folder (3) is
+    claimed, and the folder's lock is held until this returns or fails."""
+    methods.check_flags(args)  # 1. the config and the data
+    module, cfg = methods.make_config(args)
+    if getattr(cfg, "optimizer", "sgd") not in OPTIMIZERS:
+        raise UserError(f"{args.method}: optimizer={cfg.optimizer}: use one of "
+                        f"{', '.join(OPTIMIZERS)}")
+    if args.eval_only:  # the model rebuilt as its checkpoint was trained
+        if not args.checkpoint:
+            raise UserError("--eval-only needs --checkpoint PATH (the checkpoint.pt of a finished "
+                            "run)")
+        # ours, or a file the method's authors released
+        ckpt = runs.load_checkpoint(args.checkpoint, args.method, released_too=True)
+        cfg = runs.checkpoint_config(args, cfg, ckpt)
+    shots = 0 if args.eval_only else args.shots
+    task = data.make_task(args.data, args.protocol, shots, args.seed, args.eval_data)
 
-def resolve_precision(requested, device):
-    """auto: bf16 on a GPU with native bf16 (Ampere and later), fp16 on older GPUs (T4, V100: bf16 only emulated),
-    fp32 on a CPU. An explicit choice is kept (bf16 and fp16 autocast also run on a CPU)."""
-    if requested != "auto":
-        return requested
-    if device != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    # 2. CLIP and the method; a bad backbone leaves nothing behind
+    runner = Runner(args, module, cfg, task)
+    if args.eval_only:  # with the preprocessing it was trained with
+        if "released" in ckpt:  # the authors' file: was it trained as the model built here?
+            released.check(ckpt, runner.model, cfg.backbone, task, args.checkpoint)
+        runner.load_learned(runner.model, ckpt["learned"], args.checkpoint)
+        run_record = ckpt.get("run", {})
+        runner.preprocessing = runs.recorded_preprocessing(run_record, runner.clip, args.checkpoint)
+    epochs = planned_epochs(args, cfg, module, runner.model)
+    methods.check_task(runner, task)
 
-def autocast(precision, device):
-    """The context every forward runs in: bf16 or fp16 autocast, or none for fp32."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+    out = runs.output_folder(args, cfg)  # 3. the run folder; the log closes --tensorboard's file
+    with (runs.claim_folder(out, args, runner.device),
+          runs.Log(out, runner.rank, args.tensorboard) as log):
+        results = runs.start_results(runner, epochs)
+        if args.eval_only:  # what was evaluated
+            results["checkpoint"] = dict(path=str(args.checkpoint), epoch=ckpt["epoch"],
+                                         released=ckpt.get("released", {}).get("format"))
+        log(runs.headline(runner, results))
+        results_file = out / "results.json"
+        if args.eval_only:
+            results_file = out / f"eval_{task.dataset}_{args.protocol}.json"
+        if args.dry_run:
+            runs.write_json(results, results_file)
+            log(f"dry run: wrote {results_file}")
+            return results
+
+        started = time.time()
+        history, seconds_before = train(runner, results, epochs, out, log)  # 4. fit and train
+
+        accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}  # 5. evaluate
+        if args.protocol == "base2new":
+            base, new = accuracy["base"], accuracy["new"]
+            accuracy["hm"] = 2 * base * new / (base + new) if base + new else 0.0
+        log.scalars(epochs, {f"accuracy/{name}": acc for name, acc in accuracy.items()})
+        results.update(accuracy=accuracy, history=history,
+                       time_s=seconds_before + time.time() - started)
+        runs.write_json(results, results_file)
+        scores = "  ".join(f"{name} {acc:.2f}" for name, acc in accuracy.items())
+        log(f"{scores}  -> {results_file}")
+    return results
+
+def planned_epochs(args, cfg, module, model):
+    """The SGD epochs of this run: none for an evaluation, a fitted-only method or one with nothing
+    to learn."""
+    learns = any(p.requires_grad for p in model.parameters())
+    if args.eval_only or methods.fitted_only(cfg) or not learns:
+        return 0
+    return args.epochs if args.epochs is not None else methods.epochs_for(cfg, args.shots, module)
+
+def train(runner, results, epochs, out, log):
+    """Fitting and SGD epochs (from the checkpoint's epoch on --resume), each epoch ending with its
+    checkpoint and results.json (no accuracy yet) -> the epochs' history, and the seconds the run
+    had taken before this process (0 unless it resumes)."""
+    args, cfg, model = runner.args, runner.cfg, runner.model
+    started, seconds_before, start, history = time.time(), 0.0, 0, []
+    fits = hasattr(model, "fit") and not args.eval_only
+    if fits:  # before any epoch (and before a resume restores the trained parameters)
+        results["fit"] = runner.fit(False, out, log)
+        if not epochs:
+            runner.save_checkpoint(out, 0, history, time.time() - started, None)
+    if not epochs:
+        return history, seconds_before
+    if hasattr(model, "param_groups"):
+        groups = model.param_groups(cfg)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    # a group may bring its own lr and warm-up (CAVPT: visual prompts 10 epochs, text 1)
+    defaults = {"lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs}
+    groups = [{**defaults, **g, "base_lr": g.get("lr", cfg.lr)} for g in groups]
+    optimizer = OPTIMIZERS[getattr(cfg, "optimizer", "sgd")](groups, lr=cfg.lr)
+    if args.resume:
+        ckpt = runner.resume(out, optimizer)
+        start, history, seconds_before = ckpt["epoch"], ckpt["history"], ckpt["time_s"]
+        log(f"resumed after epoch {start}")
+    loader = data.loader(runner.task.train, data.train_transform(runner.preprocessing),
+                         cfg.batch_size, train=True, workers=runner.workers, device=args.device,
+                         rank=runner.rank, world=runner.world)
+    # order and augmentation depend on the epoch's seed alone, so a resumed run, every process, and
+    # view v of --cache-features (= epoch v) see the same batches
+    views = [epoch_seed(args.seed, e) for e in range(min(args.cache_features, epochs))]
+    cache = None
+    if args.cache_features:
+        cache = features.encode_views(runner, runner.task.train, views, out)
+    trainer = model
+    if runner.world > 1:  # DDP averages the gradients over the processes
+        device_ids = [runner.device] if args.device == "cuda" else None
+        # broadcast_buffers: renamed in torch 2.14, the only spelling before; False: the frozen
+        # buffers are never re-sent
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids,
+                                                                broadcast_buffers=False)
+
+    for epoch in range(start, epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, group["base_lr"], epochs, group["warmup_epochs"])
+        torch.manual_seed(epoch_seed(args.seed, epoch))
+        loader.sampler.set_epoch(epoch_seed(args.seed, epoch))
+        loader.dataset.seed = epoch_seed(args.seed, epoch)
+        tic = time.time()
+        inputs_and_labels = features.batches(loader, cache, epoch, runner.device)
+        if loader.drop_last:
+            images_here = len(loader) * loader.batch_size  # this process's images this epoch
+        else:
+            images_here = len(loader.sampler)
+        with runs.progress(images_here, f"epoch {epoch + 1}/{epochs}", runner.rank) as bar:
+            seen, loss_sum, correct = runner.train_epoch(trainer, optimizer, inputs_and_labels,
+                                                         epoch, bar)
+        history.append(dict(epoch=epoch + 1, loss=loss_sum / seen, acc=100 * correct / seen,
+                            lr=optimizer.param_groups[0]["lr"], seconds=time.time() - tic))
+        scalars = {f"train/{key}": history[-1][key] for key in ("loss", "acc", "lr")}
+        log.scalars(epoch + 1, scalars, purge=True)
+        this_run = time.time() - started
+        elapsed = seconds_before + this_run
+        eta = this_run / (epoch + 1 - start) * (epochs - epoch - 1)
+        log(f"epoch {epoch + 1}/{epochs}  loss {loss_sum / seen:.3f}  "
+            f"acc {100 * correct / seen:.1f}  lr {history[-1]['lr']:.1e}  "
+            f"{seen / (time.time() - tic):.0f} img/s  {timedelta(seconds=int(elapsed))} elapsed  "
+            f"ETA {timedelta(seconds=int(eta))}")
+        runner.save_checkpoint(out, epoch + 1, history, elapsed, optimizer)
+        runs.write_json({**results, "history": history, "time_s": elapsed}, out / "results.json")
+
+    if fits:  # after the last epoch: what the method fits to its trained parameters
+        results["fit"] = runner.fit(True, out, log)
+        elapsed = seconds_before + time.time() - started
+        runner.save_checkpoint(out, epochs, history, elapsed, optimizer)
+    return history, seconds_before
 
 class Runner:
-    """One run's model: CLIP and the method built for the task's classes, where they run, and in what precision."""
+    """One run's model: CLIP and the method built for the task's classes, where they run, and in
+    what precision. What the other files read of it (features.py, methods.check_task, runs.py's
+    results and headline; bench.py builds a stand-in with model, device, autocast and scaler):
+    args, task, cfg, model, device, rank and world (torchrun's), precision, autocast,
+    preprocessing, workers, and identity()."""
 
     def __init__(self, args, module, cfg, task):
         self.args, self.module, self.cfg, self.task = args, module, cfg, task
@@ -78,41 +271,49 @@ class Runner:
             self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         self.precision = resolve_precision(args.precision, args.device)
         self.autocast = functools.partial(autocast, self.precision, args.device)
-        # fp16 gradients of small losses underflow: the scaler multiplies the loss before backward and skips a
-        # step whose gradients overflowed (learned parameters stay fp32 in every precision)
+        # fp16 gradients of small losses underflow: the scaler multiplies the loss before backward
+        # and skips a step whose gradients overflowed (learned parameters stay fp32 in every
+        # precision)
         self.scaler = torch.amp.GradScaler(args.device, enabled=self.precision == "fp16")
         self.workers = args.workers
         if self.workers is None:
             self.workers = 8 if args.device == "cuda" else 0
-        self.clip, _ = other_weights.load_backbone(cfg.backbone, device=self.device, seed=args.seed,
+        self.clip, _ = other_weights.load_backbone(cfg.backbone, device=self.device,
+                                                   seed=args.seed,
                                                    pretrained=args.init == "pretrained")
         self.preprocessing = self.clip.preprocessing  # how its images are resized and normalised
-        if args.compile:  # block by block: methods put prompts between blocks, so every method gains
+        # --compile block by block: methods put prompts between blocks, so every method gains
+        if args.compile:
             for block in self.clip.modules():
                 if isinstance(block, COMPILED):
                     block.compile()
         torch.manual_seed(args.seed)  # the method's own initialisation
         self.model = self.build(task.classnames, task.template, task.dataset)
 
-    def train_epoch(self, trainer, optimizer, inputs_and_labels, epoch, out, bar=None):
-        """One epoch of SGD steps (trainer: the model, or its DDP wrapper) -> images, summed loss and correct
-        predictions, over every process. The sums stay on the device and are read once, at the end: a step never
-        waits for the host (fp16's scaler aside, which reads its overflow flag every step; `bar`, a progress() drawn
-        on a terminal, reads the running loss once a second)."""
+    def train_epoch(self, trainer, optimizer, inputs_and_labels, epoch, bar=None):
+        """One epoch of SGD steps (trainer: the model, or its DDP wrapper) -> images, summed loss
+        and correct predictions, over every process (check_finite). The sums stay on the device and
+        are read once, at the end: a step never waits for the host (fp16's scaler aside, which
+        reads its overflow flag every step; `bar`, a runs.progress() drawn on a terminal, reads the
+        running loss once a second)."""
         model = self.model
-        bar = runs.progress(None, "", rank=-1) if bar is None else bar  # none given: one that draws nothing
+        if bar is None:  # bench.py times epochs without one: a bar that draws nothing
+            bar = runs.progress(None, "", rank=-1)
         model.train()
         seen = 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        first_bad = torch.full((), -1, device=self.device)  # the first step with a nan or inf loss; -1: none
+        first_bad = torch.full((), -1, device=self.device)  # the first step with a nan or inf loss
         shown = time.monotonic()
         for step, (inputs, labels) in enumerate(inputs_and_labels):
             with self.autocast():
+                # inputs: {"images": ...}, or {"features": ...} from --cache-features (as
+                # features.batches builds them): the keywords every method's forward takes
                 logits = trainer(**inputs)
                 loss = model.loss(logits, labels, epoch)  # the method's objective (methods.py)
             optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()  # fp32 and bf16: the scaler is off and passes the loss through
+            # fp32 and bf16: the scaler is off and passes the loss through
+            self.scaler.scale(loss).backward()
             self.scaler.step(optimizer)
             self.scaler.update()
 
@@ -120,37 +321,44 @@ class Runner:
             loss_sum += loss.detach().double() * len(labels)
             correct += (logits.argmax(-1) == labels).sum()
             finite = torch.isfinite(loss.detach())
-            first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)  # a bad step is kept once found
+            # a bad step, once found, is kept
+            first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)
             bar.update(len(labels))
             if not bar.disable and time.monotonic() - shown > 1:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
                 shown = time.monotonic()
-        # what the checkpoint will hold: a last step can leave the parameters finite but so large (lr 1e30: 5e29) that
-        # the next forward is nan, so they are tried on the epoch's last batch before they are kept
-        model.eval()
+        return self.check_finite([seen, loss_sum, correct], first_bad, inputs, epoch)
+
+    def check_finite(self, sums, first_bad, inputs, epoch):
+        """`sums` summed over the processes, in one read from the device; a UserError when a loss
+        was nan or inf in any process (first_bad >= 0: its step), or when the parameters the epoch
+        ends with give nan or inf on its last batch `inputs`, before this epoch's checkpoint is
+        written. (A last step can leave the parameters finite but so large, lr 1e30: 5e29, that
+        the next forward is nan.)"""
+        self.model.eval()
         with torch.no_grad(), self.autocast():
-            ends_bad = ~torch.isfinite(model(**inputs)).all()
-        # one read after the epoch; a nan in any process stops all, before this epoch's checkpoint is written
-        seen, loss_sum, correct, bad_processes = runs.all_sum([seen, loss_sum, correct, (first_bad >= 0) | ends_bad],
-                                                              self.device)
+            ends_bad = ~torch.isfinite(self.model(**inputs)).all()
+        *sums, bad_processes = runs.all_sum([*sums, (first_bad >= 0) | ends_bad], self.device)
         if bad_processes:
             where = "in another process"
             if first_bad >= 0:
                 where = f"first at step {int(first_bad) + 1}"
             elif ends_bad:
                 where = "in the parameters it ends with"
-            raise UserError(f"the loss is nan or inf at epoch {epoch + 1} ({where}): lower --lr or use --precision "
-                            f"fp32 and start again; {out} keeps the checkpoint and results.json of epoch {epoch} "
-                            "(the last good one)")
-        return seen, loss_sum, correct
+            raise UserError(f"the loss is nan or inf at epoch {epoch + 1} ({where}): lower --lr or "
+                            "use --precision fp32 and start again; the run folder keeps the "
+                            f"checkpoint and results.json of epoch {epoch} (the last good one)")
+        return sums
 
     @torch.no_grad()
     def evaluate(self, evalset):
-        """Top-1 accuracy (%) on evalset.test: each process scores its share, the counts are summed."""
+        """Top-1 accuracy (%) on evalset.test: each process scores its share, the counts summed."""
         model = self.model_for(evalset).eval()
-        loader = data.loader(evalset.test, clip_model.transform(self.preprocessing), 100, train=False,
-                             workers=self.workers, device=self.args.device, rank=self.rank, world=self.world)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)  # on the device: no sync per batch
+        loader = data.loader(evalset.test, clip_model.transform(self.preprocessing), 100,
+                             train=False, workers=self.workers, device=self.args.device,
+                             rank=self.rank, world=self.world)
+        # on the device: no sync per batch
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         with runs.progress(len(loader.dataset), f"evaluating {evalset.name}", self.rank) as bar:
             for images, labels in loader:
                 with self.autocast():
@@ -162,37 +370,47 @@ class Runner:
         return 100 * runs.all_sum([correct], self.device)[0] / len(evalset.test)
 
     def build(self, classnames, template, dataset):
-        """The method for these classes; a Config's `template` and `dataset` fields take the data's."""
+        """The method for these classes; a Config's `template` and `dataset` take the data's."""
         cfg = methods.for_data(self.cfg, template, dataset)
         try:
             return self.module.build(self.clip, classnames, cfg).to(self.device)
-        except clip_model.TextTooLong as e:  # learned context + template + class name over CLIP's 77 tokens
-            raise UserError(f"{self.args.method}: a prompt of this config is {e.length} tokens, more than CLIP's "
-                            f"{e.context_length}: use a shorter learned context (--set n_ctx=... or text_ctx=...) or "
-                            "shorter class names") from None
+        except clip_model.TextTooLong as e:  # learned context + template + name over 77 tokens
+            raise UserError(f"{self.args.method}: a prompt of this config is {e.length} tokens, "
+                            f"more than CLIP's {e.context_length}: use a shorter learned context "
+                            "(--set n_ctx=... or text_ctx=...) or shorter class names") from None
         except ValueError as e:  # a Config value the method rejects
             raise UserError(f"{self.args.method}: {e}") from None
 
     def model_for(self, evalset):
-        """The trained model, or the method rebuilt for another class set with the learned parameters."""
-        dataset = self.task.dataset if evalset.root == self.task.root else evalset.name  # test, base, new: the task's
-        same_dataset = dataset == self.task.dataset or not hasattr(self.cfg, "dataset")  # matters only to a Config
-        if (evalset.classnames, evalset.template) == (self.task.classnames, self.task.template) and same_dataset:
+        """The trained model, or the method rebuilt for another class set with the learned
+        parameters."""
+        task = self.task
+        dataset = evalset.name  # another dataset (cross, dg)
+        if evalset.root == task.root:  # test, base, new: the task's
+            dataset = task.dataset
+        # the dataset's name matters only to a Config that has the field
+        same_dataset = dataset == task.dataset or not hasattr(self.cfg, "dataset")
+        same_classes = (evalset.classnames, evalset.template) == (task.classnames, task.template)
+        if same_classes and same_dataset:
             return self.model
         model = self.build(evalset.classnames, evalset.template, dataset)
-        self.load_learned(model, runs.learned_tensors(self.model), "training")  # load_state_dict copies them
+        # load_state_dict copies them
+        self.load_learned(model, runs.learned_tensors(self.model), "training")
         return model
 
     def load_learned(self, model, learned, where):
-        runs.restore(model, learned, where, self.args.method, self.cfg.backbone, len(self.task.classnames))
+        runs.restore(model, learned, where, self.args.method, self.cfg.backbone,
+                     len(self.task.classnames))
 
     def encode_split(self, split, views=0, folder=None):
-        """`encode` of a method's fit(): (features, labels) of the task's "train" or "val" images, un-augmented
-        (n, ...) or in `views` augmented copies (views, n, ...); each process computes all (the same fit in each)."""
+        """`encode` of a method's fit(): (features, labels) of the task's "train" or "val" images,
+        un-augmented (n, ...) or in `views` augmented copies (views, n, ...); each process computes
+        all (the same fit in each)."""
         items = {"train": self.task.train, "val": self.task.val}[split]
         labels = torch.tensor([y for _, y in items], device=self.device, dtype=torch.long)
-        if not items:  # an empty split (ImageNet has no val): the method's fit says what it needed it for
-            return torch.empty((views, 0) if views else (0,), device=self.device), labels
+        if not items:  # an empty split (ImageNet has no val): the method's fit says what it needed
+            empty = torch.empty((views, 0) if views else (0,), device=self.device)
+            return empty, labels
         if views:
             seeds = [epoch_seed(self.args.seed, v) for v in range(views)]
             return features.encode_views(self, items, seeds, folder), labels
@@ -200,212 +418,76 @@ class Runner:
         return features.encode_views(self, items, [0], folder, test_transform)[0], labels
 
     def fit(self, trained, out, log):
-        """The method's fit() on the frozen features (before the first epoch; after the last: trained=True) -> what
-        it chose."""
+        """The method's fit() on the frozen features (before the first epoch; after the last:
+        trained=True) -> what it chose."""
         try:
-            chosen = self.model.fit(functools.partial(self.encode_split, folder=out), trained=trained) or {}
+            encode = functools.partial(self.encode_split, folder=out)
+            chosen = self.model.fit(encode, trained=trained) or {}
         except ValueError as e:  # data the method cannot be fitted on
             raise UserError(f"{self.args.method}: {e}") from None
         numbers = {k: v for k, v in chosen.items() if isinstance(v, (int, float))}
-        log(f"fitted{' after training' if trained else ''}: " + "  ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
+        fitted = "  ".join(f"{k} {v:.4g}" for k, v in numbers.items())
+        log(f"fitted{' after training' if trained else ''}: {fitted}")
         return chosen
 
     def identity(self):
-        """What defines the task a checkpoint continues: a resume with any other value would train on something else."""
+        """What defines the task a checkpoint continues: a resume with any other value would train
+        on something else."""
         args = self.args
-        return dict(data=str(self.task.root), dataset=self.task.dataset, protocol=args.protocol, shots=args.shots,
-                    seed=args.seed, backbone=self.cfg.backbone, init=args.init, precision=self.precision,
+        return dict(data=str(self.task.root), dataset=self.task.dataset, protocol=args.protocol,
+                    shots=args.shots, seed=args.seed, backbone=self.cfg.backbone, init=args.init,
+                    precision=self.precision,
                     preprocessing=runs.preprocessing_record(self.preprocessing),
                     config={**dataclasses.asdict(self.cfg), "cache_features": args.cache_features})
 
     def save_checkpoint(self, out, epoch, history, elapsed, optimizer):
         identity = self.identity()
-        state = dict(method=self.args.method, backbone=self.cfg.backbone, config=identity["config"], epoch=epoch,
-                     run=identity, learned=runs.learned_state(self.model),
-                     optimizer=optimizer.state_dict() if optimizer else None, history=history, time_s=elapsed,
-                     precision=self.precision, scaler=self.scaler.state_dict())
+        state = dict(method=self.args.method, backbone=self.cfg.backbone,
+                     config=identity["config"], epoch=epoch, run=identity,
+                     learned=runs.learned_state(self.model),
+                     optimizer=optimizer.state_dict() if optimizer else None, history=history,
+                     time_s=elapsed, precision=self.precision, scaler=self.scaler.state_dict())
         runs.save_atomic(functools.partial(torch.save, state), out / "checkpoint.pt")
 
     def resume(self, out, optimizer):
-        """The output folder's checkpoint, checked to continue this task and loaded: model, optimizer, fp16's scaler."""
+        """The output folder's checkpoint, checked to continue this task and loaded: model,
+        optimizer, fp16's scaler."""
         path = out / "checkpoint.pt"
         ckpt = runs.load_checkpoint(path, self.args.method)
         runs.check_resume(ckpt, self.identity(), path)
         self.load_learned(self.model, ckpt["learned"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt and self.scaler.is_enabled():
-            self.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale reached, and its counter
+            self.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale reached, its counter
         return ckpt
 
-def train(runner, results, epochs, out, log):
-    """Fitting and SGD epochs (from the checkpoint's epoch on --resume), each epoch ending with its checkpoint and
-    results.json (no accuracy yet) -> the epochs' history, and the seconds the run had taken before this process."""
-    args, cfg, model = runner.args, runner.cfg, runner.model
-    started, previous, start, history = time.time(), 0.0, 0, []
-    fits = hasattr(model, "fit") and not args.eval_only
-    if fits:  # before any epoch (and before a resume restores the trained parameters)
-        results["fit"] = runner.fit(False, out, log)
-        if not epochs:
-            runner.save_checkpoint(out, 0, history, time.time() - started, None)
-    if not epochs:
-        return history, previous
-    groups = model.param_groups(cfg) if hasattr(model, "param_groups") else [
-        {"params": [p for p in model.parameters() if p.requires_grad]}]
-    groups = [{"lr": cfg.lr, "warmup_epochs": cfg.warmup_epochs, **g, "base_lr": g.get("lr", cfg.lr)}
-              for g in groups]  # a group may bring its own lr and warm-up (CAVPT: visual 10 epochs, text 1)
-    optimizer = OPTIMIZERS[getattr(cfg, "optimizer", "sgd")](groups, lr=cfg.lr)
-    if args.resume:
-        ckpt = runner.resume(out, optimizer)
-        start, history, previous = ckpt["epoch"], ckpt["history"], ckpt["time_s"]
-        log(f"resumed after epoch {start}")
-    loader = data.loader(runner.task.train, data.train_transform(runner.preprocessing), cfg.batch_size, train=True,
-                         workers=runner.workers, device=args.device, rank=runner.rank, world=runner.world)
-    # order and augmentation depend on the epoch's seed alone, so a resumed run, every process, and view v of
-    # --cache-features (= epoch v) see the same batches
-    views = [epoch_seed(args.seed, e) for e in range(min(args.cache_features, epochs))]
-    cache = features.encode_views(runner, runner.task.train, views, out) if args.cache_features else None
-    trainer = model
-    if runner.world > 1:  # DDP averages the gradients over the processes
-        device_ids = [runner.device] if args.device == "cuda" else None
-        with warnings.catch_warnings():  # broadcast_buffers: renamed in torch 2.14, the only spelling before
-            warnings.simplefilter("ignore", FutureWarning)  # False: the frozen buffers are never re-sent
-            trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids, broadcast_buffers=False)
+def lr_at(epoch, base_lr, epochs, warmup_epochs):
+    """Dassl's constant warm-up then cosine (WARMUP_RECOUNT): the cosine restarts at 0 after
+    warm-up, over `epochs` steps, so the last epoch's lr is cos at (epochs - 1 - warmup) / epochs,
+    not 0."""
+    if epoch < warmup_epochs:
+        return WARMUP_LR
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
-    for epoch in range(start, epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch, group["base_lr"], epochs, group["warmup_epochs"])
-        torch.manual_seed(epoch_seed(args.seed, epoch))
-        loader.sampler.set_epoch(epoch_seed(args.seed, epoch))
-        loader.dataset.seed = epoch_seed(args.seed, epoch)
-        tic = time.time()
-        inputs_and_labels = features.batches(loader, cache, epoch, runner.device)
-        mine = len(loader) * loader.batch_size if loader.drop_last else len(loader.sampler)  # this process's images
-        with runs.progress(mine, f"epoch {epoch + 1}/{epochs}", runner.rank) as bar:
-            seen, loss_sum, correct = runner.train_epoch(trainer, optimizer, inputs_and_labels, epoch, out, bar)
-        history.append(dict(epoch=epoch + 1, loss=loss_sum / seen, acc=100 * correct / seen,
-                            lr=optimizer.param_groups[0]["lr"], seconds=time.time() - tic))
-        log.scalars(epoch + 1, {f"train/{key}": history[-1][key] for key in ("loss", "acc", "lr")}, purge=True)
-        this_run = time.time() - started
-        elapsed = previous + this_run
-        eta = this_run / (epoch + 1 - start) * (epochs - epoch - 1)
-        log(f"epoch {epoch + 1}/{epochs}  loss {loss_sum / seen:.3f}  acc {100 * correct / seen:.1f}  "
-            f"lr {history[-1]['lr']:.1e}  {seen / (time.time() - tic):.0f} img/s  "
-            f"{timedelta(seconds=int(elapsed))} elapsed  ETA {timedelta(seconds=int(eta))}")
-        runner.save_checkpoint(out, epoch + 1, history, elapsed, optimizer)
-        runs.write_json({**results, "history": history, "time_s": elapsed}, out / "results.json")
+def epoch_seed(seed, epoch):
+    """The seed of an epoch's data order and augmentation (and of --cache-features' and fit()'s
+    view `epoch`)."""
+    return seed * 100_003 + epoch
 
-    if fits:  # after the last epoch: what the method fits to its trained parameters
-        results["fit"] = runner.fit(True, out, log)
-        runner.save_checkpoint(out, epochs, history, previous + time.time() - started, optimizer)
-    return history, previous
+def resolve_precision(requested, device):
+    """auto: bf16 on a GPU with native bf16 (Ampere and later), fp16 on older GPUs (T4, V100: bf16
+    only emulated), fp32 on a CPU. An explicit choice is kept (bf16 and fp16 autocast also run on a
+    CPU)."""
+    if requested != "auto":
+        return requested
+    if device != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
-def planned_epochs(args, cfg, module, model):
-    """The SGD epochs of this run: none for an evaluation, a fitted-only method or one with nothing to learn."""
-    if args.eval_only or methods.fitted_only(cfg) or not any(p.requires_grad for p in model.parameters()):
-        return 0
-    return args.epochs if args.epochs is not None else methods.epochs_for(cfg, args.shots, module)
-
-def run(args):
-    """One run, its phases in order -> its results. Nothing is written before the run folder (3) is claimed, and the
-    folder's lock is held until this returns or fails."""
-    methods.check_flags(args)  # 1. the config and the data
-    module, cfg = methods.make_config(args)
-    if getattr(cfg, "optimizer", "sgd") not in OPTIMIZERS:
-        raise UserError(f"{args.method}: optimizer={cfg.optimizer}: use one of {', '.join(OPTIMIZERS)}")
-    if args.eval_only:  # the model rebuilt as its checkpoint was trained
-        if not args.checkpoint:
-            raise UserError("--eval-only needs --checkpoint PATH (the checkpoint.pt of a finished run)")
-        ckpt = runs.load_checkpoint(args.checkpoint, args.method, released_too=True)  # or the authors' file
-        cfg = runs.checkpoint_config(args, cfg, ckpt)
-    task = data.make_task(args.data, args.protocol, 0 if args.eval_only else args.shots, args.seed, args.eval_data)
-
-    runner = Runner(args, module, cfg, task)  # 2. CLIP and the method; a bad backbone leaves nothing behind
-    if args.eval_only:  # with the preprocessing it was trained with
-        if "released" in ckpt:  # the authors' file: the model built here must be the one it was trained as
-            released.check(ckpt, runner.model, cfg.backbone, task, args.checkpoint)
-        runner.load_learned(runner.model, ckpt["learned"], args.checkpoint)
-        runner.preprocessing = runs.recorded_preprocessing(ckpt.get("run", {}), runner.clip, args.checkpoint)
-    epochs = planned_epochs(args, cfg, module, runner.model)
-    methods.check_task(runner, task)
-
-    out = runs.output_folder(args, cfg)  # 3. the run folder; the log closes --tensorboard's event file
-    with runs.claim_folder(out, args, runner.device), runs.Log(out, runner.rank, args.tensorboard) as log:
-        results = runs.start_results(runner, epochs)
-        if args.eval_only:  # what was evaluated
-            results["checkpoint"] = dict(path=str(args.checkpoint), epoch=ckpt["epoch"],
-                                         released=ckpt.get("released", {}).get("format"))
-        log(runs.headline(runner, results))
-        results_file = out / (f"eval_{task.dataset}_{args.protocol}.json" if args.eval_only else "results.json")
-        if args.dry_run:
-            runs.write_json(results, results_file)
-            log(f"dry run: wrote {results_file}")
-            return results
-
-        started = time.time()
-        history, previous = train(runner, results, epochs, out, log)  # 4. fitting and training
-
-        accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}  # 5. evaluation
-        if args.protocol == "base2new":
-            base, new = accuracy["base"], accuracy["new"]
-            accuracy["hm"] = 2 * base * new / (base + new) if base + new else 0.0
-        log.scalars(epochs, {f"accuracy/{name}": acc for name, acc in accuracy.items()})
-        results.update(accuracy=accuracy, history=history, time_s=previous + time.time() - started)
-        runs.write_json(results, results_file)
-        log("  ".join(f"{name} {acc:.2f}" for name, acc in accuracy.items()) + f"  -> {results_file}")
-    return results
-
-def main(argv=None):
-    args = methods.parse_args(argv)
-    # one of the processes of a torchrun job (of 1 process too: its sums then still go through NCCL or gloo)
-    launched = int(os.environ.get("WORLD_SIZE", 1)) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
-    torchrun = launched and not dist.is_initialized()
-    if torchrun:
-        if args.device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    try:
-        if args.list:  # flushed here: a closed pipe then raises below, not in the interpreter's exit
-            print(methods.method_list(), flush=True)
-            return 0
-        if args.help_config:
-            module, cfg = methods.make_config(args)
-            print(inspect.getsource(module.Config).rstrip())
-            print(f"# --method {args.method} sets: {methods.METHODS[args.method][1] or 'nothing (the defaults above)'}",
-                  flush=True)
-            return 0
-        if not args.method or not args.data:
-            raise UserError("--method and --data are required (python train.py --list shows the methods)")
-        for seed in args.seeds:  # --seed 1 2 3: the papers' protocol, one run and folder per seed
-            output = str(Path(args.output, f"seed{seed}")) if args.output and len(args.seeds) > 1 else args.output
-            run(argparse.Namespace(**{**vars(args), "seed": seed, "output": output}))
-    except BrokenPipeError:  # stdout's reader went away (`| head`); an OSError, so caught before the next clause
-        methods.output_closed()
-        if args.list or args.help_config:
-            # status 0, as fetch.py --dry-run and ripgrep: the reader took what it wanted. (cat and grep die of
-            # SIGPIPE, status 141, which fails a `set -o pipefail` script whose `| head` did what it was asked.)
-            return 0
-        with contextlib.suppress(BrokenPipeError):  # stderr may go to the same closed pipe (`2>&1 | head`)
-            print("error: the output was closed (its reader ended), so the run stopped; the run folder keeps the "
-                  "checkpoint of its last finished epoch: --resume continues it", file=sys.stderr)
-        return 141  # 128 + SIGPIPE, as 130 is 128 + SIGINT below: the run did not finish
-    except OSError as e:  # the run folder or a file the run writes (log.txt) cannot be written
-        print(f"error: {e.strerror or e}: {e.filename or 'a file of the run'}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; the run folder keeps the checkpoint of its last finished epoch: --resume continues "
-              "it", file=sys.stderr)
-        return 130
-    except (UserError, data.DataError, clip_model.LoadError) as e:
-        message = str(e).strip()
-        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the error's own line
-            message = message.splitlines()[-1].split(": ", 1)[-1]
-        if not dist.is_initialized() or dist.get_rank() == 0:  # every process meets the same error
-            print(f"error: {message}", file=sys.stderr)
-        return 2
-    finally:
-        if torchrun:
-            dist.destroy_process_group()
-    return 0
+def autocast(precision, device):
+    """The context every forward runs in: bf16 or fp16 autocast, or none for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 
 if __name__ == "__main__":
     sys.exit(main())

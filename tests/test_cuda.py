@@ -119,8 +119,8 @@ def test_training_steps_never_wait_for_the_host(method):
             yield from [(dict(images=images), labels)] * steps
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    runner.train_epoch(runner.model, optimizer, [(dict(images=images), labels)], 0, "out")  # first allocations
-    seen, loss_sum, correct = runner.train_epoch(runner.model, optimizer, watched(5), 0, "out")
+    runner.train_epoch(runner.model, optimizer, [(dict(images=images), labels)], 0)  # first allocations
+    seen, loss_sum, correct = runner.train_epoch(runner.model, optimizer, watched(5), 0)
     assert seen == 20 and math.isfinite(loss_sum)
 
 

@@ -106,7 +106,7 @@ def test_the_loop_reads_nothing_per_step(monkeypatch, method):
     def reads(steps):
         batches = [(dict(images=images), torch.tensor([0, 1]))] * steps
         counter = Reads(monkeypatch)
-        runner.train_epoch(runner.model, optimizer, batches, 0, "out")
+        runner.train_epoch(runner.model, optimizer, batches, 0)
         monkeypatch.undo()
         return counter.count
     assert reads(2) == reads(6) <= 3

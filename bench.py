@@ -305,8 +305,10 @@ def loop_row(clip, batch, steps, repeats, device):
     runner = types.SimpleNamespace(model=model, device=torch.device(device), autocast=contextlib.nullcontext,
                                    scaler=torch.amp.GradScaler(device, enabled=False))
 
+    runner.check_finite = functools.partial(train.Runner.check_finite, runner)
+
     def loop():
-        return train.Runner.train_epoch(runner, model, optimizer, data, 0, "bench")
+        return train.Runner.train_epoch(runner, model, optimizer, data, 0)
 
     def bare():
         model.train()

@@ -3,18 +3,20 @@
 Ma et al., "Understanding the Multi-modal Prompts of the Pre-trained Vision-Language Model", 2023,
 https://arxiv.org/abs/2312.11570, section 4.4 and Table 1. No official code.
 
-Probing what learned prompts do, the paper finds that they act mostly as a dataset bias: the class token and the
-EOT token attend to them, but what they carry hardly depends on the input. Bias tuning tests that reading
-directly: instead of prompt tokens, every transformer block of both towers gets one learned vector, added to all
-tokens of its output. With as many parameters as a few prompt tokens it matches or beats prompt tuning (the
-paper's Table 1: 79.5 vs IVLP's 77.8 at 16 shots, averaged over 11 datasets).
+Probing what learned prompts do, the paper finds that they act mostly as a dataset bias: the class
+token and the EOT token attend to them, but what they carry hardly depends on the input. Bias tuning
+tests that reading directly: instead of prompt tokens, every transformer block of both towers gets
+one learned vector, added to all tokens of its output. With as many parameters as a few prompt
+tokens it matches or beats prompt tuning (the paper's Table 1: 79.5 vs IVLP's 77.8 at 16 shots,
+averaged over 11 datasets).
 
 - Learned: `text_bias` (text blocks, D) and `image_bias` (image blocks, W), one vector per block.
 - Injected where: after block i, x <- block_i(x) + b_i, broadcast over the batch and every token.
 - Frozen: all of CLIP; the text input is the dataset's hand-crafted template.
 - Loss: cross-entropy over the C classes (the paper trains it as its IVLP baseline, section 4.1).
-- Deviations (ours where the paper is silent): zero initialisation (the untrained model is zero-shot CLIP);
-  `text=false` / `visual=false` ablations, the latter for ResNets, which have no image token blocks.
+- Deviations (ours where the paper is silent): zero initialisation (the untrained model is zero-shot
+  CLIP); `text=false` / `visual=false` ablations, the latter for ResNets, which have no image token
+  blocks.
 """
 from dataclasses import dataclass
 
@@ -37,12 +39,13 @@ class Config:
 
 VARIANTS = {"bias_tuning": dict()}
 ABOUT = {  # --method name -> what it is, for python train.py --list
-    "bias_tuning": "bias tuning (Ma et al., 2023): one learned vector added after every block of both towers",
+    "bias_tuning": "bias tuning (Ma et al., 2023): one learned vector added after every block of "
+                   "both towers",
 }
 
 def version(module):
-    """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser step,
-    load_state_dict): cached text features are reused only while it stays the same."""
+    """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser
+    step, load_state_dict): cached text features are reused only while it stays the same."""
     return [(p.data_ptr(), p._version) for p in module.parameters()]
 
 class BiasTuning(nn.Module):
@@ -50,7 +53,8 @@ class BiasTuning(nn.Module):
         super().__init__()
         self.clip = clip
         device = clip.token_embedding.weight.device
-        self.text_bias = None  # zero at start (ours: the paper gives no init): the model starts as zero-shot CLIP
+        # zero at start (ours: the paper gives no init): the model starts as zero-shot CLIP
+        self.text_bias = None
         if cfg.text:
             D = clip.ln_final.weight.shape[0]
             text_blocks = len(clip.transformer.resblocks)
@@ -60,15 +64,19 @@ class BiasTuning(nn.Module):
             W = clip.visual.conv1.out_channels
             image_blocks = len(clip.visual.transformer.resblocks)
             self.image_bias = nn.Parameter(torch.zeros(image_blocks, W, device=device))
-        tokens = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])  # (C, 77)
+        # (C, 77)
+        tokens = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (C,)
-        self.length = int(self.eot.max()) + 1  # L: positions after the last EOT are never read (causal mask)
+        # L: positions after the last EOT are never read (causal mask)
+        self.length = int(self.eot.max()) + 1
         self.cached = None  # (version, (C, E) text features), reused while evaluating
 
     def encode_text(self):
-        L = self.length  # known at build: reading it from the tokens here would make every step wait for a GPU
-        x = self.clip.embed_text(self.tokens[:, :L]) + self.clip.positional_embedding[:L]  # (C, L, D)
+        # known at build: reading it from the tokens here would make every step wait for a GPU
+        L = self.length
+        # (C, L, D)
+        x = self.clip.embed_text(self.tokens[:, :L]) + self.clip.positional_embedding[:L]
         mask = clip_model.causal_mask(L, x.device)
         for i, block in enumerate(self.clip.transformer.resblocks):
             x = block(x, mask)  # (C, L, D)
@@ -86,7 +94,8 @@ class BiasTuning(nn.Module):
         return visual.head(x)
 
     def text_features(self):
-        """(C, E) normalised; without gradients in eval mode computed once, until a parameter changes."""
+        """(C, E) normalised; without gradients in eval mode computed once,
+        until a parameter changes."""
         if self.training or torch.is_grad_enabled():
             return F.normalize(self.encode_text(), dim=-1)
         key = version(self)
@@ -101,7 +110,8 @@ class BiasTuning(nn.Module):
 
     def loss(self, logits, labels, epoch):
         """Bias tuning's loss: the cross-entropy of the softmax over the C classes' logits."""
-        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
+        # fp32 logits: an exact softmax under any autocast
+        return F.cross_entropy(logits.float(), labels)
 
     def train(self, mode=True):
         super().train(mode)
@@ -111,7 +121,8 @@ class BiasTuning(nn.Module):
 
 def build(clip, classnames, cfg):
     if cfg.visual and not isinstance(clip.visual, clip_model.VisionTransformer):
-        raise ValueError("a ResNet image tower has no token blocks for biases: use a ViT backbone (ViT-B/16, "
-                         "ViT-B/32, ViT-L/14, tiny), or --set visual=false for text biases only")
+        raise ValueError("a ResNet image tower has no token blocks for biases: use a ViT backbone "
+                         "(ViT-B/16, ViT-B/32, ViT-L/14, tiny), or --set visual=false for text "
+                         "biases only")
     clip.requires_grad_(False)
     return BiasTuning(clip, classnames, cfg)

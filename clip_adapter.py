@@ -1,12 +1,15 @@
-"""CLIP-Adapter: a small bottleneck MLP on CLIP's image feature, mixed back into it by a residual ratio.
+"""CLIP-Adapter: a small bottleneck MLP on CLIP's image feature, mixed back into it by a residual
+ratio.
 
 Gao et al., "CLIP-Adapter: Better Vision-Language Models with Feature Adapters", IJCV 2023,
-https://arxiv.org/abs/2110.04544. Official code: github.com/gaopengcuhk/CLIP-Adapter (clip_adapter.py).
+https://arxiv.org/abs/2110.04544. Official code: github.com/gaopengcuhk/CLIP-Adapter
+(clip_adapter.py).
 
-No prompt: both towers run unchanged. The image feature f goes through a two-layer MLP that narrows it by 4
-(no biases, a ReLU after each layer), and the result is mixed with f itself, ratio * adapter(f) + (1 - ratio) *
-f, before the usual cosine against the text features of the dataset's hand-crafted template. The small ratio
-keeps most of CLIP's zero-shot knowledge; the adapter learns what the few shots add.
+No prompt: both towers run unchanged. The image feature f goes through a two-layer MLP that narrows
+it by 4 (no biases, a ReLU after each layer), and the result is mixed with f itself,
+ratio * adapter(f) + (1 - ratio) * f, before the usual cosine against the text features of the
+dataset's hand-crafted template. The small ratio keeps most of CLIP's zero-shot knowledge; the
+adapter learns what the few shots add.
 
 - Learned: `adapter` (E -> E/4 -> E, no biases): 2 E^2 / 4 = 524,288 on RN50.
 - Injected where: on the image tower's output, before the normalisation.
@@ -14,7 +17,8 @@ keeps most of CLIP's zero-shot knowledge; the adapter learns what the few shots 
 - Loss: cross-entropy over the C classes (the paper's, and the official code's only term).
 - Deviations:
   - The adapter's width follows the backbone (the official code fixes 1024, RN50's).
-  - The schedule: the official repository has no configs and says to run CoOp's; these are CoOp's RN50 settings.
+  - The schedule: the official repository has no configs and says to run CoOp's; these are CoOp's
+    RN50 settings.
 """
 from dataclasses import dataclass
 
@@ -27,17 +31,22 @@ import clip_model
 @dataclass
 class Config:
     backbone: str = "RN50"              # the official code's (its adapter width is RN50's 1024)
-    template: str = "a photo of a {}."  # train.py sets the dataset's (CoOp's hand-crafted prompt, ImageNet too)
-    reduction: int = 4                  # the adapter's bottleneck: E -> E / reduction -> E (the official code's 4)
-    ratio: float = 0.2                  # residual ratio: ratio * adapter(f) + (1 - ratio) * f (the official code's)
-    epochs: int = 0                     # 0: CoOp's schedule by shots, 50 (1 shot), 100 (2-4), 200 (8+)
+    # train.py sets the dataset's (CoOp's hand-crafted prompt, ImageNet too)
+    template: str = "a photo of a {}."
+    # the adapter's bottleneck: E -> E / reduction -> E (the official code's 4)
+    reduction: int = 4
+    # residual ratio: ratio * adapter(f) + (1 - ratio) * f (the official code's)
+    ratio: float = 0.2
+    # 0: CoOp's schedule by shots, 50 (1 shot), 100 (2-4), 200 (8+)
+    epochs: int = 0
     batch_size: int = 32
     lr: float = 0.002
     warmup_epochs: int = 1              # at constant lr 1e-5, then cosine (train.py)
 
 VARIANTS = {"clip-adapter": dict()}  # --method name -> the Config changes that make it
 ABOUT = {  # --method name -> what it is, for python train.py --list
-    "clip-adapter": "CLIP-Adapter (Gao et al., IJCV 2023): a bottleneck MLP on the image feature, ratio 0.2",
+    "clip-adapter": "CLIP-Adapter (Gao et al., IJCV 2023): a bottleneck MLP on the image feature, "
+                    "ratio 0.2",
 }
 
 class CLIPAdapter(nn.Module):
@@ -48,14 +57,17 @@ class CLIPAdapter(nn.Module):
         self.clip, self.cfg = clip, cfg
         E, device = clip.text_projection.shape[1], clip.token_embedding.weight.device
         self.adapter = nn.Sequential(nn.Linear(E, E // cfg.reduction, bias=False), nn.ReLU(),
-                                     nn.Linear(E // cfg.reduction, E, bias=False), nn.ReLU()).to(device)
+                                     nn.Linear(E // cfg.reduction, E, bias=False),
+                                     nn.ReLU()).to(device)
         tokens = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])
         with torch.no_grad():
             text = F.normalize(clip.encode_text(tokens), dim=-1)  # (C, E)
         self.register_buffer("text", text, persistent=False)
 
-    def frozen_features(self, images):  # the image tower is frozen: train.py may cache these (--cache-features)
-        return self.clip.encode_image(images)  # (B, E) f, not normalised: the adapter reads it as it is
+    # the image tower is frozen: train.py may cache these (--cache-features)
+    def frozen_features(self, images):
+        # (B, E) f, not normalised: the adapter reads it as it is
+        return self.clip.encode_image(images)
 
     def forward(self, images=None, features=None):  # features: frozen_features(images)
         f = self.frozen_features(images) if features is None else features
@@ -64,7 +76,8 @@ class CLIPAdapter(nn.Module):
 
     def loss(self, logits, labels, epoch):
         """CLIP-Adapter's loss: the cross-entropy of the softmax over the C classes' logits."""
-        return F.cross_entropy(logits.float(), labels)  # fp32 logits: an exact softmax under any autocast
+        # fp32 logits: an exact softmax under any autocast
+        return F.cross_entropy(logits.float(), labels)
 
     def train(self, mode=True):
         super().train(mode)
@@ -72,8 +85,10 @@ class CLIPAdapter(nn.Module):
         return self
 
 def check_config(cfg):
-    """ValueError for a Config no model can be built from (train.py calls it before loading CLIP)."""
-    for name, ok, rule in [("reduction", cfg.reduction >= 1, "1 or more"), ("ratio", 0 <= cfg.ratio <= 1, "in [0, 1]")]:
+    """ValueError for a Config no model can be built from
+    (train.py calls it before loading CLIP)."""
+    for name, ok, rule in [("reduction", cfg.reduction >= 1, "1 or more"),
+                           ("ratio", 0 <= cfg.ratio <= 1, "in [0, 1]")]:
         if not ok:
             raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
 

@@ -8,7 +8,8 @@ aligned. MuDPT prompts both, deeply: the first `depth` blocks of each tower get 
 the text, at the rows of "a photo of a" before the class name; in the image, next to the patches).
 Before every block the Injection Model adds to each modality's prompts a linear projection of the
 other's ("deep-symphysis"), so the two sets are learned as one system. With the Injection Model off
-this is IVLP, the baseline MuDPT improves on.
+this is IVLP, the baseline MuDPT improves on (with `keep_phrase`, the MaPLe repository's IVLP, whose
+text keeps the init phrase's words after the learned ones, as maple.py's does).
 
 - Learned: text prompts (depth, n, D), image prompts (depth, n, W), the Injection Model's linear
   maps.
@@ -40,6 +41,9 @@ class Config:
     ctx_init: str = "a photo of a"
     # shared (official code) | per_layer (a pair of maps per block) | off (IVLP)
     injection: str = "shared"
+    # the text keeps ctx_init's words after its first n_ctx tokens, fixed: "a photo" learned, "of a"
+    # kept (the MaPLe repository's IVLP; needs n_ctx <= the phrase's tokens)
+    keep_phrase: bool = False
     epochs: int = 10
     batch_size: int = 4
     lr: float = 0.0025
@@ -101,8 +105,10 @@ class MuDPT(nn.Module):
         D, W = clip.ln_final.weight.shape[0], clip.visual.conv1.out_channels
         device = clip.token_embedding.weight.device
         text = torch.randn(depth, n, D, device=device) * 0.02
-        init = clip_model.tokenize(cfg.ctx_init.replace("_", " "))
-        if cfg.ctx_init and int(init.argmax()) - 1 == n:  # as many words' tokens as prompt tokens
+        phrase = cfg.ctx_init.replace("_", " ")
+        init = clip_model.tokenize(phrase)
+        words = int(init.argmax()) - 1  # the phrase's tokens
+        if phrase and (words == n or cfg.keep_phrase):  # the first n of them
             text[0] = clip.embed_text(init)[0, 1:1 + n].detach()
         self.text_prompts = nn.Parameter(text)  # (depth, n, D)
         # (depth, n, W)
@@ -110,8 +116,8 @@ class MuDPT(nn.Module):
         self.injection = None
         if cfg.injection != "off":
             self.injection = InjectionModel(D, W, depth, per_layer=cfg.injection == "per_layer")
-        tokens = clip_model.tokenize([" ".join(["X"] * n + [c.replace("_", " ")]) + "."
-                                      for c in classnames])
+        start = phrase if cfg.keep_phrase else " ".join(["X"] * n)  # its first n rows are learned
+        tokens = clip_model.tokenize([f"{start} {c.replace('_', ' ')}." for c in classnames])
         self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (C,): never moves
         with torch.no_grad():
             self.register_buffer("embedded", clip.embed_text(tokens[:, :int(self.eot.max()) + 1]),
@@ -192,6 +198,12 @@ def check_config(cfg):
                            ("depth", cfg.depth >= 1, "1 or more")]:
         if not ok:
             raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
+    phrase = cfg.ctx_init.replace("_", " ")
+    words = int(clip_model.tokenize(phrase).argmax()) - 1 if phrase else 0
+    if cfg.keep_phrase and words < cfg.n_ctx:
+        raise ValueError(f"keep_phrase=true learns the first n_ctx={cfg.n_ctx} tokens of ctx_init="
+                         f"{cfg.ctx_init!r}, which has {words}: use a longer phrase or a smaller "
+                         "n_ctx")
 
 def build(clip, classnames, cfg):
     check_config(cfg)

@@ -234,7 +234,9 @@ def from_ivlp(state):
         raise UserError(f"this IVLP model has {text[0].shape[0]} text prompts in {len(text)} "
                         f"blocks and {image[0].shape[0]} image prompts in {len(image)}: ivlp here "
                         "has one n_ctx and one depth for both towers, so it cannot hold it")
-    config = dict(n_ctx=text[0].shape[0], depth=len(text))
+    n = text[0].shape[0]
+    # its text: "{CTX_INIT} {class}." with the first n tokens learned, when n <= 4 (else "X X ...")
+    config = dict(n_ctx=n, depth=len(text), keep_phrase=n <= 4)
     learned = {"text_prompts": torch.stack(text), "image_prompts": torch.stack(image)}
     recorded = dict(prefix=state["prompt_learner.token_prefix"],
                     suffix=state["prompt_learner.token_suffix"], frozen=frozen(state))

@@ -181,17 +181,39 @@ def test_maple_file_gives_the_same_logits(clip, tmp_path):
                           rtol=0)
 
 
-def test_ivlp_file_with_the_whole_phrase_learned_gives_the_same_logits(clip, tmp_path):
-    """n = 4 text and image prompts, "a photo of a" all learned: the text is ours, "X X X X {class}."."""
+@pytest.mark.parametrize("n", [2, 4])
+def test_ivlp_file_gives_the_same_logits(clip, tmp_path, n):
+    """The Model Zoo's IVLP (n = 2: "a photo" learned, "of a" kept in the text: ivlp's keep_phrase), and n = 4
+    ("a photo of a" all learned)."""
     module, variant = methods.METHODS["ivlp"]
     torch.manual_seed(0)
-    ours = module.build(clip, NAMES, dataclasses.replace(module.Config(), **variant, n_ctx=4, depth=2)).eval()
+    cfg = dataclasses.replace(module.Config(), **variant, n_ctx=n, depth=2, keep_phrase=True)
+    ours = module.build(clip, NAMES, cfg).eval()
+    with torch.no_grad():
+        ours.text_prompts[0].add_(0.05 * torch.randn_like(ours.text_prompts[0]))  # not at the phrase's init
     fp16_exact(ours.text_prompts)
     state = ivlp_state(clip, ours.text_prompts.detach(), ours.image_prompts.detach(), NAMES)
     path = save_dassl(tmp_path / "VLPromptLearner" / "model.pth.tar-5", state)
+    assert runs.load_checkpoint(path, "ivlp", released_too=True)["config"] == dict(
+        n_ctx=n, depth=2, keep_phrase=True, backbone="tiny")
     images = random_images(6)
     assert torch.allclose(logits(build_from(path, "ivlp", clip, NAMES), images), logits(ours, images), atol=1e-6,
                           rtol=0)
+
+
+def test_keep_phrase_is_the_maple_repositorys_text(clip):
+    """keep_phrase: the text "a photo of a {class}." with the first n rows learned, as maple.py's; off, the text
+    is "X X {class}." (MuDPT's), and the numbers of ivlp and mudpt as before."""
+    module, variant = methods.METHODS["ivlp"]
+    kept = module.build(clip, NAMES, dataclasses.replace(module.Config(), **variant, n_ctx=2, keep_phrase=True))
+    maple = methods.METHODS["maple"][0].build(clip, NAMES, methods.METHODS["maple"][0].Config(n_ctx=2))
+    assert torch.equal(kept.embedded, maple.embedded) and torch.equal(kept.text_prompts[0], maple.ctx)
+    plain = module.build(clip, NAMES, dataclasses.replace(module.Config(), **variant, n_ctx=2))
+    names = [c.replace("_", " ") for c in NAMES]
+    tokens = clip_model.tokenize([f"X X {c}." for c in names])
+    assert torch.equal(plain.embedded, clip.embed_text(tokens[:, :plain.embedded.shape[1]]))
+    with pytest.raises(ValueError, match="keep_phrase=true learns the first n_ctx=5 tokens"):
+        module.build(clip, NAMES, dataclasses.replace(module.Config(), **variant, n_ctx=5, keep_phrase=True))
 
 
 def official_vpt_logits(clip, images, prompts, classnames):
@@ -298,8 +320,9 @@ def test_mismatches_are_one_line_each(tmp_path, capsys):
     assert "is the deep language prompting model of muzairkhattak/multimodal-prompt-learning" in error_of(
         ["--method", "ivlp", *run, str(path)], capsys)
 
-    # the Model Zoo's IVLP: 2 tokens of "a photo of a" learned, "of a" kept in the text, which ivlp has not
-    path = save_dassl(tmp_path / "ivlp.pth.tar-5", ivlp_state(clip, text[:, :2], image_prompts[:, :2], demo))
+    # an IVLP trained with another init phrase: "a photo of the {class}." is not the text ivlp builds
+    path = save_dassl(tmp_path / "ivlp.pth.tar-5", ivlp_state(clip, text[:, :2], image_prompts[:, :2], demo,
+                                                              phrase="a photo of the"))
     assert "another prompt text than ivlp's" in error_of(["--method", "ivlp", *run, str(path)], capsys)
 
 

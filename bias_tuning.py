@@ -43,7 +43,7 @@ ABOUT = {  # --method name -> what it is, for python train.py --list
                    "both towers",
 }
 
-def version(module):
+def parameter_versions(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser
     step, load_state_dict): cached text features are reused only while it stays the same."""
     return [(p.data_ptr(), p._version) for p in module.parameters()]
@@ -70,7 +70,7 @@ class BiasTuning(nn.Module):
         self.register_buffer("eot", tokens.argmax(-1), persistent=False)  # (C,)
         # L: positions after the last EOT are never read (causal mask)
         self.length = int(self.eot.max()) + 1
-        self.cached = None  # (version, (C, E) text features), reused while evaluating
+        self.cached = None  # (parameter_versions, (C, E) text features), reused while evaluating
 
     def encode_text(self):
         # known at build: reading it from the tokens here would make every step wait for a GPU
@@ -98,7 +98,7 @@ class BiasTuning(nn.Module):
         until a parameter changes."""
         if self.training or torch.is_grad_enabled():
             return F.normalize(self.encode_text(), dim=-1)
-        key = version(self)
+        key = parameter_versions(self)
         if self.cached is None or self.cached[0] != key:
             self.cached = key, F.normalize(self.encode_text(), dim=-1)
         return self.cached[1]

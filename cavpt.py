@@ -156,7 +156,7 @@ class TextContext(nn.Module):
         prompts = torch.cat([self.prefix, ctx, self.suffix], dim=1)  # (C, L, D)
         return clip.encode_text_embeddings(prompts, self.eot)
 
-def version(module):
+def parameter_versions(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser
     step, load_state_dict): cached text features are reused only while it stays the same."""
     return [(p.data_ptr(), p._version) for p in module.parameters()]
@@ -175,7 +175,8 @@ class CAVPTCLIP(nn.Module):
         # (C, E) unnormalised: vpt-cavpt's queries
         self.register_buffer("template_text", template, persistent=False)
         self.register_buffer("template_features", F.normalize(template, dim=-1), persistent=False)
-        self.cached = None  # (version, DPT's (C, E) text features), reused while evaluating
+        # (parameter_versions, DPT's (C, E) text features), reused while evaluating
+        self.cached = None
         self.topk = self.aux_logits = self.guidance = None  # kept by a training forward for loss()
 
     def text_features(self):
@@ -185,7 +186,7 @@ class CAVPTCLIP(nn.Module):
             return self.template_text
         if self.training or torch.is_grad_enabled():
             return self.text_context(self.clip)
-        key = version(self)
+        key = parameter_versions(self)
         if self.cached is None or self.cached[0] != key:
             self.cached = key, self.text_context(self.clip)
         return self.cached[1]

@@ -140,7 +140,7 @@ class PromptLearner(nn.Module):
         # class name moved to its position
         return x.gather(-2, self.order[..., None].expand(x.shape))
 
-def version(module):
+def parameter_versions(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser
     step, load_state_dict): cached text features are reused only while it stays the same."""
     return [(p.data_ptr(), p._version) for p in module.parameters()]
@@ -193,7 +193,7 @@ class CoOp(nn.Module):
         self.meta_net = None  # CoCoOp: image feature -> shift of the context, E -> E/16 -> D
         if cfg.conditional:
             self.meta_net = nn.Sequential(nn.Linear(E, E // 16), nn.ReLU(), nn.Linear(E // 16, D))
-        self.cached = None  # (version, (C, E) text features), reused while evaluating
+        self.cached = None  # (parameter_versions, (C, E) text features), reused while evaluating
 
     def encode_prompts(self, prompts):
         """(..., L, D) prompt embeddings -> (..., E) normalised text features."""
@@ -209,7 +209,7 @@ class CoOp(nn.Module):
         until a parameter changes."""
         if self.training or torch.is_grad_enabled():
             return self.encode_prompts(self.prompt_learner())
-        key = version(self)
+        key = parameter_versions(self)
         if self.cached is None or self.cached[0] != key:
             self.cached = key, self.encode_prompts(self.prompt_learner())
         return self.cached[1]

@@ -251,7 +251,7 @@ class PromptLearner(nn.Module):
         suffix = self.suffix.expand(*batch, C, M, -1, D)  # class name, ".", EOT
         return torch.cat([prefix, ctx, suffix], dim=-2)  # (..., C, M, L, D)
 
-def version(module):
+def parameter_versions(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser
     step, load_state_dict): cached text features are reused only while it stays the same."""
     return [(p.data_ptr(), p._version) for p in module.parameters()]
@@ -274,7 +274,7 @@ class DualPT(nn.Module):
             # the M prompts identical)
             for p in self.meta_net[2].parameters():
                 nn.init.zeros_(p)
-        self.cached = None  # (version, (C, M, E) text features), reused while evaluating
+        self.cached = None  # (parameter_versions, (C, M, E) text features), reused while evaluating
         # kept by a forward: the text features for loss(), the plan for analysis
         self.text = self.plan = None
         # PLOT's extra logit: the official code adds it when its dataset is ImageNet
@@ -317,7 +317,7 @@ class DualPT(nn.Module):
         until a parameter changes."""
         if self.training or torch.is_grad_enabled():
             return self.encode_prompts(self.prompt_learner())
-        key = version(self)
+        key = parameter_versions(self)
         if self.cached is None or self.cached[0] != key:
             self.cached = key, self.encode_prompts(self.prompt_learner())
         return self.cached[1]

@@ -53,7 +53,7 @@ ABOUT = {  # --method name -> what it is, for python train.py --list
              "linear maps",
 }
 
-def version(module):
+def parameter_versions(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser
     step, load_state_dict): cached text features are reused only while it stays the same."""
     return [(p.data_ptr(), p._version) for p in module.parameters()]
@@ -85,7 +85,8 @@ class MaPLe(nn.Module):
         with torch.no_grad():
             self.register_buffer("embedded", clip.embed_text(tokens[:, :int(self.eot.max()) + 1]),
                                  persistent=False)
-        # (version, (C, E) text features), reused while evaluating: they do not depend on the image
+        # (parameter_versions, (C, E) text features), reused while evaluating: they do not depend
+        # on the image
         self.cached = None
 
     def prompts(self):
@@ -133,7 +134,7 @@ class MaPLe(nn.Module):
         once, until a parameter changes (they do not depend on the image)."""
         if self.training or torch.is_grad_enabled():
             return F.normalize(self.encode_text(prompts), dim=-1)
-        key = version(self)
+        key = parameter_versions(self)
         if self.cached is None or self.cached[0] != key:
             self.cached = key, F.normalize(self.encode_text(prompts), dim=-1)
         return self.cached[1]

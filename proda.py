@@ -122,7 +122,7 @@ class PromptLearner(nn.Module):
         return torch.cat([self.prefix[:1].expand(K, 1, D), self.ctx, self.dot_eot.expand(K, 2, D)],
                          dim=1)
 
-def version(module):
+def parameter_versions(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser
     step, load_state_dict): cached text features are reused only while it stays the same."""
     return [(p.data_ptr(), p._version) for p in module.parameters()]
@@ -135,7 +135,8 @@ class ProDA(nn.Module):
         super().__init__()
         self.clip, self.cfg = clip, cfg
         self.prompt_learner = PromptLearner(clip, classnames, cfg)
-        self.cached = None  # (version, (C, E) mean text features), reused while evaluating
+        # (parameter_versions, (C, E) mean text features), reused while evaluating
+        self.cached = None
         # kept by a training forward for loss(): (P, C, E) and (B, E)
         self.text = self.image = None
 
@@ -159,7 +160,7 @@ class ProDA(nn.Module):
         parameter changes."""
         if self.training or torch.is_grad_enabled():
             return self.mean_text()
-        key = version(self)
+        key = parameter_versions(self)
         if self.cached is None or self.cached[0] != key:
             self.cached = key, self.mean_text()
         return self.cached[1]

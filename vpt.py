@@ -106,7 +106,7 @@ class TextContext(nn.Module):
         prompts = torch.cat([self.prefix, ctx, self.suffix], dim=1)  # (C, L, D)
         return clip.encode_text_embeddings(prompts, self.eot)
 
-def version(module):
+def parameter_versions(module):
     """Changes whenever a parameter of `module` is replaced, moved or changed in place (an optimiser
     step, load_state_dict): cached text features are reused only while it stays the same."""
     return [(p.data_ptr(), p._version) for p in module.parameters()]
@@ -121,7 +121,8 @@ class VPTCLIP(nn.Module):
         with torch.no_grad():  # the hand-crafted side is frozen: its features are computed once
             template = F.normalize(clip.encode_text(tokens), dim=-1)  # (C, E)
         self.register_buffer("template_features", template, persistent=False)
-        self.cached = None  # (version, VLP's (C, E) text features), reused while evaluating
+        # (parameter_versions, VLP's (C, E) text features), reused while evaluating
+        self.cached = None
         self.guidance = None  # kept by a training forward for loss()
 
     def text_features(self):
@@ -131,7 +132,7 @@ class VPTCLIP(nn.Module):
             return self.template_features
         if self.training or torch.is_grad_enabled():
             return F.normalize(self.text_context(self.clip), dim=-1)
-        key = version(self)
+        key = parameter_versions(self)
         if self.cached is None or self.cached[0] != key:
             self.cached = key, F.normalize(self.text_context(self.clip), dim=-1)
         return self.cached[1]

@@ -373,7 +373,7 @@ def plots(stats, folder):
     return "plots written"
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", nargs="?", help="a run folder of train.py (results.json + checkpoint.pt)")
     p.add_argument("--images", type=int, default=8, help="test images to analyse (fixed seed)")
     p.add_argument("--target", choices=["pred", "label"], default="pred",

@@ -528,7 +528,7 @@ def sweep_row(backbone, n, epochs, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true",
                    help="ViT-B/16 at the papers' batch sizes (for a GPU)")
     p.add_argument("--quick", action="store_true",

@@ -522,7 +522,8 @@ def slurm_jobs(folders):
 def parse_args(argv):
     argv, extra = ((argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv
                    else (argv, []))
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the first paragraph, one line
+    p = argparse.ArgumentParser(description=summary,
                                 formatter_class=argparse.RawTextHelpFormatter,
                                 epilog="What follows -- goes to every run: "
                                        "sweep.py ... -- --epochs 50")

@@ -136,10 +136,9 @@ def parse_args(argv):
     # train.main() runs each of args.seeds
     return argparse.Namespace(**vars(args), seed=args.seeds[0])
 
-def must_be(name, value):
-    """What a number of the loop must be, if `value` is not: for the flags and every Config's fields
-    alike (epochs, batch_size, lr and any *_epochs / *_lr field). None when the value can be
-    used."""
+def broken_rule(name, value):
+    """The rule a number of the loop breaks ("above 0"), or None when `value` can be used: for the
+    flags and every Config's fields alike (epochs, batch_size, lr and any *_epochs / *_lr field)."""
     if isinstance(value, float) and not math.isfinite(value):
         return "a finite number"
     if name == "lr" or name.endswith("_lr"):
@@ -155,7 +154,7 @@ def check_flags(args):
     or written."""
     for name in ("shots", "epochs", "batch_size", "lr", "workers", "cache_features"):
         value = getattr(args, name)
-        rule = None if value is None else must_be(name, value)
+        rule = None if value is None else broken_rule(name, value)
         if rule:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be {rule}")
     if bad := [seed for seed in args.seeds if not 0 <= seed < 2**32]:
@@ -187,8 +186,8 @@ def check_config(args, module, cfg):
     check_config."""
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
-        rule = (must_be(field.name, value)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) else None)
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        rule = broken_rule(field.name, value) if is_number else None
         if rule:
             raise UserError(f"{args.method}: {field.name}={value}: must be {rule}")
     try:

@@ -4,8 +4,8 @@
 
 Read from the top, in the order it runs: `main` (one run per seed, on one device or on N GPUs under
 torchrun), `run` (a run's phases in order), `train` (fitting, then the epochs, each ending with a
-checkpoint), then `Runner`, one run's model: `train_epoch` (the SGD steps of an epoch) and
-`evaluate` (top-1 accuracy); last the learning-rate schedule and the precision. Every method trains
+checkpoint) with its learning-rate schedule, then `Runner`, one run's model: `train_epoch` (the SGD
+steps of an epoch) and `evaluate` (top-1 accuracy); last the precision. Every method trains
 here the same way; what a method file must and may define is listed in methods.py, beside the
 command line and the Config checks. The run folder (atomic writes, checkpoints, resume checks, and
 load_run for predict.py and analyze.py) is runs.py; the frozen-feature cache (--cache-features) is
@@ -254,6 +254,19 @@ def train(runner, results, epochs, out, log):
         runner.save_checkpoint(out, epochs, history, elapsed, optimizer)
     return history, seconds_before
 
+def lr_at(epoch, base_lr, epochs, warmup_epochs):
+    """Dassl's constant warm-up then cosine (WARMUP_RECOUNT): the cosine restarts at 0 after
+    warm-up, over `epochs` steps, so the last epoch's lr is cos at (epochs - 1 - warmup) / epochs,
+    not 0."""
+    if epoch < warmup_epochs:
+        return WARMUP_LR
+    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+def epoch_seed(seed, epoch):
+    """The seed of an epoch's data order and augmentation (and of --cache-features' and fit()'s
+    view `epoch`)."""
+    return seed * 100_003 + epoch
+
 class Runner:
     """One run's model: CLIP and the method built for the task's classes, where they run, and in
     what precision. What the other files read of it (features.py, methods.check_task, runs.py's
@@ -460,19 +473,6 @@ class Runner:
         if "scaler" in ckpt and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale reached, its counter
         return ckpt
-
-def lr_at(epoch, base_lr, epochs, warmup_epochs):
-    """Dassl's constant warm-up then cosine (WARMUP_RECOUNT): the cosine restarts at 0 after
-    warm-up, over `epochs` steps, so the last epoch's lr is cos at (epochs - 1 - warmup) / epochs,
-    not 0."""
-    if epoch < warmup_epochs:
-        return WARMUP_LR
-    return 0.5 * base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
-
-def epoch_seed(seed, epoch):
-    """The seed of an epoch's data order and augmentation (and of --cache-features' and fit()'s
-    view `epoch`)."""
-    return seed * 100_003 + epoch
 
 def resolve_precision(requested, device):
     """auto: bf16 on a GPU with native bf16 (Ampere and later), fp16 on older GPUs (T4, V100: bf16

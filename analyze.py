@@ -155,13 +155,16 @@ def prompt_text(cfg, classname, template_only=False):
     """(text, n, learned): the text prompt a model ran for one class, its n context tokens after SOT
     (the words before the class name) and how many of those, from the first, are learned vectors.
     Learned context is written "X X ... X {class}." (the Config's context count), a hand-crafted
-    template as its words (none learned), and MaPLe's init phrase as its words, of which the first
-    n_ctx are learned ("a photo" of "a photo of a")."""
+    template as its words (none learned), and MaPLe's init phrase (ivlp's with keep_phrase) as its
+    words, of which the first n_ctx are learned ("a photo" of "a photo of a")."""
     name = classname.replace("_", " ")
     n = 0 if template_only else getattr(cfg, "text_ctx", 0)  # VLP's (its n_tokens are visual)
     # n_ctx prompts, whether a phrase starts them or not
     if not template_only and isinstance(cfg, mudpt.Config):
         n = cfg.n_ctx
+        phrase = cfg.ctx_init.replace("_", " ")
+        if phrase and getattr(cfg, "keep_phrase", False):  # as maple.py's rule below
+            return f"{phrase} {name}.", int(clip_model.tokenize(phrase).argmax()) - 1, n
     if not template_only and isinstance(cfg, maple.Config):
         phrase = cfg.ctx_init.replace("_", " ")
         # maple.py's rule: the whole phrase is in the text, its first n_ctx learned

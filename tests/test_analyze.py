@@ -199,6 +199,8 @@ def test_maple_learns_two_tokens_of_its_four_word_context(clip):
     and "of a" stay words (maple.py). analyze.py counted the phrase's 4 tokens as learned ([V1]..[V4], CoOp's rule
     for an init phrase), and with n_ctx over 4 (random context, n_ctx placeholders) 4 again."""
     assert analyze.prompt_text(maple.Config(), "red circle") == ("a photo of a red circle.", 4, 2)
+    kept = mudpt.Config(n_ctx=2, injection="off", keep_phrase=True)  # ivlp holding the MaPLe repository's IVLP
+    assert analyze.prompt_text(kept, "red circle") == ("a photo of a red circle.", 4, 2)
     assert analyze.prompt_tokens(maple.Config(), "red circle") == ["SOT", "[V1]", "[V2]", "of", "a", "red", "circle",
                                                                    "."]
     context, name, eot = analyze.text_rows(maple.Config(), "red circle")

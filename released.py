@@ -133,8 +133,15 @@ def load(path, method):
     if holder != method:
         raise UserError(f"{path} is a {name} checkpoint ({trainer}), not {method}: pass --method "
                         f"{holder}")
-    config, learned, recorded = CONVERTERS[name](state)
-    config.update(from_folder(path, name, state))
+    try:
+        config, learned, recorded = CONVERTERS[name](state)
+        config.update(from_folder(path, name, state))
+    except KeyError as e:  # a file cut down, or saved by another version of the trainer
+        raise UserError(f"{path} looks like a {name} checkpoint ({trainer}) but lacks {e}: it is "
+                        "incomplete, or not of that trainer") from None
+    except RuntimeError as e:  # torch.stack: deep prompts of different shapes
+        raise UserError(f"{path}: the {name} checkpoint's prompts do not fit together "
+                        f"({str(e).splitlines()[0]})") from None
     released = dict(format=name, trainer=trainer, **recorded)
     return dict(method=method, learned=learned, config=config, epoch=epoch, released=released)
 

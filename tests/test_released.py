@@ -310,6 +310,14 @@ def test_mismatches_are_one_line_each(tmp_path, capsys):
     assert "the prompt of class 0 ('blue triangle' here) differs from the one it was trained with, as do 7 more" in (
         error_of(["--method", "coop", *run, str(path)], capsys))
 
+    state = maple_state(clip, methods.METHODS["maple"][0].build(clip, demo, methods.METHODS["maple"][0].Config()),
+                        demo, 2)
+    del state["prompt_learner.compound_prompt_projections.0.bias"]  # a cut-down file
+    path = save_dassl(tmp_path / "cut.pth.tar-5", state)
+    assert "looks like a MaPLe checkpoint (muzairkhattak/multimodal-prompt-learning trainers/maple.py) but lacks " \
+           "'prompt_learner.compound_prompt_projections.0.bias'" in error_of(["--method", "maple", *run, str(path)],
+                                                                              capsys)
+
     whole = (tmp_path / "coop.pth.tar-50").read_bytes()
     (tmp_path / "half.pth.tar-50").write_bytes(whole[:len(whole) // 2])
     assert "is not a readable checkpoint of this project or a Dassl checkpoint" in error_of(

@@ -5,10 +5,11 @@
 
 CoOp's ImageNet models and the MaPLe repository's Model Zoo are Dassl checkpoints: a dict of
 "state_dict" (the parameters and buffers of the module the trainer registered), "epoch" (the
-epochs done), "optimizer" and "scheduler" (and "val_result", in Dassl's files from August 2022
-on). Dassl's scheduler state holds pickled torch.optim objects, so torch.load(weights_only=True)
-refuses the file. `read` unpickles it with an allowlist instead (tensors and plain containers; a
-torch.optim object becomes an inert stand-in): a downloaded file still runs no code of its own.
+epochs done), "optimizer" and "scheduler" (and, in Dassl's files from August 2022 on, "result"
+or "val_result"). Dassl's scheduler state holds pickled torch.optim objects, so
+torch.load(weights_only=True) refuses the file. `read` unpickles it with an allowlist instead
+(tensors and plain containers; a torch.optim object becomes an inert stand-in): a downloaded file
+still runs no code of its own.
 
 FORMATS names the official trainer of each format; `identify` tells the formats apart by their
 keys, and CONVERTERS map their keys onto our method's learned tensors and Config. What the
@@ -66,6 +67,7 @@ ALLOWED = {  # (module, name) a Dassl checkpoint may name: tensors, parameters, 
     ("torch._utils", "_rebuild_parameter_with_state"), ("torch._tensor", "_rebuild_from_type_v2"),
     ("torch", "Tensor"), ("torch.nn.parameter", "Parameter"), ("torch", "Size"),
     ("collections", "OrderedDict"), ("collections", "defaultdict"),
+    ("collections", "Counter"),  # MultiStepLR's milestones (Dassl's multi_step scheduler)
     ("builtins", "dict"), ("builtins", "list"), ("builtins", "set"), ("builtins", "tuple"),
     ("builtins", "int"), ("builtins", "float"), ("builtins", "bool"), ("builtins", "str"),
 }

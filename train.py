@@ -270,9 +270,9 @@ def epoch_seed(seed, epoch):
 class Runner:
     """One run's model: CLIP and the method built for the task's classes, where they run, and in
     what precision. What the other files read of it (features.py, methods.check_task, runs.py's
-    results and headline; bench.py builds a stand-in with model, device, autocast and scaler):
-    args, task, cfg, model, device, rank and world (torchrun's), precision, autocast,
-    preprocessing, workers, and identity()."""
+    results and headline): args, task, cfg, model, clip, device, rank and world (torchrun's),
+    precision, autocast, preprocessing, workers, and identity(). bench.py times train_epoch on a
+    stand-in holding model, device, autocast, scaler and check_finite."""
 
     def __init__(self, args, module, cfg, task):
         self.args, self.module, self.cfg, self.task = args, module, cfg, task

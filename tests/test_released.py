@@ -40,7 +40,7 @@ def save_dassl(path, state_dict, epoch=5):
     sgd.step()  # momentum buffers, as a trained optimizer holds
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=epoch)
     # ConstantWarmupScheduler.state_dict(): its __dict__ but the optimizer, with the scheduler it wraps
-    scheduler = {"successor": cosine, "warmup_epoch": 1, "cons_lr": 1e-5, "finished": True, "base_lrs": [0.002],
+    scheduler = {"successor": cosine, "warmup_epoch": 1, "cons_lr": 1e-5, "base_lrs": [0.002],
                  "last_epoch": epoch, "_step_count": epoch + 1, "_last_lr": [0.002]}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": collections.OrderedDict(state_dict), "epoch": epoch, "optimizer": sgd.state_dict(),
@@ -342,6 +342,16 @@ def test_deep_vision_prompting_is_refused_where_the_template_differs(tmp_path, c
     dtd = make_split_dataset(tmp_path, "dtd")
     line = error_of(["--method", "vpt", "--data", str(dtd), "--eval-only", "--checkpoint", str(path)], capsys)
     assert "prompts 'a photo of a {}.' on every dataset; our vpt prompts the dataset's template, '{} texture.'" in line
+
+
+def test_a_multi_step_schedulers_file_is_read(tmp_path):
+    """Dassl's multi_step scheduler (MultiStepLR) keeps its milestones in a collections.Counter."""
+    params = [torch.nn.Parameter(torch.zeros(4, 8))]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(torch.optim.SGD(params, lr=0.1), milestones=[10, 20])
+    torch.save({"state_dict": {"ctx": torch.ones(4, 8)}, "epoch": 30, "scheduler": {"successor": scheduler}},
+               tmp_path / "model.pth.tar-30")
+    state, epoch = released.read(tmp_path / "model.pth.tar-30")
+    assert epoch == 30 and torch.equal(state["ctx"], torch.ones(4, 8))
 
 
 def test_a_file_that_names_code_is_not_run(tmp_path, capsys):

@@ -4,8 +4,9 @@
 
 Read from the top, in the order it runs: `main` (one run per seed, on one device or on N GPUs under
 torchrun), `run` (a run's phases in order), `train` (fitting, then the epochs, each ending with a
-checkpoint) with its learning-rate schedule, then `Runner`, one run's model: `train_epoch` (the SGD
-steps of an epoch) and `evaluate` (top-1 accuracy); last the precision. Every method trains
+checkpoint) with its learning-rate schedule, the precision, then `Runner`, one run's model (built
+in `run`'s phase 2), its methods in the order they are called: `build`, `train_epoch` (the SGD
+steps of an epoch), `save_checkpoint`, ... `evaluate` (top-1 accuracy). Every method trains
 here the same way; what a method file must and may define is listed in methods.py, beside the
 command line and the Config checks. The run folder (atomic writes, checkpoints, resume checks, and
 load_run for predict.py and analyze.py) is runs.py; the frozen-feature cache (--cache-features) is
@@ -58,7 +59,8 @@ def main(argv=None):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     try:
-        if args.list:  # flushed: a closed pipe raises below, not in the interpreter's exit
+        if args.list:
+            # flushed here: a closed pipe then raises below, not in the interpreter's exit
             print(methods.method_list(), flush=True)
             return 0
         if args.help_config:
@@ -110,7 +112,8 @@ def main(argv=None):
 def run(args):
     """One run, its phases in order -> its results. Nothing is written before the run folder (3) is
     claimed, and the folder's lock is held until this returns or fails."""
-    methods.check_flags(args)  # 1. the config and the data
+    # 1. the config and the data
+    methods.check_flags(args)
     module, cfg = methods.make_config(args)
     if getattr(cfg, "optimizer", "sgd") not in OPTIMIZERS:
         raise UserError(f"{args.method}: optimizer={cfg.optimizer}: use one of "
@@ -125,9 +128,9 @@ def run(args):
     shots = 0 if args.eval_only else args.shots
     task = data.make_task(args.data, args.protocol, shots, args.seed, args.eval_data)
 
-    # 2. CLIP and the method; a bad backbone leaves nothing behind
+    # 2. CLIP and the method (Runner, below train); a bad backbone leaves nothing behind
     runner = Runner(args, module, cfg, task)
-    if args.eval_only:  # with the preprocessing it was trained with
+    if args.eval_only:  # the checkpoint's parameters, and the preprocessing it was trained with
         if "released" in ckpt:  # the authors' file: was it trained as the model built here?
             released.check(ckpt, runner.model, cfg.backbone, task, args.checkpoint)
         runner.load_learned(runner.model, ckpt["learned"], args.checkpoint)
@@ -136,7 +139,8 @@ def run(args):
     epochs = planned_epochs(args, cfg, module, runner.model)
     methods.check_task(runner, task)
 
-    out = runs.output_folder(args, cfg)  # 3. the run folder; the log closes --tensorboard's file
+    # 3. the run folder, claimed; the log (leaving `with`, it closes --tensorboard's file)
+    out = runs.output_folder(args, cfg)
     with (runs.claim_folder(out, args, runner.device),
           runs.Log(out, runner.rank, args.tensorboard) as log):
         results = runs.start_results(runner, epochs)
@@ -152,10 +156,12 @@ def run(args):
             log(f"dry run: wrote {results_file}")
             return results
 
+        # 4. fitting and training
         started = time.time()
-        history, seconds_before = train(runner, results, epochs, out, log)  # 4. fit and train
+        history, seconds_before = train(runner, results, epochs, out, log)
 
-        accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}  # 5. evaluate
+        # 5. evaluation
+        accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}
         if args.protocol == "base2new":
             base, new = accuracy["base"], accuracy["new"]
             accuracy["hm"] = 2 * base * new / (base + new) if base + new else 0.0
@@ -179,13 +185,18 @@ def train(runner, results, epochs, out, log):
     """Fitting and SGD epochs (from the checkpoint's epoch on --resume), each epoch ending with its
     checkpoint and results.json (no accuracy yet) -> the epochs' history, and the seconds the run
     had taken before this process (0 unless it resumes)."""
-    args, cfg, model = runner.args, runner.cfg, runner.model
-    started, seconds_before, start, history = time.time(), 0.0, 0, []
+    args = runner.args
+    cfg = runner.cfg
+    model = runner.model
+    started = time.time()  # this process's start
+    seconds_before = 0.0  # what a resumed run took before
+    first_epoch = 0  # or the checkpoint's, on --resume
+    history = []
     fits = hasattr(model, "fit") and not args.eval_only
     if fits:  # before any epoch (and before a resume restores the trained parameters)
-        results["fit"] = runner.fit(False, out, log)
+        results["fit"] = runner.fit(out, log, trained=False)
         if not epochs:
-            runner.save_checkpoint(out, 0, history, time.time() - started, None)
+            runner.save_checkpoint(out, 0, history, time.time() - started, optimizer=None)
     if not epochs:
         return history, seconds_before
     if hasattr(model, "param_groups"):
@@ -198,28 +209,30 @@ def train(runner, results, epochs, out, log):
     optimizer = OPTIMIZERS[getattr(cfg, "optimizer", "sgd")](groups, lr=cfg.lr)
     if args.resume:
         ckpt = runner.resume(out, optimizer)
-        start, history, seconds_before = ckpt["epoch"], ckpt["history"], ckpt["time_s"]
-        log(f"resumed after epoch {start}")
+        first_epoch = ckpt["epoch"]
+        history = ckpt["history"]
+        seconds_before = ckpt["time_s"]
+        log(f"resumed after epoch {first_epoch}")
     loader = data.loader(runner.task.train, data.train_transform(runner.preprocessing),
                          cfg.batch_size, train=True, workers=runner.workers, device=args.device,
                          rank=runner.rank, world=runner.world)
     # order and augmentation depend on the epoch's seed alone, so a resumed run, every process, and
     # view v of --cache-features (= epoch v) see the same batches
-    views = [epoch_seed(args.seed, e) for e in range(min(args.cache_features, epochs))]
     cache = None
     if args.cache_features:
-        cache = features.encode_views(runner, runner.task.train, views, out)
-    trainer = model
+        view_seeds = [epoch_seed(args.seed, e) for e in range(min(args.cache_features, epochs))]
+        cache = features.encode_views(runner, runner.task.train, view_seeds, out)
+    trainer = model  # what the steps call: the model, or its DDP wrapper
     if runner.world > 1:  # DDP averages the gradients over the processes
         device_ids = [runner.device] if args.device == "cuda" else None
-        # broadcast_buffers: renamed in torch 2.14, the only spelling before; False: the frozen
-        # buffers are never re-sent
+        # torch 2.14 warns that broadcast_buffers will be renamed; it is the only name older
+        # versions take. False: the frozen buffers are never sent again
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids,
                                                                 broadcast_buffers=False)
 
-    for epoch in range(start, epochs):
+    for epoch in range(first_epoch, epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, group["base_lr"], epochs, group["warmup_epochs"])
         torch.manual_seed(epoch_seed(args.seed, epoch))
@@ -240,7 +253,7 @@ def train(runner, results, epochs, out, log):
         log.scalars(epoch + 1, scalars, purge=True)
         this_run = time.time() - started
         elapsed = seconds_before + this_run
-        eta = this_run / (epoch + 1 - start) * (epochs - epoch - 1)
+        eta = this_run / (epoch + 1 - first_epoch) * (epochs - epoch - 1)
         log(f"epoch {epoch + 1}/{epochs}  loss {loss_sum / seen:.3f}  "
             f"acc {100 * correct / seen:.1f}  lr {history[-1]['lr']:.1e}  "
             f"{seen / (time.time() - tic):.0f} img/s  {timedelta(seconds=int(elapsed))} elapsed  "
@@ -249,7 +262,7 @@ def train(runner, results, epochs, out, log):
         runs.write_json({**results, "history": history, "time_s": elapsed}, out / "results.json")
 
     if fits:  # after the last epoch: what the method fits to its trained parameters
-        results["fit"] = runner.fit(True, out, log)
+        results["fit"] = runner.fit(out, log, trained=True)
         elapsed = seconds_before + time.time() - started
         runner.save_checkpoint(out, epochs, history, elapsed, optimizer)
     return history, seconds_before
@@ -267,6 +280,21 @@ def epoch_seed(seed, epoch):
     view `epoch`)."""
     return seed * 100_003 + epoch
 
+def resolve_precision(requested, device):
+    """auto: bf16 on a GPU with native bf16 (Ampere and later), fp16 on older GPUs (T4, V100: bf16
+    only emulated), fp32 on a CPU. An explicit choice is kept (bf16 and fp16 autocast also run on a
+    CPU)."""
+    if requested != "auto":
+        return requested
+    if device != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+def autocast(precision, device):
+    """The context every forward runs in: bf16 or fp16 autocast, or none for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
 class Runner:
     """One run's model: CLIP and the method built for the task's classes, where they run, and in
     what precision. What the other files read of it (features.py, methods.check_task, runs.py's
@@ -275,10 +303,15 @@ class Runner:
     stand-in holding model, device, autocast, scaler and check_finite."""
 
     def __init__(self, args, module, cfg, task):
-        self.args, self.module, self.cfg, self.task = args, module, cfg, task
-        self.rank, self.world = 0, 1  # this process's rank among `world` (torchrun)
+        self.args = args
+        self.module = module  # the method's file
+        self.cfg = cfg
+        self.task = task
+        self.rank = 0  # this process's rank among `world` (torchrun's processes)
+        self.world = 1
         if dist.is_initialized():
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.rank = dist.get_rank()
+            self.world = dist.get_world_size()
         self.device = torch.device("cpu")
         if args.device == "cuda":
             self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
@@ -302,6 +335,28 @@ class Runner:
                     block.compile()
         torch.manual_seed(args.seed)  # the method's own initialisation
         self.model = self.build(task.classnames, task.template, task.dataset)
+
+    def build(self, classnames, template, dataset):
+        """The method for these classes; a Config's `template` and `dataset` take the data's."""
+        cfg = methods.for_data(self.cfg, template, dataset)
+        try:
+            return self.module.build(self.clip, classnames, cfg).to(self.device)
+        except clip_model.TextTooLong as e:  # learned context + template + name over 77 tokens
+            raise UserError(f"{self.args.method}: a prompt of this config is {e.length} tokens, "
+                            f"more than CLIP's {e.context_length}: use a shorter learned context "
+                            "(--set n_ctx=... or text_ctx=...) or shorter class names") from None
+        except ValueError as e:  # a Config value the method rejects
+            raise UserError(f"{self.args.method}: {e}") from None
+
+    def identity(self):
+        """What defines the task a checkpoint continues: a resume with any other value would train
+        on something else."""
+        args = self.args
+        return dict(data=str(self.task.root), dataset=self.task.dataset, protocol=args.protocol,
+                    shots=args.shots, seed=args.seed, backbone=self.cfg.backbone, init=args.init,
+                    precision=self.precision,
+                    preprocessing=runs.preprocessing_record(self.preprocessing),
+                    config={**dataclasses.asdict(self.cfg), "cache_features": args.cache_features})
 
     def train_epoch(self, trainer, optimizer, inputs_and_labels, epoch, bar=None):
         """One epoch of SGD steps (trainer: the model, or its DDP wrapper) -> images, summed loss
@@ -340,6 +395,7 @@ class Runner:
             if not bar.disable and time.monotonic() - shown > 1:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
                 shown = time.monotonic()
+        # over every process, in one read from the device; a UserError when a loss went nan or inf
         return self.check_finite([seen, loss_sum, correct], first_bad, inputs, epoch)
 
     def check_finite(self, sums, first_bad, inputs, epoch):
@@ -363,96 +419,6 @@ class Runner:
                             f"checkpoint and results.json of epoch {epoch} (the last good one)")
         return sums
 
-    @torch.no_grad()
-    def evaluate(self, evalset):
-        """Top-1 accuracy (%) on evalset.test: each process scores its share, the counts summed."""
-        model = self.model_for(evalset).eval()
-        loader = data.loader(evalset.test, clip_model.transform(self.preprocessing), 100,
-                             train=False, workers=self.workers, device=self.args.device,
-                             rank=self.rank, world=self.world)
-        # on the device: no sync per batch
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        with runs.progress(len(loader.dataset), f"evaluating {evalset.name}", self.rank) as bar:
-            for images, labels in loader:
-                with self.autocast():
-                    logits = model(images.to(self.device, non_blocking=True))
-                if evalset.class_subset is not None:
-                    logits = logits[:, evalset.class_subset]
-                correct += (logits.argmax(-1) == labels.to(self.device, non_blocking=True)).sum()
-                bar.update(len(labels))
-        return 100 * runs.all_sum([correct], self.device)[0] / len(evalset.test)
-
-    def build(self, classnames, template, dataset):
-        """The method for these classes; a Config's `template` and `dataset` take the data's."""
-        cfg = methods.for_data(self.cfg, template, dataset)
-        try:
-            return self.module.build(self.clip, classnames, cfg).to(self.device)
-        except clip_model.TextTooLong as e:  # learned context + template + name over 77 tokens
-            raise UserError(f"{self.args.method}: a prompt of this config is {e.length} tokens, "
-                            f"more than CLIP's {e.context_length}: use a shorter learned context "
-                            "(--set n_ctx=... or text_ctx=...) or shorter class names") from None
-        except ValueError as e:  # a Config value the method rejects
-            raise UserError(f"{self.args.method}: {e}") from None
-
-    def model_for(self, evalset):
-        """The trained model, or the method rebuilt for another class set with the learned
-        parameters."""
-        task = self.task
-        dataset = evalset.name  # another dataset (cross, dg)
-        if evalset.root == task.root:  # test, base, new: the task's
-            dataset = task.dataset
-        # the dataset's name matters only to a Config that has the field
-        same_dataset = dataset == task.dataset or not hasattr(self.cfg, "dataset")
-        same_classes = (evalset.classnames, evalset.template) == (task.classnames, task.template)
-        if same_classes and same_dataset:
-            return self.model
-        model = self.build(evalset.classnames, evalset.template, dataset)
-        # load_state_dict copies them
-        self.load_learned(model, runs.learned_tensors(self.model), "training")
-        return model
-
-    def load_learned(self, model, learned, where):
-        runs.restore(model, learned, where, self.args.method, self.cfg.backbone,
-                     len(self.task.classnames))
-
-    def encode_split(self, split, views=0, folder=None):
-        """`encode` of a method's fit(): (features, labels) of the task's "train" or "val" images,
-        un-augmented (n, ...) or in `views` augmented copies (views, n, ...); each process computes
-        all (the same fit in each)."""
-        items = {"train": self.task.train, "val": self.task.val}[split]
-        labels = torch.tensor([y for _, y in items], device=self.device, dtype=torch.long)
-        if not items:  # an empty split (ImageNet has no val): the method's fit says what it needed
-            empty = torch.empty((views, 0) if views else (0,), device=self.device)
-            return empty, labels
-        if views:
-            seeds = [epoch_seed(self.args.seed, v) for v in range(views)]
-            return features.encode_views(self, items, seeds, folder), labels
-        test_transform = clip_model.transform(self.preprocessing)
-        return features.encode_views(self, items, [0], folder, test_transform)[0], labels
-
-    def fit(self, trained, out, log):
-        """The method's fit() on the frozen features (before the first epoch; after the last:
-        trained=True) -> what it chose."""
-        try:
-            encode = functools.partial(self.encode_split, folder=out)
-            chosen = self.model.fit(encode, trained=trained) or {}
-        except ValueError as e:  # data the method cannot be fitted on
-            raise UserError(f"{self.args.method}: {e}") from None
-        numbers = {k: v for k, v in chosen.items() if isinstance(v, (int, float))}
-        fitted = "  ".join(f"{k} {v:.4g}" for k, v in numbers.items())
-        log(f"fitted{' after training' if trained else ''}: {fitted}")
-        return chosen
-
-    def identity(self):
-        """What defines the task a checkpoint continues: a resume with any other value would train
-        on something else."""
-        args = self.args
-        return dict(data=str(self.task.root), dataset=self.task.dataset, protocol=args.protocol,
-                    shots=args.shots, seed=args.seed, backbone=self.cfg.backbone, init=args.init,
-                    precision=self.precision,
-                    preprocessing=runs.preprocessing_record(self.preprocessing),
-                    config={**dataclasses.asdict(self.cfg), "cache_features": args.cache_features})
-
     def save_checkpoint(self, out, epoch, history, elapsed, optimizer):
         identity = self.identity()
         state = dict(method=self.args.method, backbone=self.cfg.backbone,
@@ -474,20 +440,73 @@ class Runner:
             self.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale reached, its counter
         return ckpt
 
-def resolve_precision(requested, device):
-    """auto: bf16 on a GPU with native bf16 (Ampere and later), fp16 on older GPUs (T4, V100: bf16
-    only emulated), fp32 on a CPU. An explicit choice is kept (bf16 and fp16 autocast also run on a
-    CPU)."""
-    if requested != "auto":
-        return requested
-    if device != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    def fit(self, out, log, trained):
+        """The method's fit() on the frozen features (before the first epoch; after the last:
+        trained=True) -> what it chose."""
+        try:
+            encode = functools.partial(self.encode_split, folder=out)
+            chosen = self.model.fit(encode, trained=trained) or {}
+        except ValueError as e:  # data the method cannot be fitted on
+            raise UserError(f"{self.args.method}: {e}") from None
+        numbers = {k: v for k, v in chosen.items() if isinstance(v, (int, float))}
+        fitted = "  ".join(f"{k} {v:.4g}" for k, v in numbers.items())
+        log(f"fitted{' after training' if trained else ''}: {fitted}")
+        return chosen
 
-def autocast(precision, device):
-    """The context every forward runs in: bf16 or fp16 autocast, or none for fp32."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+    def encode_split(self, split, views=0, folder=None):
+        """`encode` of a method's fit(): (features, labels) of the task's "train" or "val" images,
+        un-augmented (n, ...) or in `views` augmented copies (views, n, ...); each process computes
+        all (the same fit in each)."""
+        items = {"train": self.task.train, "val": self.task.val}[split]
+        labels = torch.tensor([y for _, y in items], device=self.device, dtype=torch.long)
+        if not items:  # an empty split (ImageNet has no val): the method's fit says what it needed
+            empty = torch.empty((views, 0) if views else (0,), device=self.device)
+            return empty, labels
+        if views:
+            seeds = [epoch_seed(self.args.seed, v) for v in range(views)]
+            return features.encode_views(self, items, seeds, folder), labels
+        test_transform = clip_model.transform(self.preprocessing)
+        return features.encode_views(self, items, [0], folder, test_transform)[0], labels
+
+    @torch.no_grad()
+    def evaluate(self, evalset):
+        """Top-1 accuracy (%) on evalset.test: each process scores its share, the counts summed."""
+        model = self.model_for(evalset).eval()
+        loader = data.loader(evalset.test, clip_model.transform(self.preprocessing), 100,
+                             train=False, workers=self.workers, device=self.args.device,
+                             rank=self.rank, world=self.world)
+        # on the device: no sync per batch
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        with runs.progress(len(loader.dataset), f"evaluating {evalset.name}", self.rank) as bar:
+            for images, labels in loader:
+                with self.autocast():
+                    logits = model(images.to(self.device, non_blocking=True))
+                if evalset.class_subset is not None:
+                    logits = logits[:, evalset.class_subset]
+                correct += (logits.argmax(-1) == labels.to(self.device, non_blocking=True)).sum()
+                bar.update(len(labels))
+        return 100 * runs.all_sum([correct], self.device)[0] / len(evalset.test)
+
+    def model_for(self, evalset):
+        """The trained model, or the method rebuilt for another class set with the learned
+        parameters."""
+        task = self.task
+        dataset = evalset.name  # another dataset (cross, dg)
+        if evalset.root == task.root:  # test, base, new: the task's
+            dataset = task.dataset
+        # the dataset's name matters only to a Config that has the field
+        same_dataset = dataset == task.dataset or not hasattr(self.cfg, "dataset")
+        same_classes = (evalset.classnames, evalset.template) == (task.classnames, task.template)
+        if same_classes and same_dataset:
+            return self.model
+        model = self.build(evalset.classnames, evalset.template, dataset)
+        # load_state_dict copies them
+        self.load_learned(model, runs.learned_tensors(self.model), "training")
+        return model
+
+    def load_learned(self, model, learned, where):
+        runs.restore(model, learned, where, self.args.method, self.cfg.backbone,
+                     len(self.task.classnames))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -121,7 +121,7 @@ def run(args):
     if args.eval_only:  # the model rebuilt as its checkpoint was trained
         if not args.checkpoint:
             raise UserError("--eval-only needs --checkpoint PATH (the checkpoint.pt of a finished "
-                            "run)")
+                            "run, or an authors' released model.pth.tar-N)")
         # ours, or a file the method's authors released
         ckpt = runs.load_checkpoint(args.checkpoint, args.method, released_too=True)
         cfg = runs.checkpoint_config(args, cfg, ckpt)
@@ -163,7 +163,8 @@ def run(args):
         # 5. evaluation
         accuracy = {evalset.name: runner.evaluate(evalset) for evalset in task.evals}
         if args.protocol == "base2new":
-            base, new = accuracy["base"], accuracy["new"]
+            base = accuracy["base"]
+            new = accuracy["new"]
             accuracy["hm"] = 2 * base * new / (base + new) if base + new else 0.0
         log.scalars(epochs, {f"accuracy/{name}": acc for name, acc in accuracy.items()})
         results.update(accuracy=accuracy, history=history,

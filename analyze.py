@@ -178,7 +178,7 @@ def prompt_text(cfg, classname, template_only=False):
     if n:
         return " ".join(["X"] * n + [name]) + ".", n, n
     # the context is the words before the class name
-    template = getattr(cfg, "template", "a photo of a {}.")
+    template = getattr(cfg, "fixed_template", "") or getattr(cfg, "template", "a photo of a {}.")
     return template.format(name), int(clip_model.tokenize(template.split("{}")[0]).argmax()) - 1, 0
 
 def text_rows(cfg, classname, template_only=False):
@@ -216,7 +216,8 @@ def analyse(model, clip, cfg, images, classnames, target):
         text_side = "learned" if rec.maps["text"] else "frozen"
         # the method's text features were computed at build: rerun the template
         if text_side == "frozen":
-            template = getattr(cfg, "template", "a photo of a {}.")
+            template = getattr(cfg, "fixed_template", "")  # vpt's, when it has one
+            template = template or getattr(cfg, "template", "a photo of a {}.")
             text = clip.encode_text(clip_model.tokenize([template.format(c.replace("_", " "))
                                                          for c in classnames]))
             text_y = (clip.logit_scale.exp()

@@ -253,15 +253,16 @@ def from_ivlp(state):
 
 def from_vpt(state):
     """The MaPLe repository's deep vision prompting: `image_encoder.VPT` (n, W) and each deeper
-    image block's `VPT_shallow`; the text is VPT_TEMPLATE for every class. Its first prompts join
+    image block's `VPT_shallow`; the text is VPT_TEMPLATE on every dataset. Its first prompts join
     the patches before ln_pre, ours after: LayerNorm acts per token, so ours are theirs through
     ln_pre."""
     theirs = state["image_encoder.VPT"].float()  # (n, W)
     first = F.layer_norm(theirs, theirs.shape[-1:], state["image_encoder.ln_pre.weight"].float(),
                          state["image_encoder.ln_pre.bias"].float())
     prompts = [first] + deep(state, "image_encoder.transformer.resblocks.{}.VPT_shallow")
-    config = dict(n_tokens=first.shape[0], deep=len(prompts) > 1, text_ctx=0)
-    recorded = dict(frozen=frozen(state), template=VPT_TEMPLATE, blocks=len(prompts))
+    config = dict(n_tokens=first.shape[0], deep=len(prompts) > 1, text_ctx=0,
+                  fixed_template=VPT_TEMPLATE)
+    recorded = dict(frozen=frozen(state), blocks=len(prompts))
     return config, {"visual_prompts.prompts": torch.stack(prompts)}, recorded
 
 CONVERTERS = {  # format -> (Config fields, learned tensors in our names, what `check` compares)
@@ -289,18 +290,13 @@ def differs(theirs, ours):
 def check(ckpt, model, backbone, task, where):
     """A UserError unless the model built here (`backbone`, `task`) is the one the authors' file
     was trained as: the same frozen CLIP, the same classes in the same order, the same prompt."""
-    released, name, method = ckpt["released"], ckpt["released"]["format"], ckpt["method"]
+    released = ckpt["released"]
+    method = ckpt["method"]
     clip = model.clip
     weights = clip.state_dict()
     if bad := [k for k, v in released.get("frozen", {}).items() if differs(v, weights[k])]:
         raise UserError(f"{where} holds another CLIP than the {backbone} loaded here ({bad[0]} "
                         "differs): pass the weights it was trained with")
-    for evalset in task.evals:  # each evaluation prompts its dataset's template
-        if released.get("template", evalset.template) != evalset.template:
-            raise UserError(f"{where}: the {name} model prompts {released['template']!r} on every "
-                            f"dataset; our {method} prompts the dataset's template, "
-                            f"{evalset.template!r} on {evalset.name}, so it cannot hold this model "
-                            "exactly there")
     blocks = 0  # the image transformer's: the files that prompt it are of ViTs
     if hasattr(clip.visual, "transformer"):
         blocks = len(clip.visual.transformer.resblocks)

@@ -36,6 +36,9 @@ import clip_model
 class Config:
     backbone: str = "ViT-B/32"          # the CAVPT paper's backbone for every experiment
     template: str = "a photo of a {}."  # hand-crafted text prompt; train.py sets the dataset's
+    # "" = `template`; else this text on every dataset, as the MaPLe repository's VPT ("a photo of
+    # a {}.")
+    fixed_template: str = ""
     n_tokens: int = 10                  # visual prompt tokens (per block when deep)
     # fresh prompts before every block; False = shallow (input only)
     deep: bool = True
@@ -117,7 +120,8 @@ class VPTCLIP(nn.Module):
         self.clip, self.cfg = clip, cfg
         self.visual_prompts = VisualPrompts(clip, cfg)
         self.text_context = TextContext(clip, classnames, cfg.text_ctx) if cfg.text_ctx else None
-        tokens = clip_model.tokenize([cfg.template.format(c.replace("_", " ")) for c in classnames])
+        text = cfg.fixed_template or cfg.template
+        tokens = clip_model.tokenize([text.format(c.replace("_", " ")) for c in classnames])
         with torch.no_grad():  # the hand-crafted side is frozen: its features are computed once
             template = F.normalize(clip.encode_text(tokens), dim=-1)  # (C, E)
         self.register_buffer("template_features", template, persistent=False)
@@ -182,6 +186,9 @@ def check_config(cfg):
                            ("text_ctx", cfg.text_ctx >= 0, "0 (the template) or more")]:
         if not ok:
             raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
+    if cfg.fixed_template and cfg.fixed_template.count("{}") != 1:
+        raise ValueError(f"fixed_template={cfg.fixed_template!r}: it needs one {{}} for the class "
+                         "name")
 
 def build(clip, classnames, cfg):
     check_config(cfg)

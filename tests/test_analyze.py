@@ -201,6 +201,8 @@ def test_maple_learns_two_tokens_of_its_four_word_context(clip):
     assert analyze.prompt_text(maple.Config(), "red circle") == ("a photo of a red circle.", 4, 2)
     kept = mudpt.Config(n_ctx=2, injection="off", keep_phrase=True)  # ivlp holding the MaPLe repository's IVLP
     assert analyze.prompt_text(kept, "red circle") == ("a photo of a red circle.", 4, 2)
+    fixed = vpt.Config(template="{} texture.", fixed_template="a photo of a {}.")  # the MaPLe repository's VPT
+    assert analyze.prompt_text(fixed, "red circle") == ("a photo of a red circle.", 4, 0)
     assert analyze.prompt_tokens(maple.Config(), "red circle") == ["SOT", "[V1]", "[V2]", "of", "a", "red", "circle",
                                                                    "."]
     context, name, eot = analyze.text_rows(maple.Config(), "red circle")

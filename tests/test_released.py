@@ -235,7 +235,8 @@ def official_vpt_logits(clip, images, prompts, classnames):
 
 def test_deep_vision_prompting_file_gives_the_official_logits(tmp_path):
     """Ours appends the first prompts after ln_pre: the conversion passes them through the file's ln_pre. (With
-    ln_pre's default scale 1 and shift 0 the two would agree after block 0's own LayerNorm: randomised weights.)"""
+    ln_pre's default scale 1 and shift 0 the two would agree after block 0's own LayerNorm: randomised weights.)
+    The text is "a photo of a {class}." on a dataset whose template is another (vpt's fixed_template)."""
     clip = clip_model.load("tiny")[0]
     clip.load_state_dict(randomize(clip.state_dict()))
     prompts = torch.randn(2, 3, clip.visual.conv1.out_channels, generator=torch.Generator().manual_seed(0))
@@ -245,7 +246,8 @@ def test_deep_vision_prompting_file_gives_the_official_logits(tmp_path):
     images = random_images(6)
     with torch.no_grad():
         expected = official_vpt_logits(clip, images, prompts, NAMES)
-    assert torch.allclose(logits(build_from(path, "vpt", clip, NAMES), images), expected, atol=1e-5, rtol=0)
+    loaded = build_from(path, "vpt", clip, NAMES, template="{} texture.")
+    assert torch.allclose(logits(loaded, images), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
@@ -334,14 +336,20 @@ def test_mismatches_are_one_line_each(tmp_path, capsys):
     assert "another prompt text than ivlp's" in error_of(["--method", "ivlp", *run, str(path)], capsys)
 
 
-def test_deep_vision_prompting_is_refused_where_the_template_differs(tmp_path, capsys):
+@pytest.mark.slow
+def test_deep_vision_prompting_evaluates_on_a_dataset_with_another_template(tmp_path, capsys):
+    """The authors' VPT prompts "a photo of a {}." on DTD too (fixed_template), not DTD's "{} texture."."""
     clip = clip_model.load("tiny", seed=1)[0]
     state = {"image_encoder.VPT": torch.randn(3, 128), "image_encoder.transformer.resblocks.1.VPT_shallow":
              torch.randn(3, 128), **whole_clip(clip, torch.float32)}
     path = save_dassl(tmp_path / "prompt_learner" / "model.pth.tar-5", state)
     dtd = make_split_dataset(tmp_path, "dtd")
-    line = error_of(["--method", "vpt", "--data", str(dtd), "--eval-only", "--checkpoint", str(path)], capsys)
-    assert "prompts 'a photo of a {}.' on every dataset; our vpt prompts the dataset's template, '{} texture.'" in line
+    assert train.main(["--method", "vpt", "--data", str(dtd), "--eval-only", "--checkpoint", str(path)]) == 0
+    evaluated = json.loads((path.parent / "eval_DescribableTextures_fewshot.json").read_text())
+    assert evaluated["config"]["fixed_template"] == "a photo of a {}." and evaluated["template"] == "{} texture."
+    assert evaluated["config"]["n_tokens"] == 3 and evaluated["backbone"] == "tiny"
+    assert "fixed_template='a {} b {}': it needs one {} for the class name" in error_of(
+        ["--method", "vpt", "--data", "demo", "--backbone", "tiny", "--set", "fixed_template=a {} b {}"], capsys)
 
 
 def test_a_multi_step_schedulers_file_is_read(tmp_path):

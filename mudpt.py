@@ -9,7 +9,8 @@ the text, at the rows of "a photo of a" before the class name; in the image, nex
 Before every block the Injection Model adds to each modality's prompts a linear projection of the
 other's ("deep-symphysis"), so the two sets are learned as one system. With the Injection Model off
 this is IVLP, the baseline MuDPT improves on (with `keep_phrase`, the MaPLe repository's IVLP, whose
-text keeps the init phrase's words after the learned ones, as maple.py's does).
+text keeps the init phrase's words after the learned ones, as maple.py's does; with `text_only`,
+its deep language prompting).
 
 - Learned: text prompts (depth, n, D), image prompts (depth, n, W), the Injection Model's linear
   maps.
@@ -44,6 +45,9 @@ class Config:
     # the text keeps ctx_init's words after its first n_ctx tokens, fixed: "a photo" learned, "of a"
     # kept (the MaPLe repository's IVLP; needs n_ctx <= the phrase's tokens)
     keep_phrase: bool = False
+    # text prompts alone, CLIP's image tower unprompted (the MaPLe repository's deep language
+    # prompting; needs injection=off)
+    text_only: bool = False
     epochs: int = 10
     batch_size: int = 4
     lr: float = 0.0025
@@ -111,8 +115,10 @@ class MuDPT(nn.Module):
         if phrase and (words == n or cfg.keep_phrase):  # the first n of them
             text[0] = clip.embed_text(init)[0, 1:1 + n].detach()
         self.text_prompts = nn.Parameter(text)  # (depth, n, D)
-        # (depth, n, W)
-        self.image_prompts = nn.Parameter(torch.randn(depth, n, W, device=device) * 0.02)
+        self.image_prompts = None  # text_only: none
+        if not cfg.text_only:
+            # (depth, n, W)
+            self.image_prompts = nn.Parameter(torch.randn(depth, n, W, device=device) * 0.02)
         self.injection = None
         if cfg.injection != "off":
             self.injection = InjectionModel(D, W, depth, per_layer=cfg.injection == "per_layer")
@@ -151,6 +157,8 @@ class MuDPT(nn.Module):
         """Deep image prompts (depth, n, W) -> (B, E): appended before block 0, replaced before
         blocks < depth."""
         visual = self.clip.visual
+        if prompts is None:  # text_only: CLIP's own image feature
+            return visual(images)
         n = prompts.shape[1]
         x = visual.embed(images)  # (B, 1+N, W)
         for i, block in enumerate(visual.transformer.resblocks):
@@ -201,6 +209,9 @@ def check_config(cfg):
             raise ValueError(f"{name}={getattr(cfg, name)}: must be {rule}")
     phrase = cfg.ctx_init.replace("_", " ")
     words = int(clip_model.tokenize(phrase).argmax()) - 1 if phrase else 0
+    if cfg.text_only and cfg.injection != "off":
+        raise ValueError(f"text_only=true leaves no image prompts for injection={cfg.injection}: "
+                         "use injection=off (--method ivlp)")
     if cfg.keep_phrase and words < cfg.n_ctx:
         raise ValueError(f"keep_phrase=true learns the first n_ctx={cfg.n_ctx} tokens of ctx_init="
                          f"{cfg.ctx_init!r}, which has {words}: use a longer phrase or a smaller "

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import clip_model
 from methods import UserError
 
-# format -> (the official trainer that saves it, our method that holds it exactly, or None)
+# format -> (the official trainer that saves it, our method that holds it exactly)
 FORMATS = {
     "CoOp": ("KaiyangZhou/CoOp trainers/coop.py", "coop"),
     "CoCoOp": ("KaiyangZhou/CoOp trainers/cocoop.py", "cocoop"),
@@ -40,12 +40,7 @@ FORMATS = {
     "IVLP": ("muzairkhattak/multimodal-prompt-learning trainers/independentVL.py", "ivlp"),
     "deep vision prompting": ("muzairkhattak/multimodal-prompt-learning trainers/vpt.py", "vpt"),
     "deep language prompting": (
-        "muzairkhattak/multimodal-prompt-learning trainers/independentVL.py", None),
-}
-NOT_HELD = {
-    "deep language prompting": "its deep text prompts come without image prompts: ivlp "
-                               "always prompts the image tower too, and coop prompts the text's "
-                               "input only",
+        "muzairkhattak/multimodal-prompt-learning trainers/independentVL.py", "ivlp"),
 }
 VPT_TEMPLATE = "a photo of a {}."  # the MaPLe repository's VPT: this prompt on every dataset
 FOLDER_BACKBONES = {  # the start of CoOp's folder names (its config files' names)
@@ -129,9 +124,6 @@ def load(path, method):
         raise UserError(f"{path} is a Dassl checkpoint of no format known here (keys "
                         f"{sorted(state)[:4]}): see docs/reproducing.md for the released files")
     trainer, holder = FORMATS[name]
-    if holder is None:
-        raise UserError(f"{path} is the {name} model of {trainer}; no method here holds it "
-                        f"exactly: {NOT_HELD[name]}")
     if holder != method:
         raise UserError(f"{path} is a {name} checkpoint ({trainer}), not {method}: pass --method "
                         f"{holder}")
@@ -234,21 +226,25 @@ def from_maple(state):
 def from_ivlp(state):
     """IVLP's whole CustomCLIP: text prompts `prompt_learner.ctx` and each deeper text block's
     `VPT_shallow`; image prompts `image_encoder.VPT` (before ln_pre, as ours) and each deeper
-    image block's `VPT_shallow`. Ours has one n and one depth for both towers."""
+    image block's `VPT_shallow`, or none (deep language prompting). Ours has one n and one depth
+    for both towers."""
     text = [state["prompt_learner.ctx"].float()]
     text += deep(state, "text_encoder.transformer.resblocks.{}.VPT_shallow")
-    image = [state["image_encoder.VPT"].float()]
-    image += deep(state, "image_encoder.transformer.resblocks.{}.VPT_shallow")
-    if (len(text), text[0].shape[0]) != (len(image), image[0].shape[0]):
-        raise UserError(f"this IVLP model has {text[0].shape[0]} text prompts in {len(text)} "
-                        f"blocks and {image[0].shape[0]} image prompts in {len(image)}: ivlp here "
-                        "has one n_ctx and one depth for both towers, so it cannot hold it")
     n = text[0].shape[0]
     # its text: "{CTX_INIT} {class}." with the first n tokens learned, when n <= 4 (else "X X ...")
     config = dict(n_ctx=n, depth=len(text), keep_phrase=n <= 4)
-    learned = {"text_prompts": torch.stack(text), "image_prompts": torch.stack(image)}
+    learned = {"text_prompts": torch.stack(text)}
     recorded = dict(prefix=state["prompt_learner.token_prefix"],
                     suffix=state["prompt_learner.token_suffix"], frozen=frozen(state))
+    if "image_encoder.VPT" not in state:  # deep language prompting
+        return {**config, "text_only": True}, learned, recorded
+    image = [state["image_encoder.VPT"].float()]
+    image += deep(state, "image_encoder.transformer.resblocks.{}.VPT_shallow")
+    if (len(text), n) != (len(image), image[0].shape[0]):
+        raise UserError(f"this IVLP model has {n} text prompts in {len(text)} blocks and "
+                        f"{image[0].shape[0]} image prompts in {len(image)}: ivlp here has one "
+                        "n_ctx and one depth for both towers, so it cannot hold it")
+    learned["image_prompts"] = torch.stack(image)
     return config, learned, recorded
 
 def from_vpt(state):
@@ -267,7 +263,7 @@ def from_vpt(state):
 
 CONVERTERS = {  # format -> (Config fields, learned tensors in our names, what `check` compares)
     "CoOp": from_coop, "CoCoOp": from_coop, "MaPLe": from_maple, "IVLP": from_ivlp,
-    "deep vision prompting": from_vpt,
+    "deep language prompting": from_ivlp, "deep vision prompting": from_vpt,
 }
 
 def prompt_rows(model):

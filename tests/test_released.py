@@ -201,6 +201,29 @@ def test_ivlp_file_gives_the_same_logits(clip, tmp_path, n):
                           rtol=0)
 
 
+def test_deep_language_prompting_file_gives_the_same_logits(clip, tmp_path):
+    """The Model Zoo's deep language prompting: 4 text prompts in every text block, CLIP's image tower as it is
+    (ivlp's text_only)."""
+    module, variant = methods.METHODS["ivlp"]
+    torch.manual_seed(0)
+    ours = module.build(clip, NAMES, dataclasses.replace(module.Config(), **variant, n_ctx=4, depth=2,
+                                                          text_only=True)).eval()
+    fp16_exact(ours.text_prompts)
+    path = save_dassl(tmp_path / "VLPromptLearner" / "model.pth.tar-5",
+                      ivlp_state(clip, ours.text_prompts.detach(), None, NAMES, vision=False))
+    assert runs.load_checkpoint(path, "ivlp", released_too=True)["config"] == dict(
+        n_ctx=4, depth=2, keep_phrase=True, text_only=True, backbone="tiny")
+    images = random_images(6)
+    loaded = build_from(path, "ivlp", clip, NAMES)
+    assert torch.allclose(logits(loaded, images), logits(ours, images), atol=1e-6, rtol=0)
+    with torch.no_grad():  # the image side is CLIP's own
+        image = F.normalize(clip.encode_image(images), dim=-1)
+        text = F.normalize(loaded.encode_text(loaded.text_prompts), dim=-1)
+        assert torch.allclose(logits(loaded, images), clip.logit_scale.exp() * image @ text.t(), atol=1e-6)
+    with pytest.raises(ValueError, match="text_only=true leaves no image prompts for injection=shared"):
+        module.build(clip, NAMES, module.Config(text_only=True))
+
+
 def test_keep_phrase_is_the_maple_repositorys_text(clip):
     """keep_phrase: the text "a photo of a {class}." with the first n rows learned, as maple.py's; off, the text
     is "X X {class}." (MuDPT's), and the numbers of ivlp and mudpt as before."""
@@ -327,8 +350,9 @@ def test_mismatches_are_one_line_each(tmp_path, capsys):
 
     text, image_prompts = torch.randn(2, 4, 128), torch.randn(2, 4, 128)
     path = save_dassl(tmp_path / "lp.pth.tar-5", ivlp_state(clip, text, image_prompts, demo, vision=False))
-    assert "is the deep language prompting model of muzairkhattak/multimodal-prompt-learning" in error_of(
-        ["--method", "ivlp", *run, str(path)], capsys)
+    assert "is a deep language prompting checkpoint (muzairkhattak/multimodal-prompt-learning trainers/" \
+           "independentVL.py), not mudpt: pass --method ivlp" in error_of(["--method", "mudpt", *run, str(path)],
+                                                                           capsys)
 
     # an IVLP trained with another init phrase: "a photo of the {class}." is not the text ivlp builds
     path = save_dassl(tmp_path / "ivlp.pth.tar-5", ivlp_state(clip, text[:, :2], image_prompts[:, :2], demo,

@@ -5,11 +5,13 @@ train.py writes a run through these functions; predict.py and analyze.py read on
 `load_run` (the model rebuilt as it was trained) without importing the training loop. A folder
 holding results.json or checkpoint.pt holds a run: claim_folder refuses to write into it unless the
 run continues it (--resume) or replaces it (--overwrite), and locks it while a run writes.
-check_resume refuses a checkpoint of another task or config.
+save_checkpoint writes a run's checkpoint after each epoch; resume loads it back, after
+check_resume has refused one of another task or config.
 """
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import sys
@@ -305,6 +307,38 @@ def checkpoint_config(args, cfg, ckpt):
                         f"{', '.join(f'{k}={getattr(cfg, k)}' for k in clash)}: drop them")
     return dataclasses.replace(cfg, **saved)
 
+def run_identity(runner):
+    """What defines the task a checkpoint continues (a train.Runner's): a resume with any other
+    value would train on something else."""
+    args = runner.args
+    return dict(data=str(runner.task.root), dataset=runner.task.dataset, protocol=args.protocol,
+                shots=args.shots, seed=args.seed, backbone=runner.cfg.backbone, init=args.init,
+                precision=runner.precision,
+                preprocessing=preprocessing_record(runner.preprocessing),
+                config={**dataclasses.asdict(runner.cfg), "cache_features": args.cache_features})
+
+def save_checkpoint(runner, out, epoch, history, elapsed, optimizer):
+    """out/checkpoint.pt after `epoch` epochs: what the run learned, its optimizer and fp16 scaler,
+    its history and time, and its identity (what --resume and --eval-only check against)."""
+    run = run_identity(runner)
+    state = dict(method=runner.args.method, backbone=runner.cfg.backbone, config=run["config"],
+                 epoch=epoch, run=run, learned=learned_state(runner.model),
+                 optimizer=optimizer.state_dict() if optimizer else None, history=history,
+                 time_s=elapsed, precision=runner.precision, scaler=runner.scaler.state_dict())
+    save_atomic(functools.partial(torch.save, state), out / "checkpoint.pt")
+
+def resume(runner, out, optimizer):
+    """The output folder's checkpoint, checked to continue this task and loaded: model, optimizer,
+    fp16's scaler."""
+    path = out / "checkpoint.pt"
+    ckpt = load_checkpoint(path, runner.args.method)
+    check_resume(ckpt, run_identity(runner), path)
+    runner.load_learned(runner.model, ckpt["learned"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "scaler" in ckpt and runner.scaler.is_enabled():
+        runner.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale reached, its counter
+    return ckpt
+
 def check_resume(ckpt, identity, path):
     """A UserError unless the checkpoint at `path` continues this run's task: the same precision,
     and the same `identity` (data, protocol, shots, seed, backbone, init, precision, preprocessing,
@@ -334,14 +368,15 @@ def start_results(runner, epochs):
     """results.json before training: the run's task, model and config, with what load_run()
     rebuilds it for."""
     args, cfg, task, model = runner.args, runner.cfg, runner.task, runner.model
+    run = run_identity(runner)
     return dict(method=args.method, dataset=task.dataset, data=args.data, protocol=args.protocol,
                 shots=args.shots, seed=args.seed, backbone=cfg.backbone, init=args.init,
                 epochs=epochs,
                 learned_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                 frozen_params=sum(p.numel() for p in model.parameters() if not p.requires_grad),
                 precision=runner.precision, processes=runner.world,
-                config=runner.identity()["config"], classnames=task.classnames,
-                template=task.template, preprocessing=runner.identity()["preprocessing"])
+                config=run["config"], classnames=task.classnames, template=task.template,
+                preprocessing=run["preprocessing"])
 
 def headline(runner, results):
     """The log's first line: what trains on what, where, and for how long."""

@@ -6,7 +6,7 @@ Read from the top, in the order it runs: `main` (one run per seed, on one device
 torchrun), `run` (a run's phases in order), `train` (fitting, then the epochs, each ending with a
 checkpoint) with its learning-rate schedule, the precision, then `Runner`, one run's model (built
 in `run`'s phase 2), its methods in the order they are called: `build`, `train_epoch` (the SGD
-steps of an epoch), `save_checkpoint`, ... `evaluate` (top-1 accuracy). Every method trains
+steps of an epoch), `check_finite`, ... `evaluate` (top-1 accuracy). Every method trains
 here the same way; what a method file must and may define is listed in methods.py, beside the
 command line and the Config checks. The run folder (atomic writes, checkpoints, resume checks, and
 load_run for predict.py and analyze.py) is runs.py; the frozen-feature cache (--cache-features) is
@@ -14,7 +14,6 @@ features.py; the authors' released checkpoints, read by --eval-only, are release
 """
 import argparse
 import contextlib
-import dataclasses
 import functools
 import inspect
 import math
@@ -197,7 +196,7 @@ def train(runner, results, epochs, out, log):
     if fits:  # before any epoch (and before a resume restores the trained parameters)
         results["fit"] = runner.fit(out, log, trained=False)
         if not epochs:
-            runner.save_checkpoint(out, 0, history, time.time() - started, optimizer=None)
+            runs.save_checkpoint(runner, out, 0, history, time.time() - started, optimizer=None)
     if not epochs:
         return history, seconds_before
     if hasattr(model, "param_groups"):
@@ -209,7 +208,7 @@ def train(runner, results, epochs, out, log):
     groups = [{**defaults, **g, "base_lr": g.get("lr", cfg.lr)} for g in groups]
     optimizer = OPTIMIZERS[getattr(cfg, "optimizer", "sgd")](groups, lr=cfg.lr)
     if args.resume:
-        ckpt = runner.resume(out, optimizer)
+        ckpt = runs.resume(runner, out, optimizer)
         first_epoch = ckpt["epoch"]
         history = ckpt["history"]
         seconds_before = ckpt["time_s"]
@@ -259,13 +258,13 @@ def train(runner, results, epochs, out, log):
             f"acc {100 * correct / seen:.1f}  lr {history[-1]['lr']:.1e}  "
             f"{seen / (time.time() - tic):.0f} img/s  {timedelta(seconds=int(elapsed))} elapsed  "
             f"ETA {timedelta(seconds=int(eta))}")
-        runner.save_checkpoint(out, epoch + 1, history, elapsed, optimizer)
+        runs.save_checkpoint(runner, out, epoch + 1, history, elapsed, optimizer)
         runs.write_json({**results, "history": history, "time_s": elapsed}, out / "results.json")
 
     if fits:  # after the last epoch: what the method fits to its trained parameters
         results["fit"] = runner.fit(out, log, trained=True)
         elapsed = seconds_before + time.time() - started
-        runner.save_checkpoint(out, epochs, history, elapsed, optimizer)
+        runs.save_checkpoint(runner, out, epochs, history, elapsed, optimizer)
     return history, seconds_before
 
 def lr_at(epoch, base_lr, epochs, warmup_epochs):
@@ -299,9 +298,9 @@ def autocast(precision, device):
 class Runner:
     """One run's model: CLIP and the method built for the task's classes, where they run, and in
     what precision. What the other files read of it (features.py, methods.check_task, runs.py's
-    results and headline): args, task, cfg, model, clip, device, rank and world (torchrun's),
-    precision, autocast, preprocessing, workers, and identity(). bench.py times train_epoch on a
-    stand-in holding model, device, autocast, scaler and check_finite."""
+    results, checkpoints and resume): args, task, cfg, model, clip, device, rank and world
+    (torchrun's), precision, autocast, scaler, preprocessing, workers, and load_learned(). bench.py
+    times train_epoch on a stand-in holding model, device, autocast, scaler and check_finite."""
 
     def __init__(self, args, module, cfg, task):
         self.args = args
@@ -348,16 +347,6 @@ class Runner:
                             "(--set n_ctx=... or text_ctx=...) or shorter class names") from None
         except ValueError as e:  # a Config value the method rejects
             raise UserError(f"{self.args.method}: {e}") from None
-
-    def identity(self):
-        """What defines the task a checkpoint continues: a resume with any other value would train
-        on something else."""
-        args = self.args
-        return dict(data=str(self.task.root), dataset=self.task.dataset, protocol=args.protocol,
-                    shots=args.shots, seed=args.seed, backbone=self.cfg.backbone, init=args.init,
-                    precision=self.precision,
-                    preprocessing=runs.preprocessing_record(self.preprocessing),
-                    config={**dataclasses.asdict(self.cfg), "cache_features": args.cache_features})
 
     def train_epoch(self, trainer, optimizer, inputs_and_labels, epoch, bar=None):
         """One epoch of SGD steps (trainer: the model, or its DDP wrapper) -> images, summed loss
@@ -419,27 +408,6 @@ class Runner:
                             "use --precision fp32 and start again; the run folder keeps the "
                             f"checkpoint and results.json of epoch {epoch} (the last good one)")
         return sums
-
-    def save_checkpoint(self, out, epoch, history, elapsed, optimizer):
-        identity = self.identity()
-        state = dict(method=self.args.method, backbone=self.cfg.backbone,
-                     config=identity["config"], epoch=epoch, run=identity,
-                     learned=runs.learned_state(self.model),
-                     optimizer=optimizer.state_dict() if optimizer else None, history=history,
-                     time_s=elapsed, precision=self.precision, scaler=self.scaler.state_dict())
-        runs.save_atomic(functools.partial(torch.save, state), out / "checkpoint.pt")
-
-    def resume(self, out, optimizer):
-        """The output folder's checkpoint, checked to continue this task and loaded: model,
-        optimizer, fp16's scaler."""
-        path = out / "checkpoint.pt"
-        ckpt = runs.load_checkpoint(path, self.args.method)
-        runs.check_resume(ckpt, self.identity(), path)
-        self.load_learned(self.model, ckpt["learned"], path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt and self.scaler.is_enabled():
-            self.scaler.load_state_dict(ckpt["scaler"])  # fp16: the loss scale reached, its counter
-        return ckpt
 
     def fit(self, out, log, trained):
         """The method's fit() on the frozen features (before the first epoch; after the last:

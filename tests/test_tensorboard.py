@@ -78,14 +78,14 @@ def test_a_resumed_run_logs_each_epoch_once(tmp_path, monkeypatch):
     """Killed after epoch 2's scalars were written but before its checkpoint: --resume trains epoch 2 again, and its
     event file's purge step hides the killed process's epoch 2, so each epoch shows once."""
     out = tmp_path / "run"
-    save = train.Runner.save_checkpoint
+    save = train.runs.save_checkpoint
 
     def killed_at_epoch_2(runner, folder, epoch, *rest):
         if epoch == 2:
             raise KeyboardInterrupt
         return save(runner, folder, epoch, *rest)
     with monkeypatch.context() as patch:
-        patch.setattr(train.Runner, "save_checkpoint", killed_at_epoch_2)
+        patch.setattr(train.runs, "save_checkpoint", killed_at_epoch_2)
         assert train.main([*ARGS, "--output", str(out), "--tensorboard"]) == 130
     assert [step for step, _ in scalars(out)["train/loss"]] == [1, 2]  # epoch 2 logged, its checkpoint not kept
     assert train.main([*ARGS, "--output", str(out), "--tensorboard", "--resume"]) == 0

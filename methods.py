@@ -36,6 +36,7 @@ Optional
 - `SCHEDULE` in the file: epochs by shots when Config.epochs is 0 (default CoOp's, see epochs_for).
 """
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -43,6 +44,7 @@ import sys
 import typing
 
 import torch
+import torch.distributed as dist
 
 import bias_tuning
 import cavpt
@@ -78,6 +80,36 @@ def output_closed():
     either, meets the closed pipe again (the idiom of Python's signal docs). The tool then stops
     without a message."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+def exit_status(error, args):
+    """The exit status of train.py for the error that ended it, said in one line on stderr."""
+    if isinstance(error, BrokenPipeError):  # stdout's reader went away (`| head`): an OSError
+        output_closed()
+        if args.list or args.help_config:
+            # status 0, as fetch.py --dry-run and ripgrep: the reader took what it wanted. (cat and
+            # grep die of SIGPIPE, status 141, which fails a `set -o pipefail` script whose `| head`
+            # did what it was asked.)
+            return 0
+        # stderr may go to the same closed pipe (`2>&1 | head`)
+        with contextlib.suppress(BrokenPipeError):
+            print("error: the output was closed (its reader ended), so the run stopped; the run "
+                  "folder keeps the checkpoint of its last finished epoch: --resume continues it",
+                  file=sys.stderr)
+        return 141  # 128 + SIGPIPE, as 130 is 128 + SIGINT below: the run did not finish
+    if isinstance(error, OSError):  # the run folder or a file the run writes (log.txt)
+        print(f"error: {error.strerror or error}: {error.filename or 'a file of the run'}",
+              file=sys.stderr)
+        return 2
+    if isinstance(error, KeyboardInterrupt):
+        print("error: interrupted; the run folder keeps the checkpoint of its last finished epoch: "
+              "--resume continues it", file=sys.stderr)
+        return 130
+    message = str(error).strip()  # a UserError, DataError or LoadError
+    if "Original Traceback" in message:  # raised in a DataLoader worker: its error's own line
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    if not dist.is_initialized() or dist.get_rank() == 0:  # every process meets the same error
+        print(f"error: {message}", file=sys.stderr)
+    return 2
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="The one training loop for every method: python "

@@ -13,7 +13,6 @@ load_run for predict.py and analyze.py) is runs.py; the frozen-feature cache (--
 features.py; the authors' released checkpoints, read by --eval-only, are released.py.
 """
 import argparse
-import contextlib
 import functools
 import inspect
 import math
@@ -76,33 +75,8 @@ def main(argv=None):
             if args.output and len(args.seeds) > 1:
                 output = str(Path(args.output, f"seed{seed}"))
             run(argparse.Namespace(**{**vars(args), "seed": seed, "output": output}))
-    except BrokenPipeError:  # stdout's reader went away (`| head`); an OSError, so caught first
-        methods.output_closed()
-        if args.list or args.help_config:
-            # status 0, as fetch.py --dry-run and ripgrep: the reader took what it wanted. (cat and
-            # grep die of SIGPIPE, status 141, which fails a `set -o pipefail` script whose `| head`
-            # did what it was asked.)
-            return 0
-        # stderr may go to the same closed pipe (`2>&1 | head`)
-        with contextlib.suppress(BrokenPipeError):
-            print("error: the output was closed (its reader ended), so the run stopped; the run "
-                  "folder keeps the checkpoint of its last finished epoch: --resume continues it",
-                  file=sys.stderr)
-        return 141  # 128 + SIGPIPE, as 130 is 128 + SIGINT below: the run did not finish
-    except OSError as e:  # the run folder or a file the run writes (log.txt) cannot be written
-        print(f"error: {e.strerror or e}: {e.filename or 'a file of the run'}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; the run folder keeps the checkpoint of its last finished epoch: "
-              "--resume continues it", file=sys.stderr)
-        return 130
-    except (UserError, data.DataError, clip_model.LoadError) as e:
-        message = str(e).strip()
-        if "Original Traceback" in message:  # raised in a DataLoader worker: its error's own line
-            message = message.splitlines()[-1].split(": ", 1)[-1]
-        if not dist.is_initialized() or dist.get_rank() == 0:  # every process meets the same error
-            print(f"error: {message}", file=sys.stderr)
-        return 2
+    except (OSError, KeyboardInterrupt, UserError, data.DataError, clip_model.LoadError) as e:
+        return methods.exit_status(e, args)  # one line on stderr, never a traceback
     finally:
         if torchrun:
             dist.destroy_process_group()
